@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch first, pinned, so nothing downstream pulls a CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[test,serve]"
 	touch $(STAMP)
 
 setup: $(STAMP)
