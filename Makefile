@@ -9,7 +9,6 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 
 # torch first, pinned, so nothing downstream pulls a CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
