@@ -1,0 +1,412 @@
+"""Expert-Token Resonance (ETR): an affinity-driven, bidirectional MoE router.
+
+The router has no learnable weights. Its pieces, each a small function or class with one job:
+
+- :func:`grap_affinity` — grouped-average-pooling affinity: the cosine between a token and the
+  indicator of each expert's contiguous group of model dimensions.
+- :func:`token_choice` — each token proposes its top-ℓ experts, ℓ from a cumulative gate-score
+  threshold, capped at ``l_max``.
+- :func:`expert_choice` — each expert keeps the ``C`` proposers with the highest affinity; the others
+  are dropped for that expert (residual pass-through), never reassigned.
+- capacity schedules (:class:`FixedCapacity`, :class:`AnnealedCapacity`,
+  :class:`FalsePositiveCapacity`) — the capacity factor for the next step, from the step count or
+  from routing statistics measured on the previous steps.
+- :func:`locality_loss` — ``KL(D_c ‖ D_l)`` towards the local node's experts; the Switch
+  load-balance loss is the shared :func:`edgemoe.moe.losses.load_balance_loss`.
+
+In training the router runs token choice then expert choice under the scheduled capacity. In
+inference (``router.eval()``) it runs token choice alone, without capacity: every proposal is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from edgemoe.config import ConfigError, check_choice, check_positive, check_range, from_dict, require
+from edgemoe.moe.config import RouterConfig
+from edgemoe.moe.losses import load_balance_loss
+from edgemoe.moe.router import Router, register_router
+from edgemoe.moe.routing import Routing, make_routing
+
+_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class CapacityConfig:
+    """How the per-expert capacity ``C = ceil(factor * T * l_max / E)`` evolves during training.
+
+    - ``fixed``: ``factor`` throughout.
+    - ``annealed``: from ``factor`` down to ``floor``; ``anneal_by="steps"`` moves linearly over
+      ``anneal_steps`` optimizer steps, ``anneal_by="settle"`` lowers the factor by ``settle_decrement``
+      each time the moving average of the rearranged fraction has changed by less than ``settle_tol``
+      over ``settle_window`` steps.
+    - ``fpr``: estimated each step from the measured false-positive count (non-proposing tokens that
+      outscore an expert's typical candidate): ``C >= fpr_margin * that count``, clamped to
+      ``[floor, factor]`` and smoothed with ``fpr_ema``.
+    """
+
+    schedule: Literal["fixed", "annealed", "fpr"] = "fixed"
+    factor: float = 1.1
+    floor: float = 0.66
+    anneal_by: Literal["steps", "settle"] = "steps"
+    anneal_steps: int = 1000
+    settle_window: int = 20
+    settle_tol: float = 0.01
+    settle_decrement: float = 0.04
+    fpr_margin: float = 2.0
+    fpr_ema: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_choice(self.schedule, "schedule", ("fixed", "annealed", "fpr"))
+        check_choice(self.anneal_by, "anneal_by", ("steps", "settle"))
+        check_positive(self.factor, "factor")
+        check_positive(self.floor, "floor")
+        require(
+            self.floor <= self.factor,
+            "floor",
+            f"must be <= factor ({self.factor}), got {self.floor}; lower it or raise factor",
+        )
+        check_positive(self.anneal_steps, "anneal_steps")
+        check_positive(self.settle_window, "settle_window")
+        check_positive(self.settle_tol, "settle_tol")
+        check_positive(self.settle_decrement, "settle_decrement")
+        check_positive(self.fpr_margin, "fpr_margin")
+        check_range(self.fpr_ema, "fpr_ema", 0.0, 0.999)
+
+
+@dataclass
+class ETRConfig:
+    """ETR router settings (``router.options`` of the MoE config).
+
+    ``temperature`` scales the affinity before the softmax gate; ``score_threshold`` is the
+    cumulative gate mass a token's proposals must reach (ℓ = fewest experts reaching it, capped at
+    ``l_max``; ``None`` uses ``router.top_k``). ``expert_nodes[i]`` is the node hosting expert ``i``
+    and ``local_node`` the node the tokens live on; the locality loss pulls the batch's soft
+    assignment towards the local node's experts (smoothed by ``locality_smoothing`` so the KL stays
+    finite). Without ``expert_nodes`` all experts share the local node, so ``D_l`` is uniform.
+    """
+
+    temperature: float = 0.1
+    l_max: int | None = None
+    score_threshold: float = 0.5
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    expert_nodes: list[int] | None = None
+    local_node: int = 0
+    locality_smoothing: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_positive(self.temperature, "temperature")
+        require(
+            self.l_max is None or (isinstance(self.l_max, int) and self.l_max >= 1),
+            "l_max",
+            f"must be an integer >= 1 (or null for router.top_k), got {self.l_max!r}",
+        )
+        check_range(self.score_threshold, "score_threshold", 0.0, 1.0)
+        check_range(self.locality_smoothing, "locality_smoothing", 1e-6, 1.0)
+        if self.expert_nodes is not None:
+            require(
+                self.local_node in self.expert_nodes,
+                "local_node",
+                f"must be one of expert_nodes {sorted(set(self.expert_nodes))}, got {self.local_node}",
+            )
+
+
+# ------------------------------------------------------------------------------- routing primitives
+
+
+def grap_affinity(x_TD: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Cosine between each token and each expert's indicator vector over a contiguous group of dims.
+
+    ``δ_ti = Σ_{j∈G_i} x_tj / (sqrt(d/E) · ‖x_t‖)``; a zero token has affinity 0 everywhere.
+    """
+    dim = x_TD.shape[-1]
+    if dim % num_experts != 0:
+        raise ConfigError(
+            "num_experts",
+            f"GrAP splits the model dimension into one group per expert, but dim={dim} is not "
+            f"divisible by num_experts={num_experts}; choose a dim that is a multiple of it",
+        )
+    group = dim // num_experts
+    sums_TE = x_TD.unflatten(-1, (num_experts, group)).sum(-1)
+    norm_T1 = x_TD.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    return sums_TE / (math.sqrt(group) * norm_T1)
+
+
+def token_choice(gate_TE: torch.Tensor, l_max: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top experts until their gate mass reaches ``threshold``, as a slot table.
+
+    Returns ``(expert_ids_TK, proposed_TK)`` with K = min(l_max, E), slots in descending gate
+    order; a token always proposes its first slot and at most ``l_max``. Works on any leading dims.
+    """
+    k = min(l_max, gate_TE.shape[-1])
+    top_scores_TK, expert_ids_TK = gate_TE.detach().topk(k, dim=-1)
+    mass_before_TK = top_scores_TK.cumsum(-1) - top_scores_TK
+    proposed_TK = mass_before_TK < threshold
+    proposed_TK[..., 0] = True
+    return expert_ids_TK, proposed_TK
+
+
+def slots_to_mask(expert_ids_TK: torch.Tensor, on_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Boolean ``[..., T, E]`` mask of the experts whose slot is on."""
+    mask_TE = torch.zeros(*expert_ids_TK.shape[:-1], num_experts, dtype=torch.bool, device=on_TK.device)
+    return mask_TE.scatter(-1, expert_ids_TK, on_TK)
+
+
+def expert_choice(affinity_TE: torch.Tensor, candidates_TE: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Boolean kept mask: each expert keeps its ``capacity`` candidates of highest affinity.
+
+    Tokens are along dim -2. Non-candidates are never kept; ties are broken by token order.
+    """
+    num_tokens = affinity_TE.shape[-2]
+    c = min(max(int(capacity), 0), num_tokens)
+    if c == 0:
+        return torch.zeros_like(candidates_TE)
+    masked_TE = affinity_TE.detach().masked_fill(~candidates_TE, -math.inf)
+    _, top_rows_CE = masked_TE.topk(c, dim=-2, sorted=False)
+    in_top_TE = torch.zeros_like(candidates_TE).scatter(-2, top_rows_CE, True)
+    return in_top_TE & candidates_TE
+
+
+def false_positive_counts(affinity_TE: torch.Tensor, proposed_TE: torch.Tensor) -> torch.Tensor:
+    """Per expert: non-proposing tokens whose affinity beats the expert's median candidate.
+
+    An expert with no candidates counts 0 (there is no typical candidate to outscore).
+    """
+    aff_TE = affinity_TE.detach()
+    typical_E = aff_TE.masked_fill(~proposed_TE, math.nan).nanmedian(dim=-2).values
+    outscore_TE = (aff_TE > typical_E.unsqueeze(-2)) & ~proposed_TE
+    return torch.where(typical_E.isnan(), 0, outscore_TE.sum(-2))
+
+
+def locality_target(expert_nodes: list[int], local_node: int, smoothing: float) -> torch.Tensor:
+    """``D_l``: mass ``1 - smoothing`` uniformly on the local node's experts, ``smoothing`` on all."""
+    nodes_E = torch.tensor(expert_nodes)
+    local_E = (nodes_E == local_node).float()
+    uniform_E = torch.full_like(local_E, 1.0 / len(expert_nodes))
+    return (1.0 - smoothing) * local_E / local_E.sum() + smoothing * uniform_E
+
+
+def locality_loss(gate_TE: torch.Tensor, target_E: torch.Tensor) -> torch.Tensor:
+    """``KL(D_c ‖ D_l)`` with ``D_c`` the batch's mean soft assignment over experts."""
+    d_c_E = gate_TE.reshape(-1, gate_TE.shape[-1]).mean(0)
+    target_E = target_E.to(d_c_E)
+    return (torch.xlogy(d_c_E, d_c_E) - d_c_E * target_E.log()).sum()
+
+
+def capacity_slots(factor: float, num_tokens: int, num_experts: int, l_max: int = 1) -> int:
+    """Per-expert slots ``ceil(factor · T · l_max / E)``, at least 1."""
+    return max(1, math.ceil(factor * num_tokens * l_max / num_experts - 1e-9))
+
+
+# ------------------------------------------------------------------------------ capacity schedules
+
+
+@dataclass
+class CapacityObservation:
+    """What a capacity schedule may observe after a training step."""
+
+    rearranged_fraction: float
+    false_positives_per_expert: float
+    tokens_per_expert: float
+
+
+class FixedCapacity:
+    """A constant capacity factor."""
+
+    def __init__(self, cfg: CapacityConfig):
+        self.factor = cfg.factor
+
+    def observe(self, obs: CapacityObservation) -> None:
+        """Nothing to adapt."""
+
+
+class AnnealedCapacity:
+    """Non-increasing factor from ``cfg.factor`` to ``cfg.floor`` by step count or by settling."""
+
+    def __init__(self, cfg: CapacityConfig):
+        self.cfg = cfg
+        self.factor = cfg.factor
+        self.step = 0
+        self._ema: float | None = None
+        self._ema_at_check: float | None = None
+
+    def observe(self, obs: CapacityObservation) -> None:
+        self.step += 1
+        cfg = self.cfg
+        if cfg.anneal_by == "steps":
+            progress = min(1.0, self.step / cfg.anneal_steps)
+            self.factor = cfg.factor + (cfg.floor - cfg.factor) * progress
+            return
+        r = obs.rearranged_fraction
+        self._ema = r if self._ema is None else 0.8 * self._ema + 0.2 * r
+        if self.step % cfg.settle_window:
+            return
+        settled = self._ema_at_check is not None and abs(self._ema - self._ema_at_check) < cfg.settle_tol
+        self._ema_at_check = self._ema
+        if settled:
+            self.factor = max(cfg.floor, self.factor - cfg.settle_decrement)
+
+
+class FalsePositiveCapacity:
+    """Factor estimated from the measured false positives, clamped to ``[floor, factor]``."""
+
+    def __init__(self, cfg: CapacityConfig):
+        self.cfg = cfg
+        self.factor = cfg.factor
+
+    def estimate(self, obs: CapacityObservation) -> float:
+        """The factor whose capacity covers ``fpr_margin`` times the false positives per expert."""
+        needed = self.cfg.fpr_margin * obs.false_positives_per_expert
+        raw = needed / max(obs.tokens_per_expert, _EPS)
+        return min(self.cfg.factor, max(self.cfg.floor, raw))
+
+    def observe(self, obs: CapacityObservation) -> None:
+        a = self.cfg.fpr_ema
+        self.factor = a * self.factor + (1.0 - a) * self.estimate(obs)
+
+
+CapacitySchedule = FixedCapacity | AnnealedCapacity | FalsePositiveCapacity
+
+
+def build_capacity_schedule(cfg: CapacityConfig) -> CapacitySchedule:
+    """The schedule object named by ``cfg.schedule``."""
+    kinds = {"fixed": FixedCapacity, "annealed": AnnealedCapacity, "fpr": FalsePositiveCapacity}
+    return kinds[cfg.schedule](cfg)
+
+
+# ------------------------------------------------------------------------------------------ router
+
+
+def etr_config(cfg: RouterConfig, num_experts: int) -> ETRConfig:
+    """Parse ``cfg.options``; ``router.capacity_factor > 0`` is the start factor unless options set one."""
+    options = dict(cfg.options)
+    capacity = dict(options.get("capacity") or {})
+    if cfg.capacity_factor > 0 and "factor" not in capacity:
+        capacity["factor"] = cfg.capacity_factor
+        capacity.setdefault("floor", min(CapacityConfig.floor, cfg.capacity_factor))
+    options["capacity"] = capacity
+    out = from_dict(ETRConfig, options, prefix="router.options")
+    if out.expert_nodes is not None:
+        require(
+            len(out.expert_nodes) == num_experts,
+            "router.options.expert_nodes",
+            f"must list one node per expert ({num_experts}), got {len(out.expert_nodes)}",
+        )
+    return out
+
+
+@register_router("etr")
+class ETRRouter(Router):
+    """Expert-Token Resonance: GrAP affinity, token choice then expert choice under a capacity schedule.
+
+    Slots are ``[T, ℓ_max]`` in descending gate order. Training mode: proposals compete for each
+    expert's ``C`` slots by affinity and the schedule observes the step; eval mode: every proposal
+    is kept (no capacity). Aux losses: ``load_balance`` (Switch) and ``locality`` (KL to ``D_l``).
+    """
+
+    def __init__(self, dim: int, num_experts: int, cfg: RouterConfig):
+        super().__init__(dim, num_experts, cfg)
+        self.etr = etr_config(cfg, num_experts)
+        if dim % num_experts:
+            grap_affinity(torch.zeros(1, dim), num_experts)
+        self.l_max = min(self.etr.l_max or cfg.top_k, num_experts)
+        self.schedule = build_capacity_schedule(self.etr.capacity)
+        nodes = (
+            self.etr.expert_nodes
+            if self.etr.expert_nodes is not None
+            else [self.etr.local_node] * num_experts
+        )
+        self.register_buffer(
+            "locality_target_E",
+            locality_target(nodes, self.etr.local_node, self.etr.locality_smoothing),
+            persistent=False,
+        )
+
+    @property
+    def capacity_factor(self) -> float:
+        """The factor the next training step will use."""
+        return float(self.schedule.factor)
+
+    def capacity(self, num_tokens: int) -> int:
+        """Per-expert slots at the current factor."""
+        return capacity_slots(self.capacity_factor, num_tokens, self.num_experts, self.l_max)
+
+    def gate(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits_TE = grap_affinity(x_TD.float(), self.num_experts) / self.etr.temperature
+        return logits_TE, torch.softmax(logits_TE, dim=-1).to(x_TD.dtype)
+
+    def select(self, x_TD: torch.Tensor, logits_TE: torch.Tensor, scores_TE: torch.Tensor) -> Routing:
+        num_tokens = scores_TE.shape[0]
+        expert_ids_TK, proposed_TK = token_choice(scores_TE, self.l_max, self.etr.score_threshold)
+        factor = self.capacity_factor
+        if self.training:
+            capacity = self.capacity(num_tokens)
+            proposed_TE = slots_to_mask(expert_ids_TK, proposed_TK, self.num_experts)
+            kept_TE = expert_choice(logits_TE, proposed_TE, capacity)
+            kept_TK = kept_TE.gather(-1, expert_ids_TK) & proposed_TK
+        else:
+            capacity, kept_TK = None, proposed_TK.clone()
+        extras = self._telemetry(logits_TE, expert_ids_TK, proposed_TK, kept_TK, factor)
+        return make_routing(
+            expert_ids_TK,
+            scores_TE.gather(-1, expert_ids_TK),
+            kept_TK,
+            scores_TE,
+            renormalize=self.cfg.renormalize,
+            aux_losses=self.aux_losses(logits_TE, scores_TE, expert_ids_TK, proposed_TK),
+            logits_TE=logits_TE,
+            proposed_TK=proposed_TK,
+            capacity=capacity,
+            extras=extras,
+        )
+
+    def _telemetry(
+        self,
+        logits_TE: torch.Tensor,
+        expert_ids_TK: torch.Tensor,
+        proposed_TK: torch.Tensor,
+        kept_TK: torch.Tensor,
+        factor: float,
+    ) -> dict[str, object]:
+        """Capacity, rearranged fraction and false positives; in training, feed them to the schedule."""
+        num_tokens = proposed_TK.shape[0]
+        rearranged = float((proposed_TK & ~kept_TK).any(-1).float().mean()) if num_tokens else 0.0
+        proposed_TE = slots_to_mask(expert_ids_TK, proposed_TK, self.num_experts)
+        fp_E = false_positive_counts(logits_TE, proposed_TE)
+        non_proposers = float((~proposed_TE).sum().clamp_min(1))
+        extras: dict[str, object] = {
+            "capacity_factor": factor,
+            "rearranged_fraction": rearranged,
+            "false_positive_rate": float(fp_E.sum()) / non_proposers,
+            "mean_proposals": float(proposed_TK.sum(-1).float().mean()) if num_tokens else 0.0,
+        }
+        if self.training:
+            self.schedule.observe(
+                CapacityObservation(
+                    rearranged_fraction=rearranged,
+                    false_positives_per_expert=float(fp_E.float().mean()),
+                    tokens_per_expert=num_tokens * self.l_max / self.num_experts,
+                )
+            )
+        return extras
+
+    def aux_losses(
+        self,
+        logits_TE: torch.Tensor,
+        scores_TE: torch.Tensor,
+        expert_ids_TK: torch.Tensor,
+        proposed_TK: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Switch load balance and the locality KL (ETR has no learnable logits, so no z-loss)."""
+        return {
+            "load_balance": load_balance_loss(scores_TE, expert_ids_TK, proposed_TK),
+            "locality": locality_loss(scores_TE, self.locality_target_E),
+        }
