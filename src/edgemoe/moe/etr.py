@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from edgemoe.config import ConfigError, check_choice, check_positive, check_range, from_dict, require
 from edgemoe.moe.config import RouterConfig

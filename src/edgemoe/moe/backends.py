@@ -1,0 +1,111 @@
+"""Interchangeable expert execution backends behind one interface, with a name registry.
+
+A backend computes ``out[t] = Σ_{kept slots (t, j)} w_tj · expert_{e_tj}(x_t)`` from the experts,
+the tokens and a :class:`~edgemoe.moe.routing.Routing`:
+
+- ``loop``: sort by expert, one reference expert forward per expert (plain autograd).
+- ``padded``: scatter into an ``[E, C, D]`` grid (C = the routing's capacity, or the largest load
+  when dropless) and run two batched matmuls; padding rows cost FLOPs.
+- ``sorted``: dropless grouped GEMMs on the expert-sorted buffer, no padding, with a hand-written
+  backward (:mod:`edgemoe.moe.grouped`) that saves only what the gradients need.
+
+``auto`` resolves to ``sorted`` (fastest on CPU and the only padding-free path).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from edgemoe.config import ConfigError
+from edgemoe.moe.dispatch import combine, padded_positions, sort_by_expert
+from edgemoe.moe.experts import GroupedExperts
+from edgemoe.moe.routing import Routing
+
+_BACKENDS: dict[str, type[ExpertBackend]] = {}
+
+
+def register_backend(name: str):
+    """Class decorator adding an :class:`ExpertBackend` under ``name``."""
+
+    def deco(cls: type[ExpertBackend]) -> type[ExpertBackend]:
+        _BACKENDS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def default_backend(device: torch.device) -> str:
+    """The sensible default for ``device`` (``sorted`` on CPU and GPU alike)."""
+    return "sorted"
+
+
+def get_backend(name: str, device: torch.device | None = None) -> ExpertBackend:
+    """Instantiate a backend by name; ``auto`` picks :func:`default_backend`."""
+    if name == "auto":
+        name = default_backend(device or torch.device("cpu"))
+    if name not in _BACKENDS:
+        raise ConfigError(
+            "backend", f"unknown backend {name!r}; choose one of {['auto', *available_backends()]}"
+        )
+    return _BACKENDS[name]()
+
+
+class ExpertBackend(ABC):
+    """Runs the experts on routed tokens and combines their outputs."""
+
+    name = ""
+
+    @abstractmethod
+    def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
+        """``out_TD``: the gate-weighted sum of each token's kept experts (zero if none)."""
+
+
+@register_backend("loop")
+class LoopBackend(ExpertBackend):
+    """One reference forward per expert on its contiguous slice; the readable baseline."""
+
+    def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
+        plan = sort_by_expert(routing)
+        xs_ND = x_TD.index_select(0, plan.token_ids_N)
+        parts = [
+            experts.expert_forward(x_nD, e)
+            for e, x_nD in enumerate(xs_ND.split(plan.counts))
+            if x_nD.shape[0] > 0
+        ]
+        ys_ND = torch.cat(parts) if parts else xs_ND.new_zeros(0, x_TD.shape[-1])
+        return combine(ys_ND, plan)
+
+
+@register_backend("padded")
+class PaddedBackend(ExpertBackend):
+    """Fixed-shape ``[E, C, D]`` batched matmuls (the GShard/Switch layout)."""
+
+    def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
+        plan = sort_by_expert(routing)
+        capacity = max(max(plan.counts, default=0), routing.capacity or 0, 1)
+        num_experts, dim = experts.num_experts, x_TD.shape[-1]
+        rows_N = padded_positions(plan, capacity)
+        grid_RD = x_TD.new_zeros(num_experts * capacity, dim)
+        grid_RD = grid_RD.index_copy(0, rows_N, x_TD.index_select(0, plan.token_ids_N))
+        h_ECF = torch.bmm(grid_RD.view(num_experts, capacity, dim), experts.w_in_EDF)
+        y_ECD = torch.bmm(experts.activation(h_ECF), experts.w_out_EHD)
+        return combine(y_ECD.reshape(-1, dim).index_select(0, rows_N), plan)
+
+
+@register_backend("sorted")
+class SortedBackend(ExpertBackend):
+    """Padding-free grouped GEMMs on the expert-sorted buffer with a fused custom backward."""
+
+    def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
+        from edgemoe.moe.grouped import grouped_experts_combine
+
+        plan = sort_by_expert(routing)
+        return grouped_experts_combine(experts, x_TD, plan)

@@ -1,0 +1,204 @@
+"""The ``Routing`` contract: what every router returns and what the dispatcher consumes.
+
+A routing is a table of T×K *slots*. Slot (t, j) names an expert ``expert_ids_TK[t, j]`` (always in
+``[0, E)``), whether the token proposed it (``proposed_TK``), whether it survived capacity
+(``kept_TK`` ⊆ ``proposed_TK``) and its combine weight (``weights_TK``, exactly 0 where not kept).
+Token choice uses K = k; expert choice uses K = E with slot j meaning expert j; ETR uses
+K = ℓ_max; external routing uses the K of the ids it is given. See docs/moe.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from edgemoe.moe.losses import router_entropy
+
+
+@dataclass
+class RoutingStats:
+    """Telemetry of one routing decision (detached tensors; ``as_dict`` gives plain floats)."""
+
+    tokens_per_expert_E: Tensor
+    proposed_per_expert_E: Tensor
+    kept: Tensor
+    dropped: Tensor
+    drop_rate: Tensor
+    unrouted_fraction: Tensor
+    load_max: Tensor
+    load_mean: Tensor
+    entropy: Tensor
+    capacity: int | None
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly copy (lists for per-expert counts)."""
+        out: dict[str, object] = {
+            "tokens_per_expert": [int(v) for v in self.tokens_per_expert_E.tolist()],
+            "proposed_per_expert": [int(v) for v in self.proposed_per_expert_E.tolist()],
+            "capacity": self.capacity,
+        }
+        for name in ("kept", "dropped", "drop_rate", "unrouted_fraction", "load_max", "load_mean", "entropy"):
+            out[name] = float(getattr(self, name))
+        return out
+
+
+@dataclass
+class Routing:
+    """Expert assignment of T tokens over T×K slots, plus aux losses and telemetry.
+
+    ``weights_TK`` stays differentiable w.r.t. the router's parameters; everything else is
+    integer/boolean. ``aux_losses`` is always a dict of scalar tensors (no coefficients applied).
+    """
+
+    expert_ids_TK: Tensor
+    weights_TK: Tensor
+    kept_TK: Tensor
+    proposed_TK: Tensor
+    scores_TE: Tensor
+    logits_TE: Tensor | None
+    aux_losses: dict[str, Tensor]
+    stats: RoutingStats
+    capacity: int | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_ids_TK.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.scores_TE.shape[-1]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids_TK.shape[1]
+
+
+def combine_weights(gate_TK: Tensor, kept_TK: Tensor, renormalize: bool) -> Tensor:
+    """Zero the weights of dropped slots and, if asked, renormalise to sum to one over kept slots.
+
+    A token with no kept slot keeps all-zero weights (it passes through with zero expert output).
+    """
+    weights_TK = gate_TK * kept_TK.to(gate_TK.dtype)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+    return weights_TK
+
+
+def routing_stats(
+    expert_ids_TK: Tensor, kept_TK: Tensor, proposed_TK: Tensor, scores_TE: Tensor, capacity: int | None
+) -> RoutingStats:
+    """Per-expert loads, drop counts and router entropy, without host syncs."""
+    num_experts = scores_TE.shape[-1]
+    ids = expert_ids_TK.reshape(-1)
+    kept_f = kept_TK.reshape(-1).to(torch.float32)
+    tokens_E = torch.bincount(ids, weights=kept_f, minlength=num_experts)
+    proposed_E = torch.bincount(ids, weights=proposed_TK.reshape(-1).to(torch.float32), minlength=num_experts)
+    kept = tokens_E.sum()
+    proposed = proposed_E.sum()
+    dropped = proposed - kept
+    num_tokens = max(expert_ids_TK.shape[0], 1)
+    unrouted = (~kept_TK.any(dim=-1)).sum().to(torch.float32) / num_tokens
+    return RoutingStats(
+        tokens_per_expert_E=tokens_E.round().long(),
+        proposed_per_expert_E=proposed_E.round().long(),
+        kept=kept,
+        dropped=dropped,
+        drop_rate=dropped / proposed.clamp_min(1.0),
+        unrouted_fraction=unrouted,
+        load_max=tokens_E.max(),
+        load_mean=tokens_E.mean(),
+        entropy=router_entropy(scores_TE),
+        capacity=capacity,
+    )
+
+
+def make_routing(
+    expert_ids_TK: Tensor,
+    gate_TK: Tensor,
+    kept_TK: Tensor,
+    scores_TE: Tensor,
+    *,
+    renormalize: bool,
+    aux_losses: dict[str, Tensor],
+    logits_TE: Tensor | None = None,
+    proposed_TK: Tensor | None = None,
+    capacity: int | None = None,
+    extras: dict[str, object] | None = None,
+) -> Routing:
+    """Assemble a :class:`Routing` from slot tables; the one constructor every router uses.
+
+    ``gate_TK`` are the raw gate values of each slot (typically ``scores_TE`` gathered at
+    ``expert_ids_TK``); they become combine weights via :func:`combine_weights`.
+    """
+    if proposed_TK is None:
+        proposed_TK = torch.ones_like(kept_TK)
+    kept_TK = kept_TK & proposed_TK
+    return Routing(
+        expert_ids_TK=expert_ids_TK,
+        weights_TK=combine_weights(gate_TK, kept_TK, renormalize),
+        kept_TK=kept_TK,
+        proposed_TK=proposed_TK,
+        scores_TE=scores_TE,
+        logits_TE=logits_TE,
+        aux_losses=aux_losses,
+        stats=routing_stats(expert_ids_TK, kept_TK, proposed_TK, scores_TE, capacity),
+        capacity=capacity,
+        extras=extras or {},
+    )
+
+
+def token_choice_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
+    """ceil(|cf|·k·T/E), at least 1: the per-expert cap of a token-choice router."""
+    return max(1, math.ceil(abs(capacity_factor) * top_k * num_tokens / num_experts))
+
+
+def rank_within_expert(expert_ids_TK: Tensor, gate_TK: Tensor, priority: str, num_experts: int) -> Tensor:
+    """0-based rank of every slot among the slots of the same expert, under ``priority``.
+
+    ``position``: all first choices before any second choice, then by token index (GShard/Switch).
+    ``score``: by gate value, highest first (ties by the ``position`` order).
+    """
+    num_tokens, top_k = expert_ids_TK.shape
+    # Slot-major flattening: index j*T + t, so first choices come first.
+    ids_N = expert_ids_TK.t().reshape(-1)
+    if priority == "score":
+        pre_N = torch.argsort(gate_TK.detach().t().reshape(-1), descending=True, stable=True)
+    else:
+        pre_N = torch.arange(ids_N.numel(), device=ids_N.device)
+    order_N = pre_N[torch.argsort(ids_N[pre_N], stable=True)]
+    counts_E = torch.bincount(ids_N, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_sorted_N = torch.arange(ids_N.numel(), device=ids_N.device) - starts_E[ids_N[order_N]]
+    rank_N = torch.empty_like(rank_sorted_N)
+    rank_N[order_N] = rank_sorted_N
+    return rank_N.view(top_k, num_tokens).t()
+
+
+def apply_capacity(
+    expert_ids_TK: Tensor,
+    gate_TK: Tensor,
+    proposed_TK: Tensor,
+    capacity_factor: float,
+    priority: str,
+    num_experts: int,
+) -> tuple[Tensor, int | None]:
+    """Kept mask and capacity of token-choice routing under the documented capacity semantics.
+
+    Only proposed slots compete for capacity. Returns ``(kept_TK, capacity)``; capacity is None
+    when dropless (cf == 0).
+    """
+    if capacity_factor == 0:
+        return proposed_TK.clone(), None
+    num_tokens, top_k = expert_ids_TK.shape
+    cap = token_choice_capacity(capacity_factor, num_tokens, top_k, num_experts)
+    masked_ids = torch.where(proposed_TK, expert_ids_TK, torch.full_like(expert_ids_TK, num_experts))
+    gate = torch.where(proposed_TK, gate_TK.detach(), torch.full_like(gate_TK, -math.inf))
+    rank_TK = rank_within_expert(masked_ids, gate, priority, num_experts + 1)
+    if capacity_factor < 0:
+        load_max = int(torch.bincount(masked_ids.reshape(-1), minlength=num_experts + 1)[:num_experts].max())
+        cap = max(1, min(cap, load_max))
+    return proposed_TK & (rank_TK < cap), cap
