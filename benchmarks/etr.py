@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.stats import norm
 
-from edgemoe.moe.etr import capacity_slots, expert_choice, token_choice
+from edgemoe.moe.etr import capacity_slots, expert_choice, slots_to_mask, token_choice
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,11 +57,11 @@ def sample_affinities(
     owner_T[: experts * relevant_per_expert] = torch.arange(experts).repeat_interleave(relevant_per_expert)
     owner_NT = torch.stack([owner_T[torch.randperm(tokens, generator=gen)] for _ in range(trials)])
     aff_NTE = torch.randn(trials, tokens, experts, generator=gen)
-    relevant_NTE = F_one_hot(owner_NT, experts)
+    relevant_NTE = owner_one_hot(owner_NT, experts)
     return aff_NTE + separation_for_fpr(fpr) * relevant_NTE, owner_NT
 
 
-def F_one_hot(owner_NT: torch.Tensor, experts: int) -> torch.Tensor:
+def owner_one_hot(owner_NT: torch.Tensor, experts: int) -> torch.Tensor:
     """One-hot of the owning expert; all-zero rows for noise tokens (owner -1)."""
     return (owner_NT.unsqueeze(-1) == torch.arange(experts)).float()
 
@@ -83,16 +82,16 @@ def routing_success(
     token relevant to that expert.
     """
     experts = aff_NTE.shape[-1]
-    relevant_NTE = F_one_hot(owner_NT, experts).bool()
+    relevant_NTE = owner_one_hot(owner_NT, experts).bool()
     gate_NTE = torch.softmax(aff_NTE / temperature, dim=-1)
-    top1_NTE = token_choice(gate_NTE, 1, 1.0)
+    top1_NTE = slots_to_mask(*token_choice(gate_NTE, 1, 1.0), experts)
     arms = {
         "token_choice": keep_first_come(top1_NTE, capacity),
         "expert_choice": expert_choice(aff_NTE, torch.ones_like(top1_NTE), capacity),
         "hybrid_l1": expert_choice(aff_NTE, top1_NTE, capacity),
     }
     if l_max > 1:
-        proposed_NTE = token_choice(gate_NTE, l_max, 0.9)
+        proposed_NTE = slots_to_mask(*token_choice(gate_NTE, l_max, 0.9), experts)
         arms[f"hybrid_l{l_max}"] = expert_choice(aff_NTE, proposed_NTE, capacity)
     out = {}
     for name, kept_NTE in arms.items():

@@ -12,7 +12,7 @@ The router has no learnable weights. Its pieces, each a small function or class 
   :class:`FalsePositiveCapacity`) — the capacity factor for the next step, from the step count or
   from routing statistics measured on the previous steps.
 - :func:`locality_loss` — ``KL(D_c ‖ D_l)`` towards the local node's experts; the Switch
-  load-balance loss is the shared :func:`edgemoe.moe.losses.load_balance_loss`.
+  load-balance loss is the shared :func:`edgemoe.moe.losses.load_balance_loss` (via the base class).
 
 In training the router runs token choice then expert choice under the scheduled capacity. In
 inference (``router.eval()``) it runs token choice alone, without capacity: every proposal is kept.
@@ -28,7 +28,6 @@ import torch
 
 from edgemoe.config import ConfigError, check_choice, check_positive, check_range, from_dict, require
 from edgemoe.moe.config import RouterConfig
-from edgemoe.moe.losses import load_balance_loss
 from edgemoe.moe.router import Router, register_router
 from edgemoe.moe.routing import Routing, make_routing
 
@@ -69,7 +68,7 @@ class CapacityConfig:
         check_positive(self.factor, "factor")
         check_positive(self.floor, "floor")
         require(
-            self.floor <= self.factor,
+            self.schedule == "fixed" or self.floor <= self.factor,
             "floor",
             f"must be <= factor ({self.factor}), got {self.floor}; lower it or raise factor",
         )
@@ -308,7 +307,7 @@ class ETRRouter(Router):
 
     Slots are ``[T, ℓ_max]`` in descending gate order. Training mode: proposals compete for each
     expert's ``C`` slots by affinity and the schedule observes the step; eval mode: every proposal
-    is kept (no capacity). Aux losses: ``load_balance`` (Switch) and ``locality`` (KL to ``D_l``).
+    is kept (no capacity). Aux losses: ``load_balance`` (Switch), ``z_loss`` and ``locality``.
     """
 
     def __init__(self, dim: int, num_experts: int, cfg: RouterConfig):
@@ -404,8 +403,11 @@ class ETRRouter(Router):
         expert_ids_TK: torch.Tensor,
         proposed_TK: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Switch load balance and the locality KL (ETR has no learnable logits, so no z-loss)."""
-        return {
-            "load_balance": load_balance_loss(scores_TE, expert_ids_TK, proposed_TK),
-            "locality": locality_loss(scores_TE, self.locality_target_E),
-        }
+        """The shared ``load_balance`` and ``z_loss`` plus ETR's ``locality`` KL.
+
+        The z-loss is kept for callers that weigh every router alike; on ETR's logits (affinity in
+        [-1, 1] over the temperature) it is bounded and carries little signal.
+        """
+        losses = super().aux_losses(logits_TE, scores_TE, expert_ids_TK, proposed_TK)
+        losses["locality"] = locality_loss(scores_TE, self.locality_target_E)
+        return losses
