@@ -1,0 +1,119 @@
+"""MoELayer behaviour: dense equivalence, backend agreement, external routing, shapes."""
+
+import pytest
+import torch
+
+from edgemoe.moe import MoEConfig, MoELayer, RouterConfig, available_backends
+
+BACKENDS = available_backends()
+
+
+def make_layer(kind="swiglu", num_experts=4, top_k=2, cf=0.0, name="topk", dim=12, hidden=20, **router_kw):
+    torch.manual_seed(0)
+    router = RouterConfig(name=name, top_k=top_k, capacity_factor=cf, **router_kw)
+    cfg = MoEConfig(dim=dim, hidden_dim=hidden, num_experts=num_experts, router=router, expert=kind)
+    return MoELayer(cfg).double()
+
+
+def run(layer, x, g, **kw):
+    """Output and gradients (input, then every parameter) of loss (out*g).sum()."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out, routing = layer(x, **kw)
+    (out * g).sum().backward()
+    grads = [x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.parameters()]
+    return out.detach(), grads, routing
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "mlp"])
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_k_equals_e_matches_dense_weighted_sum(kind, score_func):
+    layer = make_layer(kind=kind, num_experts=3, top_k=3, score_func=score_func, renormalize=False)
+    x = torch.randn(2, 9, 12, dtype=torch.double)
+    g = torch.randn(2, 9, 12, dtype=torch.double)
+
+    def dense(x_in):
+        x_TD = x_in.reshape(-1, 12)
+        _, scores_TE = layer.router.gate(x_TD)
+        return torch.einsum("te,etd->td", scores_TE, layer.experts.dense_forward(x_TD)).view(x_in.shape)
+
+    ref_x = x.clone().requires_grad_(True)
+    ref = dense(ref_x)
+    (ref * g).sum().backward()
+    ref_grads = [ref_x.grad] + [p.grad for p in layer.parameters()]
+    for backend in BACKENDS:
+        out, grads, _ = run(layer, x, g, backend=backend)
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-12)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "mlp"])
+@pytest.mark.parametrize(
+    ("name", "top_k", "cf"),
+    [("topk", 2, 0.0), ("topk", 1, 1.0), ("topk", 2, -0.7), ("expert_choice", 1, 1.5)],
+)
+def test_backends_agree_fwd_and_grads(kind, name, top_k, cf):
+    layer = make_layer(kind=kind, num_experts=5, top_k=top_k, cf=cf, name=name).float()
+    x = torch.randn(61, 12)
+    g = torch.randn(61, 12)
+    ref_out, ref_grads, _ = run(layer, x, g, backend="loop")
+    for backend in BACKENDS:
+        out, grads, _ = run(layer, x, g, backend=backend)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unrouted_tokens_get_zero_output_and_experts_with_no_tokens_zero_grad():
+    layer = make_layer(num_experts=4, top_k=1)
+    x = torch.randn(6, 12, dtype=torch.double)
+    ids = torch.tensor([[0], [0], [-1], [2], [-1], [0]])
+    for backend in BACKENDS:
+        out, grads, routing = run(
+            layer, x, torch.ones(6, 12, dtype=torch.double), expert_ids_TK=ids, backend=backend
+        )
+        assert torch.all(out[2] == 0) and torch.all(out[4] == 0)
+        w_in_grad = grads[2]
+        assert torch.all(w_in_grad[1] == 0) and torch.all(w_in_grad[3] == 0)
+        assert routing.stats.tokens_per_expert_E.tolist() == [3, 0, 1, 0]
+        assert float(routing.stats.unrouted_fraction) == pytest.approx(2 / 6)
+
+
+def test_external_routing_weights_come_from_gate_scores():
+    layer = make_layer(num_experts=4, top_k=2)
+    x = torch.randn(5, 12, dtype=torch.double)
+    ids = torch.tensor([[3, 1], [0, 2], [1, 3], [2, 0], [0, 1]])
+    out, routing = layer(x, expert_ids_TK=ids)
+    _, scores_TE = layer.router.gate(x)
+    gate_TK = scores_TE.gather(1, ids)
+    torch.testing.assert_close(routing.weights_TK, gate_TK / gate_TK.sum(-1, keepdim=True))
+    assert torch.equal(routing.expert_ids_TK, ids)
+    expected = sum(
+        routing.weights_TK[:, j, None]
+        * torch.stack([layer.experts.expert_forward(x[t : t + 1], int(ids[t, j]))[0] for t in range(5)])
+        for j in range(2)
+    )
+    torch.testing.assert_close(out, expected)
+    # The gate still learns from the task loss under external routing.
+    out.sum().backward()
+    assert layer.router.proj.weight.grad.abs().sum() > 0
+    assert set(routing.aux_losses) == {"load_balance", "z_loss"}
+
+
+def test_external_routing_rejects_bad_ids():
+    layer = make_layer(num_experts=4)
+    x = torch.randn(3, 12, dtype=torch.double)
+    with pytest.raises(ValueError, match="expert_ids_TK"):
+        layer(x, expert_ids_TK=torch.tensor([[0, 4]] * 3))
+    with pytest.raises(ValueError, match="expert_ids_TK"):
+        layer(x, expert_ids_TK=torch.tensor([[0, 1]] * 2))
+
+
+def test_batch_shape_is_preserved_and_auto_backend_runs():
+    layer = make_layer()
+    x = torch.randn(3, 4, 12, dtype=torch.double)
+    out, routing = layer(x)
+    assert out.shape == x.shape
+    assert routing.expert_ids_TK.shape == (12, 2)
+    assert routing.stats.as_dict()["kept"] == 24.0
