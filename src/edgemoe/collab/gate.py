@@ -1,0 +1,149 @@
+"""The MoE² gate: prompt embedding (+ category) → MLP → one logit per expert.
+
+Trained once on the full expert set with the ensemble cross-entropy
+``-log Σ_n softmax(logits)_n · p_n(correct option)``. Restricted to an enabled set S the gate is the
+softmax over S (:func:`restricted_weights`); the fine level keeps the top-k of S that fit the
+request's latency budget and renormalises (:func:`route_weights`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgemoe.config import check_positive
+
+
+@dataclass
+class GateConfig:
+    hidden: int = 64
+    steps: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    use_category: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive(self.hidden, "gate.hidden")
+        check_positive(self.steps, "gate.steps")
+        check_positive(self.lr, "gate.lr")
+        check_positive(self.weight_decay, "gate.weight_decay", allow_zero=True)
+
+
+class Gate(nn.Module):
+    """MLP gate over ``[embedding, one-hot category]``; knows its experts' and categories' names."""
+
+    def __init__(self, embed_dim: int, experts: list[str], categories: list[str], cfg: GateConfig):
+        super().__init__()
+        self.experts = list(experts)
+        self.categories = list(categories)
+        self.cfg = cfg
+        self.embed_dim = embed_dim
+        in_dim = embed_dim + (len(categories) if cfg.use_category else 0)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, len(experts)))
+
+    def features(self, emb_QD: torch.Tensor, category_Q: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.use_category:
+            return emb_QD
+        onehot_QC = nn.functional.one_hot(category_Q.long(), len(self.categories)).to(emb_QD.dtype)
+        return torch.cat([emb_QD, onehot_QC], dim=1)
+
+    def forward(self, emb_QD: torch.Tensor, category_Q: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.features(emb_QD, category_Q))
+
+    @torch.no_grad()
+    def logits(self, emb_QD: np.ndarray, category_Q: np.ndarray) -> np.ndarray:
+        """Numpy in, numpy out (float64 logits, shape (Q, N))."""
+        x = torch.as_tensor(np.asarray(emb_QD, dtype=np.float32))
+        c = torch.as_tensor(np.asarray(category_Q, dtype=np.int64))
+        return self(x, c).double().numpy()
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "embed_dim": self.embed_dim,
+            "experts": self.experts,
+            "categories": self.categories,
+            "cfg": asdict(self.cfg),
+        }
+        torch.save({"meta": json.dumps(meta), "state": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Gate:
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        meta = json.loads(blob["meta"])
+        gate = cls(meta["embed_dim"], meta["experts"], meta["categories"], GateConfig(**meta["cfg"]))
+        gate.load_state_dict(blob["state"])
+        return gate.eval()
+
+
+def ensemble_nll(logits_QN: torch.Tensor, correct_QN: torch.Tensor, mask_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean ``-log Σ_n w_n p_n(y)`` with ``w`` the softmax of the logits over the enabled experts."""
+    if mask_N is not None:
+        logits_QN = logits_QN.masked_fill(~mask_N[None, :], float("-inf"))
+    logw_QN = torch.log_softmax(logits_QN, dim=1)
+    return -torch.logsumexp(logw_QN + torch.log(correct_QN.clamp_min(1e-12)), dim=1).mean()
+
+
+def train_gate(
+    emb_QD: np.ndarray,
+    category_Q: np.ndarray,
+    correct_QN: np.ndarray,
+    experts: list[str],
+    categories: list[str],
+    cfg: GateConfig,
+    mask_N: np.ndarray | None = None,
+) -> Gate:
+    """Fit the gate by full-batch AdamW on the ensemble cross-entropy.
+
+    ``correct_QN`` is each expert's probability of the correct option. ``mask_N`` restricts training
+    to a subset (used only to measure the optimality-preserving gap; MoE² trains on the full set).
+    """
+    torch.manual_seed(cfg.seed)
+    gate = Gate(emb_QD.shape[1], experts, categories, cfg)
+    x = torch.as_tensor(np.asarray(emb_QD, dtype=np.float32))
+    c = torch.as_tensor(np.asarray(category_Q, dtype=np.int64))
+    p = torch.as_tensor(np.asarray(correct_QN, dtype=np.float32))
+    m = None if mask_N is None else torch.as_tensor(np.asarray(mask_N, dtype=bool))
+    opt = torch.optim.AdamW(gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for _ in range(cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = ensemble_nll(gate(x, c), p, m)
+        loss.backward()
+        opt.step()
+    return gate.eval()
+
+
+def restricted_weights(logits_QN: np.ndarray, mask_QN: np.ndarray) -> np.ndarray:
+    """Softmax of the logits over the enabled experts only; rows with none enabled are all zero."""
+    mask_QN = np.broadcast_to(np.asarray(mask_QN, dtype=bool), logits_QN.shape)
+    z = np.where(mask_QN, logits_QN, -np.inf)
+    zmax = z.max(axis=1, keepdims=True)
+    zmax = np.where(np.isfinite(zmax), zmax, 0.0)
+    e = np.where(mask_QN, np.exp(z - zmax), 0.0)
+    s = e.sum(axis=1, keepdims=True)
+    return np.divide(e, s, out=np.zeros_like(e), where=s > 0)
+
+
+def top_k_mask(logits_QN: np.ndarray, enabled_QN: np.ndarray, k: int | None) -> np.ndarray:
+    """The k enabled experts with the largest logits per row (all enabled ones when k is None)."""
+    enabled_QN = np.broadcast_to(np.asarray(enabled_QN, dtype=bool), logits_QN.shape)
+    if k is None or k >= logits_QN.shape[1]:
+        return enabled_QN.copy()
+    z = np.where(enabled_QN, logits_QN, -np.inf)
+    order_QN = np.argsort(-z, axis=1, kind="stable")
+    keep_QN = np.zeros_like(enabled_QN)
+    rows = np.arange(z.shape[0])[:, None]
+    keep_QN[rows, order_QN[:, :k]] = True
+    return keep_QN & enabled_QN
+
+
+def route_weights(logits_QN: np.ndarray, enabled_QN: np.ndarray, k: int | None) -> np.ndarray:
+    """Fine level: weights over the top-k enabled experts (softmax restricted to them)."""
+    return restricted_weights(logits_QN, top_k_mask(logits_QN, enabled_QN, k))
