@@ -1,0 +1,351 @@
+"""Per-slot controllers: given the queues and the gate's scores, choose K experts per token and each
+server's CPU frequency.
+
+One interface for all of them, ``decide(state, scores_NJ) -> Decision``, used both by the simulator
+and by the training loop. Everything is vectorised over tokens (``sequential`` routing loops over
+blocks of tokens, never over single tokens unless ``block=1`` is asked for).
+
+Stable-MoE's per-slot problem (DESIGN.md §2, with the energy queue weighted by beta_j, see
+docs/stable-moe.md): minimise over x (K experts per token) and f
+
+    sum_j Q_j (A_j - D_j) + sum_j beta_j Z_j (E_j - E_j^max) - V (omega1 sum_j D_j + omega2 sum_ij g_ij x_ij)
+
+which separates into routing (each token takes the K largest V omega2 g_ij - Q_j) and one convex
+scalar problem per server with the closed form of :func:`lyapunov_frequency`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from edgemoe.config import ConfigError, require
+from edgemoe.edge.arrivals import restore_rng, rng_state
+from edgemoe.edge.spec import ControllerSpec, NetworkSpec, check_scores
+from edgemoe.edge.state import NetworkState
+
+FreqRule = Literal["lyapunov", "sustainable", "max"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One slot's decision. ``expert_ids_NK[i]`` are token i's K distinct servers; ``kept_NK`` is False
+    where an assignment was dropped (capacity overflow; ``None`` means all kept); ``freq_J`` in cycles/s."""
+
+    expert_ids_NK: np.ndarray
+    freq_J: np.ndarray
+    kept_NK: np.ndarray | None = None
+
+    def kept_mask(self) -> np.ndarray:
+        if self.kept_NK is None:
+            return np.ones(self.expert_ids_NK.shape, dtype=bool)
+        return self.kept_NK
+
+    def routed_J(self, num_servers: int) -> np.ndarray:
+        """A_j: kept assignments per server."""
+        ids = self.expert_ids_NK if self.kept_NK is None else self.expert_ids_NK[self.kept_NK]
+        return np.bincount(ids.ravel(), minlength=num_servers).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def topk_ids(values_NJ: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries per row (unordered within the row), int64 [N, k]."""
+    J = values_NJ.shape[1]
+    if k == J:
+        return np.broadcast_to(np.arange(J), values_NJ.shape).copy()
+    return np.argpartition(values_NJ, J - k, axis=1)[:, J - k :]
+
+
+def masked(values_NJ: np.ndarray, online_J: np.ndarray) -> np.ndarray:
+    """Offline servers' columns set to -inf so no top-k picks them."""
+    if online_J.all():
+        return values_NJ
+    return np.where(online_J, values_NJ, -np.inf)
+
+
+def check_online(state: NetworkState, k: int) -> None:
+    n_online = int(np.count_nonzero(state.online_J))
+    require(
+        n_online >= k,
+        "state.online_J",
+        f"only {n_online} servers are online but every token needs K={k} distinct experts; "
+        "bring servers back online or lower k",
+    )
+
+
+def energy_weight_J(spec: NetworkSpec, energy_weight: float) -> np.ndarray:
+    """beta_j = w / (3 kappa_j C_j E_j^max f_sust_j^2): scales the virtual energy queue so that the
+    Lyapunov frequency equals the sustainable one when Z_j / E_j^max = (Q_j + V omega1) / w."""
+    return energy_weight / (3 * spec.kappa_J * spec.cycles_J * spec.budget_J * spec.f_sustainable_J**2)
+
+
+def frequency_bounds(spec: NetworkSpec, state: NetworkState) -> tuple[np.ndarray, np.ndarray]:
+    """Feasible frequency interval per server: hi = min(f_max, C Q / tau) (no faster than the backlog
+    needs), lo = min(f_min, hi); both 0 when offline."""
+    hi = np.minimum(spec.f_max_J, spec.cycles_J * state.backlog_J / spec.tau)
+    hi = np.where(state.online_J, hi, 0.0)
+    lo = np.minimum(spec.f_min_J, hi)
+    return lo, hi
+
+
+def lyapunov_frequency(
+    spec: NetworkSpec, state: NetworkState, V: float, omega1: float, energy_weight: float
+) -> np.ndarray:
+    """Closed-form minimiser of tau (beta Z kappa f^3 - (Q + V omega1) f / C) over [lo, hi]:
+    f* = sqrt((Q + V omega1) / (3 beta kappa C Z)) clipped, or hi when Z = 0 (the objective is then
+    non-increasing in f)."""
+    lo, hi = frequency_bounds(spec, state)
+    Z = state.energy_queue_J
+    beta = energy_weight_J(spec, energy_weight)
+    pressure = state.backlog_J + V * omega1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f_star = np.sqrt(pressure / (3 * beta * spec.kappa_J * spec.cycles_J * Z))
+    f_star = np.where(Z > 0, f_star, np.inf)
+    return np.clip(f_star, lo, hi)
+
+
+def rule_frequency(
+    rule: FreqRule, spec: NetworkSpec, state: NetworkState, cfg: ControllerSpec | None = None
+) -> np.ndarray:
+    """Frequency per server under a named rule, always within [lo, hi] of :func:`frequency_bounds`."""
+    if rule == "lyapunov":
+        assert cfg is not None
+        return lyapunov_frequency(spec, state, cfg.V, cfg.omega1, cfg.energy_weight)
+    lo, hi = frequency_bounds(spec, state)
+    target = spec.f_max_J if rule == "max" else spec.f_sustainable_J
+    return np.clip(target, lo, hi)
+
+
+def auto_block(num_tokens: int, block: int) -> int:
+    """Tokens per provisional-backlog block: ``block`` if set, else about 32 blocks per slot."""
+    return block if block > 0 else max(1, math.ceil(num_tokens / 32))
+
+
+def route_linear(utility_NJ: np.ndarray, backlog_J: np.ndarray, k: int) -> np.ndarray:
+    """Each token takes the K largest utility_ij - Q_j."""
+    return topk_ids(utility_NJ - backlog_J, k)
+
+
+def route_sequential(utility_NJ: np.ndarray, backlog_J: np.ndarray, k: int, block: int) -> np.ndarray:
+    """Like :func:`route_linear` but a provisional backlog Q~_j grows by one per assignment within the
+    slot, so one slot's tokens do not all join the same short queue. Tokens are processed in blocks of
+    ``block`` that share one Q~ (``block=1`` is the strict token-by-token rule)."""
+    N, J = utility_NJ.shape
+    provisional_J = np.asarray(backlog_J, dtype=np.float64).copy()
+    ids_NK = np.empty((N, k), dtype=np.int64)
+    for start in range(0, N, block):
+        stop = min(start + block, N)
+        ids = topk_ids(utility_NJ[start:stop] - provisional_J, k)
+        ids_NK[start:stop] = ids
+        provisional_J += np.bincount(ids.ravel(), minlength=J)
+    return ids_NK
+
+
+# ---------------------------------------------------------------------------------------------------
+# Controllers
+
+
+class Controller:
+    """Base class. Subclasses implement ``_route``; frequency follows ``freq_rule``."""
+
+    name = "controller"
+    freq_rule: FreqRule = "lyapunov"
+
+    def __init__(self, spec: NetworkSpec, cfg: ControllerSpec | None = None):
+        self.spec = spec
+        self.cfg = cfg or spec.controller
+        self.k = spec.k
+
+    def decide(self, state: NetworkState, scores_NJ: np.ndarray) -> Decision:
+        """Route this slot's tokens (gate scores ``scores_NJ``) and set each server's frequency."""
+        scores_NJ = check_scores(scores_NJ, self.spec.num_servers)
+        check_online(state, self.k)
+        ids_NK, kept_NK = self._route(state, scores_NJ)
+        freq_J = rule_frequency(self.freq_rule, self.spec, state, self.cfg)
+        return Decision(ids_NK, freq_J, kept_NK)
+
+    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+class StableMoE(Controller):
+    """Drift-plus-penalty routing (``linear`` or ``sequential``) with the closed-form Lyapunov
+    frequency; ``freq_rule='sustainable'`` gives the fixed-frequency ablation."""
+
+    name = "stable-moe"
+
+    def __init__(
+        self, spec: NetworkSpec, cfg: ControllerSpec | None = None, freq_rule: FreqRule = "lyapunov"
+    ):
+        super().__init__(spec, cfg)
+        self.freq_rule = freq_rule
+
+    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
+        weight = self.cfg.V * self.cfg.omega2
+        utility_NJ = masked(weight * scores_NJ, state.online_J)
+        if self.cfg.mode == "linear":
+            return route_linear(utility_NJ, state.backlog_J, self.k), None
+        block = auto_block(len(scores_NJ), self.cfg.block)
+        return route_sequential(utility_NJ, state.backlog_J, self.k, block), None
+
+
+class JSQK(Controller):
+    """Join-the-K-shortest-queues: ignores the gate. ``linear``: every token joins the K shortest queues
+    at the start of the slot; ``sequential``: water-filling, each assignment raises the provisional
+    queue by one. Frequency: the Lyapunov rule with V = 0."""
+
+    name = "jsq-k"
+
+    def __init__(self, spec: NetworkSpec, cfg: ControllerSpec | None = None):
+        super().__init__(spec, dataclasses.replace(cfg or spec.controller, V=0.0))
+
+    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
+        N, J = scores_NJ.shape
+        key_J = np.where(state.online_J, state.backlog_J, np.inf)
+        if self.cfg.mode == "linear":
+            best = np.argsort(key_J, kind="stable")[: self.k]
+            return np.broadcast_to(best, (N, self.k)).copy(), None
+        zero_NJ = masked(np.zeros((N, J)), state.online_J)
+        block = auto_block(N, self.cfg.block)
+        return route_sequential(zero_NJ, state.backlog_J, self.k, block), None
+
+
+class TopK(Controller):
+    """Plain gate-following top-K, at f_max (``freq_rule='max'``) or at the budget-sustainable
+    frequency (``'sustainable'``)."""
+
+    name = "topk"
+
+    def __init__(self, spec: NetworkSpec, cfg: ControllerSpec | None = None, freq_rule: FreqRule = "max"):
+        super().__init__(spec, cfg)
+        self.freq_rule = freq_rule
+
+    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
+        return topk_ids(masked(scores_NJ, state.online_J), self.k), None
+
+
+def capacity_keep(ids_NK: np.ndarray, num_servers: int, capacity: int) -> np.ndarray:
+    """Keep each server's first ``capacity`` assignments in token order; the rest are dropped."""
+    flat = ids_NK.ravel()
+    order = np.argsort(flat, kind="stable")
+    sorted_ids = flat[order]
+    starts = np.searchsorted(sorted_ids, np.arange(num_servers))
+    rank = np.arange(len(flat)) - starts[sorted_ids]
+    kept = np.empty(len(flat), dtype=bool)
+    kept[order] = rank < capacity
+    return kept.reshape(ids_NK.shape)
+
+
+class TopKCapacity(Controller):
+    """Top-K with a per-expert capacity of ceil(capacity_factor * N K / J_online) assignments per slot
+    (Switch/GShard style); overflow is dropped. Runs at the budget-sustainable frequency."""
+
+    name = "topk-capacity"
+    freq_rule: FreqRule = "sustainable"
+
+    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids_NK = topk_ids(masked(scores_NJ, state.online_J), self.k)
+        n_online = int(np.count_nonzero(state.online_J))
+        capacity = math.ceil(self.cfg.capacity_factor * len(scores_NJ) * self.k / n_online)
+        return ids_NK, capacity_keep(ids_NK, self.spec.num_servers, capacity)
+
+
+class RandomK(Controller):
+    """K distinct servers uniformly at random among the online ones; budget-sustainable frequency."""
+
+    name = "random-k"
+    freq_rule: FreqRule = "sustainable"
+
+    def __init__(self, spec: NetworkSpec, cfg: ControllerSpec | None = None, seed: int = 0):
+        super().__init__(spec, cfg)
+        self.rng = np.random.default_rng(seed)
+
+    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
+        keys_NJ = self.rng.random(scores_NJ.shape)
+        return topk_ids(masked(keys_NJ, state.online_J), self.k), None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_state(self.rng)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(self.rng, state["rng"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registry
+
+GATE_FOLLOWING = ("topk-max", "topk-sustainable", "topk-capacity")
+LOAD_ONLY = ("random-k", "jsq-k")
+STABLE_MOE = ("stable-moe", "stable-moe-linear", "stable-moe-sequential", "stable-moe-fixed-freq")
+ALL_POLICIES = (
+    "stable-moe-linear",
+    "stable-moe-sequential",
+    "stable-moe-fixed-freq",
+    *GATE_FOLLOWING,
+    *LOAD_ONLY,
+)
+CONTROLLER_NAMES = (*STABLE_MOE, "topk", *GATE_FOLLOWING, *LOAD_ONLY)
+
+
+def make_controller(name: str, spec: NetworkSpec, **params: Any) -> Controller:
+    """Build a controller by name with ``spec.controller`` defaults, overridden by ``params``
+    (any :class:`~edgemoe.edge.spec.ControllerSpec` field, plus ``seed`` for ``random-k``).
+
+    Names: ``stable-moe`` (routing mode from the spec), ``stable-moe-linear``, ``stable-moe-sequential``,
+    ``stable-moe-fixed-freq``, ``topk`` / ``topk-max``, ``topk-sustainable``, ``topk-capacity``,
+    ``random-k``, ``jsq-k``.
+    """
+    if name not in CONTROLLER_NAMES:
+        raise ConfigError("policy", f"unknown controller {name!r}; choose from {list(CONTROLLER_NAMES)}")
+    seed = int(params.pop("seed", 0))
+    if name in ("stable-moe-linear", "stable-moe-sequential"):
+        params.setdefault("mode", name.rsplit("-", 1)[1])
+    allowed = {f.name for f in dataclasses.fields(ControllerSpec)}
+    for key in params:
+        if key not in allowed:
+            raise ConfigError(f"controller.{key}", f"unknown parameter; allowed are {sorted(allowed)}")
+    try:
+        cfg = dataclasses.replace(spec.controller, **params)
+    except ConfigError as exc:
+        raise ConfigError(f"controller.{exc.field}", str(exc).split(": ", 1)[-1]) from None
+    if name.startswith("stable-moe"):
+        rule: FreqRule = "sustainable" if name == "stable-moe-fixed-freq" else "lyapunov"
+        ctrl: Controller = StableMoE(spec, cfg, freq_rule=rule)
+    elif name in ("topk", "topk-max", "topk-sustainable"):
+        ctrl = TopK(spec, cfg, freq_rule="sustainable" if name == "topk-sustainable" else "max")
+    elif name == "topk-capacity":
+        ctrl = TopKCapacity(spec, cfg)
+    elif name == "random-k":
+        ctrl = RandomK(spec, cfg, seed=seed)
+    else:
+        ctrl = JSQK(spec, cfg)
+    ctrl.name = name
+    return ctrl
+
+
+def expand_policies(text: str | list[str]) -> list[str]:
+    """``"all"`` or a comma-separated list of controller names -> validated list."""
+    names = text.split(",") if isinstance(text, str) else list(text)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return list(ALL_POLICIES)
+    for n in names:
+        if n not in CONTROLLER_NAMES:
+            raise ConfigError(
+                "--policies", f"unknown policy {n!r}; choose 'all' or from {list(CONTROLLER_NAMES)}"
+            )
+    require(len(names) > 0, "--policies", "name at least one policy")
+    return names
