@@ -576,21 +576,18 @@ class Gateway:
 
 
 def _trim_to_energy(route: Route, energy: dict[str, float], budget_j: float) -> Route:
-    """Drop the lowest-weight experts until the set's energy fits; weights renormalised."""
-    experts, weights = list(route.experts), list(route.weights)
-    while experts and sum(energy[e] for e in experts) > budget_j:
-        experts.pop()
-        weights.pop()
-    if not experts:
+    """Keep experts in descending weight while the set's predicted energy fits; renormalise weights."""
+    kept: list[tuple[str, float]] = []
+    spent = 0.0
+    for name, weight in zip(route.experts, route.weights):
+        if spent + energy[name] <= budget_j:
+            kept.append((name, weight))
+            spent += energy[name]
+    if not kept:
         return Route([], [], 0.0, 0.0, "energy", route.logits)
-    total = sum(weights)
+    total = sum(w for _, w in kept)
     return Route(
-        experts,
-        [w / total for w in weights],
-        route.delay_s,
-        float(sum(energy[e] for e in experts)),
-        route.reason,
-        route.logits,
+        [n for n, _ in kept], [w / total for _, w in kept], route.delay_s, spent, route.reason, route.logits
     )
 
 
@@ -646,6 +643,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        return "request body must be a JSON object sent with Content-Type: application/json", None
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"{field_ or 'body'}: {msg}{more}", field_
 

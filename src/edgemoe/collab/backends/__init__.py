@@ -55,6 +55,7 @@ class BackendConfig:
     timeout_s: float = 30.0
     mc_endpoint: Literal["completions", "chat"] = "completions"
     use_logprobs: bool = True
+    top_logprobs: int = 20
     path: str | None = None
     package: str | None = None
     gguf_file: str | None = None
@@ -67,6 +68,7 @@ class BackendConfig:
         check_positive(self.timeout_s, "timeout_s")
         check_positive(self.n_ctx, "n_ctx")
         check_positive(self.n_threads, "n_threads")
+        check_positive(self.top_logprobs, "top_logprobs")
         if self.kind == "openai":
             ok = bool(self.url) and str(self.url).startswith(("http://", "https://"))
             require(ok, "url", f"an openai backend needs url: http(s)://host:port, got {self.url!r}")
@@ -101,6 +103,7 @@ def build_backend(name: str, cfg: BackendConfig) -> ExpertBackend:
             timeout_s=cfg.timeout_s,
             mc_endpoint=cfg.mc_endpoint,
             use_logprobs=cfg.use_logprobs,
+            top_logprobs=cfg.top_logprobs,
         )
     if cfg.kind == "llama_cpp":
         from edgemoe.collab.backends.local import LlamaCppBackend, model_file_from_package

@@ -1,0 +1,320 @@
+"""The MoE² gateway over real loopback HTTP: tiny experts behind OpenAI-compatible servers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from edgemoe.collab.backends import mc_prompt
+from edgemoe.collab.backends.openai_http import OpenAIBackend
+from edgemoe.collab.backends.tiny import TinyOpenAIServer
+from edgemoe.collab.server import Gateway, ServeSettings, create_app, load_gateway_config, start_in_thread
+from edgemoe.config import ConfigError
+
+QUESTION = {"question": "Which planet is largest?", "choices": ["Mars", "Jupiter", "Venus", "Earth"]}
+
+
+def collab_dict(servers: dict[str, TinyOpenAIServer], timeout_s: float = 5.0, **serve) -> dict:
+    hardware = ["jetson-orin-nano", "jetson-agx-orin", "rtx-4090"]
+    experts = [
+        {
+            "name": name,
+            "hardware": hardware[i % 3],
+            "params_b": 0.2,
+            "backend": {"kind": "openai", "url": srv.url, "timeout_s": timeout_s, "top_logprobs": 100},
+        }
+        for i, (name, srv) in enumerate(servers.items())
+    ]
+    return {"experts": experts, "serve": serve}
+
+
+class Running:
+    """Tiny expert servers + a gateway on ephemeral loopback ports; ``close()`` stops them all."""
+
+    def __init__(self, servers: dict[str, TinyOpenAIServer], timeout_s: float = 5.0, **serve):
+        self.servers = {n: s.start() for n, s in servers.items()}
+        self.gateway = Gateway(load_gateway_config(collab_dict(self.servers, timeout_s, **serve)))
+        self.http = start_in_thread(create_app(self.gateway))
+        self.client = httpx.Client(base_url=self.http.url, timeout=10, trust_env=False)
+
+    def close(self) -> None:
+        self.client.close()
+        self.http.stop()
+        for s in self.servers.values():
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    run = Running(
+        {
+            "alpha": TinyOpenAIServer(1, letter_bias={"A": 4.0}),
+            "beta": TinyOpenAIServer(2, letter_bias={"B": 4.0}),
+        }
+    )
+    yield run
+    run.close()
+
+
+def direct_probs(url: str, body: dict) -> np.ndarray:
+    backend = OpenAIBackend("ref", url=url, top_logprobs=100)
+    try:
+        return backend.score_choices(mc_prompt(body["question"], body["choices"]), len(body["choices"])).probs
+    finally:
+        backend.close()
+
+
+def test_answer_is_the_weighted_mixture_of_the_experts(pair):
+    r = pair.client.post("/v1/moe2/answer", json={**QUESTION, "category": "stem"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    block = out["moe2"]
+    assert {e["name"] for e in block["experts"]} == {"alpha", "beta"}
+    assert all(e["status"] == "ok" and e["latency_s"] > 0 and e["energy_j"] > 0 for e in block["experts"])
+    assert not block["degraded"] and block["failed"] == []
+    weights = {e["name"]: e["weight"] for e in block["experts"]}
+    assert sum(weights.values()) == pytest.approx(1.0)
+    # The reference: the gate-weighted mixture of the two experts called directly.
+    ref = sum(weights[n] * direct_probs(pair.servers[n].url, QUESTION) for n in ("alpha", "beta"))
+    np.testing.assert_allclose(out["probs"], ref, atol=1e-5)
+    assert out["answer"] == "ABCD"[int(np.argmax(ref))]
+    assert block["energy_j"] == pytest.approx(sum(e["energy_j"] for e in block["experts"]), rel=1e-4)
+
+
+def test_chat_completion_speaks_the_openai_schema(pair):
+    body = {"model": "edgemoe", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 6}
+    r = pair.client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion"
+    msg = out["choices"][0]["message"]
+    assert msg["role"] == "assistant" and len(msg["content"]) == 6
+    assert out["usage"]["completion_tokens"] == 6
+    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + 6
+    block = out["moe2"]
+    best = max(block["experts"], key=lambda e: e["weight"])
+    assert block["answered_by"] == best["name"]
+    # Content parts (the format newer OpenAI clients send) are accepted too.
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}], "max_tokens": 6}
+    assert pair.client.post("/v1/chat/completions", json=parts).json()["choices"] == out["choices"]
+
+
+def test_fan_out_is_concurrent():
+    run = Running({"slow1": TinyOpenAIServer(1, delay_s=0.4), "slow2": TinyOpenAIServer(2, delay_s=0.4)})
+    try:
+        t0 = time.perf_counter()
+        r = run.client.post("/v1/moe2/answer", json=QUESTION)
+        elapsed = time.perf_counter() - t0
+        assert r.status_code == 200
+        assert len(r.json()["moe2"]["experts"]) == 2
+        assert elapsed < 0.75, f"two 0.4 s experts took {elapsed:.2f} s: not called concurrently"
+    finally:
+        run.close()
+
+
+def test_expert_killed_mid_request_degrades_and_says_so():
+    run = Running(
+        {
+            "steady": TinyOpenAIServer(1, letter_bias={"C": 6.0}, delay_s=0.3),
+            "doomed": TinyOpenAIServer(2, letter_bias={"B": 6.0}, delay_s=3.0),
+        }
+    )
+    try:
+        result: dict = {}
+        worker = threading.Thread(
+            target=lambda: result.update(r=run.client.post("/v1/moe2/answer", json=QUESTION))
+        )
+        worker.start()
+        time.sleep(0.15)  # both requests are in flight now
+        run.servers["doomed"].kill()
+        worker.join(timeout=10)
+        r = result["r"]
+        assert r.status_code == 200, r.text
+        block = r.json()["moe2"]
+        assert block["degraded"] and block["failed"] == ["doomed"]
+        status = {e["name"]: e for e in block["experts"]}
+        assert status["doomed"]["status"] == "failed" and status["doomed"]["weight"] == 0
+        assert "doomed" in status["doomed"]["error"]
+        assert status["steady"]["weight"] == pytest.approx(1.0)
+        assert r.json()["answer"] == "C"
+        # The dead expert keeps failing fast; the gateway keeps answering.
+        again = run.client.post("/v1/moe2/answer", json=QUESTION).json()["moe2"]
+        assert again["failed"] == ["doomed"]
+        metrics = run.client.get("/metrics").text
+        assert 'edgemoe_expert_calls_total{expert="doomed",outcome="failed"} 2' in metrics
+        assert "edgemoe_degraded_responses_total 2" in metrics
+        # With every expert gone the answer is a clear 5xx, not a hang.
+        run.servers["steady"].kill()
+        gone = run.client.post("/v1/moe2/answer", json=QUESTION)
+        assert gone.status_code == 502 and gone.json()["error"]["code"] == "experts_unavailable"
+    finally:
+        run.close()
+
+
+def test_slow_expert_times_out_and_the_others_answer():
+    run = Running(
+        {"quick": TinyOpenAIServer(1), "stuck": TinyOpenAIServer(2, delay_s=5.0)},
+        timeout_s=0.3,
+    )
+    try:
+        t0 = time.perf_counter()
+        r = run.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert time.perf_counter() - t0 < 2.0
+        block = r.json()["moe2"]
+        assert r.status_code == 200 and block["failed"] == ["stuck"] and block["answered_by"] == "quick"
+        stuck = next(e for e in block["experts"] if e["name"] == "stuck")
+        assert stuck["status"] == "timeout" and stuck["latency_s"] == pytest.approx(0.3, abs=0.2)
+    finally:
+        for s in run.servers.values():
+            s.kill()
+        run.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True}, "stream"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6},
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "temperature": 9},
+            "temperature",
+        ),
+        ("/v1/moe2/answer", {**QUESTION, "energy_budget_j": -1}, "energy_budget_j"),
+        ("/v1/moe2/answer", {**QUESTION, "latency_budget_s": 0}, "latency_budget_s"),
+        ("/v1/moe2/answer", {**QUESTION, "latency_budget_s": "soon"}, "latency_budget_s"),
+        ("/v1/moe2/answer", {**QUESTION, "top_k": 0}, "top_k"),
+        ("/v1/moe2/answer", {**QUESTION, "category": "astrology"}, "category"),
+        ("/v1/moe2/answer", {"question": "q", "choices": ["only one"]}, "choices"),
+        ("/v1/moe2/answer", {"question": "q", "choices": [str(i) for i in range(11)]}, "choices"),
+        ("/v1/moe2/answer", {**QUESTION, "colour": "blue"}, "colour"),
+        ("/v1/moe2/answer", {"choices": ["a", "b"]}, "question"),
+    ],
+)
+def test_bad_requests_get_a_400_naming_the_field(pair, path, body, param):
+    r = pair.client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_malformed_and_oversized_bodies(pair):
+    r = pair.client.post(
+        "/v1/moe2/answer", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = pair.client.post("/v1/moe2/answer", content=json.dumps(QUESTION))  # no content-type header
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+    for bad in (float("inf"), float("nan")):
+        body = json.dumps({**QUESTION, "energy_budget_j": bad})
+        r = pair.client.post("/v1/moe2/answer", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "energy_budget_j"
+    limit = ServeSettings().max_body_bytes
+    r = pair.client.post("/v1/moe2/answer", json={**QUESTION, "question": "x" * (limit + 1)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    many = {"messages": [{"role": "user", "content": "x"}] * (ServeSettings().max_messages + 1)}
+    assert pair.client.post("/v1/chat/completions", json=many).status_code == 413
+    long = {"messages": [{"role": "user", "content": "y" * (ServeSettings().max_prompt_chars + 1)}]}
+    assert pair.client.post("/v1/chat/completions", json=long).status_code == 413
+
+
+def test_budgets_choose_experts_or_refuse_with_422(pair):
+    ok = pair.client.post("/v1/moe2/answer", json={**QUESTION, "top_k": 1}).json()["moe2"]
+    assert len(ok["experts"]) == 1 and ok["experts"][0]["weight"] == pytest.approx(1.0)
+    r = pair.client.post("/v1/moe2/answer", json={**QUESTION, "latency_budget_s": 1e-6})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert (
+        err["code"] == "budget_infeasible"
+        and err["param"] == "latency_budget_s"
+        and "fastest" in err["message"]
+    )
+    r = pair.client.post("/v1/moe2/answer", json={**QUESTION, "energy_budget_j": 1e-9})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "energy_budget_j"
+    # The predicted energy of each expert, then a budget that fits only the cheaper one.
+    both = pair.client.post("/v1/moe2/answer", json=QUESTION).json()["moe2"]
+    gw = pair.gateway
+    prompt = mc_prompt(QUESTION["question"], QUESTION["choices"])
+    from edgemoe.collab.server import AnswerRequest
+
+    full = gw.select(prompt, "other", AnswerRequest(**QUESTION), output_tokens=1)
+    assert both["predicted"]["energy_j"] == pytest.approx(full.energy_j, rel=1e-4)
+    budget = full.energy_j * 0.99
+    one = pair.client.post("/v1/moe2/answer", json={**QUESTION, "energy_budget_j": budget}).json()["moe2"]
+    assert len(one["experts"]) == 1 and one["predicted"]["energy_j"] <= budget
+    assert one["experts"][0]["weight"] == pytest.approx(1.0)
+
+
+def test_api_key_is_required_when_set(monkeypatch):
+    monkeypatch.setenv("EDGEMOE_TEST_KEY", "s3cret")
+    run = Running({"one": TinyOpenAIServer(1)}, api_key_env="EDGEMOE_TEST_KEY")
+    try:
+        assert run.client.get("/health").status_code == 200
+        r = run.client.post("/v1/moe2/answer", json=QUESTION)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["www-authenticate"] == "Bearer"
+        bad = {"Authorization": "Bearer nope"}
+        assert run.client.post("/v1/moe2/answer", json=QUESTION, headers=bad).status_code == 401
+        assert run.client.get("/metrics").status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert run.client.post("/v1/moe2/answer", json=QUESTION, headers=good).status_code == 200
+        assert (
+            run.client.post("/v1/moe2/answer", json=QUESTION, headers={"x-api-key": "s3cret"}).status_code
+            == 200
+        )
+    finally:
+        run.close()
+    monkeypatch.delenv("EDGEMOE_TEST_KEY")
+    cfg = load_gateway_config(collab_dict({"one": TinyOpenAIServer(1)}, api_key_env="EDGEMOE_TEST_KEY"))
+    with pytest.raises(ConfigError, match="EDGEMOE_TEST_KEY"):
+        create_app(Gateway(cfg))
+
+
+def test_health_metrics_and_defaults(pair):
+    health = pair.client.get("/health").json()
+    assert health["status"] == "ok" and health["experts"] == ["alpha", "beta"] and health["gate"] == "uniform"
+    before = pair.client.get("/metrics").text
+    pair.client.post("/v1/moe2/answer", json=QUESTION)
+    text = pair.client.get("/metrics").text
+    assert "# TYPE edgemoe_requests_total counter" in text
+
+    def count(t: str, line: str) -> int:
+        hit = [x for x in t.splitlines() if x.startswith(line)]
+        return int(hit[0].rsplit(" ", 1)[1]) if hit else 0
+
+    key = 'edgemoe_requests_total{route="/v1/moe2/answer",status="200"}'
+    assert count(text, key) == count(before, key) + 1
+    assert count(text, 'edgemoe_expert_calls_total{expert="alpha",outcome="ok"}') >= 1
+    assert ServeSettings().host == "127.0.0.1"
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"experts\[0\]\.backend\.url"):
+        load_gateway_config({"experts": [{"name": "x", "backend": {"kind": "openai", "url": "ftp://x"}}]})
+    with pytest.raises(ConfigError, match=r"experts\[0\]\.backend"):
+        load_gateway_config({"experts": [{"name": "x"}]})
+    with pytest.raises(ConfigError, match=r"serve\.enabled"):
+        load_gateway_config(
+            {"experts": [{"name": "x", "backend": {"kind": "tiny"}}], "serve": {"enabled": ["y"]}}
+        )
+    with pytest.raises(ConfigError, match=r"serve\.max_body_bytes"):
+        load_gateway_config(
+            {"experts": [{"name": "x", "backend": {"kind": "tiny"}}], "serve": {"max_body_bytes": 0}}
+        )
