@@ -111,7 +111,7 @@ class OpenAIBackend(ExpertBackend):
     # -- request building and parsing, shared by the sync and async paths --
 
     def _mc_request(self, prompt: str, n_options: int) -> tuple[str, dict[str, Any]]:
-        body: dict[str, Any] = {"model": self.model, "max_tokens": 2, "temperature": 0.0}
+        body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0.0}
         if self.mc_endpoint == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
             if self.use_logprobs:
