@@ -1,0 +1,547 @@
+"""The slot-driven Stable-MoE trainer (DESIGN.md §2).
+
+Every slot t:
+
+1. scheduled faults apply (servers go offline, their queued tokens are re-routed; others rejoin);
+2. N(t) samples arrive (the scenario's arrival process); the backbone turns each into a token and
+   the gate scores it (no graph kept);
+3. the controller (any of :mod:`edgemoe.edge`) picks K servers per token and every frequency f_j;
+4. each live server first serves min(Q_j, D_j) tokens from its FIFO queue, D_j = f_j tau / C_j
+   (fractional capacity carries over while the queue is non-empty), then appends this slot's tokens
+   (a finite buffer drops the overflow);
+5. every token whose K outputs are back is trained on once: the router recomputes backbone and gate,
+   forms the loss, sends dL/dy to each serving expert, which recomputes its forward, back-propagates
+   and steps; the returned dL/dh flows into the backbone; the router steps;
+6. queues and the virtual energy queues advance; metrics are recorded; every ``eval_every`` slots the
+   test set is scored (gate top-K over live servers), every ``checkpoint_every`` slots a checkpoint is
+   written atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from edgemoe.config import to_dict
+from edgemoe.edge import (
+    NetworkState,
+    SkewedScoreGenerator,
+    advance,
+    make_arrivals,
+    make_controller,
+    save_score_trace,
+)
+from edgemoe.edge.arrivals import restore_rng, rng_state
+from edgemoe.edge.controllers import auto_block, route_sequential, topk_ids
+from edgemoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from edgemoe.train.config import TrainConfig
+from edgemoe.train.data import ImageDataset, load_dataset
+from edgemoe.train.model import RouterSide
+from edgemoe.train.server import ServerSpec
+from edgemoe.train.tokens import CompletedTokens, TokenTable
+from edgemoe.train.transport import InProcTransport, ServerOrder, ServerReply, Transport
+
+# Config fields that may differ between a checkpoint and the run resuming it.
+RESUMABLE_CHANGES = ("slots", "checkpoint_every", "transport", "record_scores")
+
+
+class SampleStream:
+    """Endless seeded stream of training-sample indices, reshuffled every epoch."""
+
+    def __init__(self, num_samples: int, seed: np.random.SeedSequence):
+        self.num_samples = num_samples
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(num_samples)
+        self.pos = 0
+
+    def next(self, count: int) -> np.ndarray:
+        parts = []
+        while count > 0:
+            take = min(count, self.num_samples - self.pos)
+            parts.append(self.order[self.pos : self.pos + take])
+            self.pos += take
+            count -= take
+            if self.pos == self.num_samples:
+                self.order, self.pos = self.rng.permutation(self.num_samples), 0
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_state(self.rng), "order": self.order.copy(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(self.rng, state["rng"])
+        self.order, self.pos = np.array(state["order"]), int(state["pos"])
+
+
+@dataclass
+class SlotDecision:
+    """What the controller decided in one slot (kept for equivalence and resume checks)."""
+
+    slot: int
+    expert_ids_NK: np.ndarray
+    freq_J: np.ndarray
+    served_J: np.ndarray
+
+
+def server_specs(cfg: TrainConfig, num_servers: int) -> list[ServerSpec]:
+    """One :class:`ServerSpec` per edge server, from the run config."""
+    return [
+        ServerSpec(
+            index=j,
+            dim=cfg.model.dim,
+            hidden=cfg.model.expert_hidden,
+            lr=cfg.expert_lr,
+            buffer=cfg.buffer,
+            seed=cfg.seed,
+        )
+        for j in range(num_servers)
+    ]
+
+
+def make_transport(cfg: TrainConfig, num_servers: int) -> Transport:
+    """The transport named by ``cfg.transport.kind``."""
+    specs = server_specs(cfg, num_servers)
+    if cfg.transport.kind == "inproc":
+        return InProcTransport(specs)
+    from edgemoe.train.dist import DistTransport
+
+    return DistTransport(specs, cfg.transport)
+
+
+class Trainer:
+    """Runs Stable-MoE training slot by slot over a transport. See the module docstring."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        dataset: ImageDataset | None = None,
+        transport: Transport | None = None,
+        keep_decisions: bool = False,
+        checkpoint_path: str | Path | None = None,
+    ):
+        self.cfg = cfg
+        self.spec = cfg.network_spec()
+        self.num_servers, self.k = self.spec.num_servers, self.spec.k
+        self.data = dataset or load_dataset(
+            cfg.data.name,
+            cfg.data.data_dir,
+            train_subset=cfg.data.train_subset,
+            test_subset=cfg.data.test_subset,
+            seed=cfg.seed,
+            label=cfg.data.label,
+        )
+        prior_J = None
+        if cfg.gate_prior == "scenario" and self.spec.scores.kind == "skewed":
+            prior_J = np.exp(SkewedScoreGenerator(self.spec.scores, self.spec.f_max_J).log_popularity_J)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.model = RouterSide(
+                cfg.model,
+                in_channels=self.data.in_channels,
+                image_size=self.data.image_size,
+                num_classes=self.data.num_classes,
+                num_experts=self.num_servers,
+                top_k=self.k,
+                prior_J=prior_J,
+            )
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.controller = make_controller(cfg.policy, self.spec, **cfg.controller_params())
+        arrival_seed, sample_seed = np.random.SeedSequence(cfg.seed).spawn(2)
+        self.arrivals = make_arrivals(self.spec.arrivals, arrival_seed)
+        self.samples = SampleStream(len(self.data.y_train_N), sample_seed)
+        self.state = NetworkState.initial(self.spec)
+        self.table = TokenTable(self.k, cfg.model.dim)
+        self.progress_J = np.zeros(self.num_servers)
+        self.offline_until: dict[int, int | None] = {}
+        self.requeue: dict[int, np.ndarray] = {}
+        self.stall_J = np.zeros(self.num_servers)
+        self.slot = 0
+        self.next_id = 0
+        self.history: list[dict[str, float]] = []
+        self.evals: list[dict[str, float]] = []
+        self.recorded: list[np.ndarray] = []
+        self.recorded_labels: list[np.ndarray] = []
+        self.counters = {"arrived": 0, "trained": 0, "dropped_assignments": 0, "rerouted": 0, "no_expert": 0}
+        self.keep_decisions = keep_decisions
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self._last_completed = 0
+        self.decisions: list[SlotDecision] = []
+        self.transport = transport or make_transport(cfg, self.num_servers)
+
+    # ------------------------------------------------------------------------------------- faults
+
+    def _live(self) -> np.ndarray:
+        return np.flatnonzero(self.state.online_J)
+
+    def go_offline(self, server: int, until: int | None, *, reachable: bool = True) -> int:
+        """Mark ``server`` offline until slot ``until`` (None = for good) and re-route its queue.
+
+        Each queued assignment moves to a live server that does not already hold that token,
+        join-the-shortest-queue with a provisional backlog; with no such server it is dropped (the
+        token then trains with its other experts). Returns the number of re-routed assignments.
+        """
+        self.state.set_online(server, False)
+        self.offline_until[server] = until
+        self.requeue.pop(server, None)
+        if reachable:
+            self.transport.reset(server)
+        rows, cols = self.table.queued_on(server)
+        if len(rows) == 0:
+            return 0
+        experts_RK = self.table.experts_PK[rows]
+        allowed_RJ = np.tile(self.state.online_J, (len(rows), 1))
+        allowed_RJ[np.arange(len(rows))[:, None], experts_RK] = False
+        utility_RJ = np.where(allowed_RJ, 0.0, -np.inf)
+        backlog_J = self.table.backlog_J(self.num_servers).astype(np.float64)
+        new = route_sequential(utility_RJ, backlog_J, 1, auto_block(len(rows), 0))[:, 0]
+        new = np.where(allowed_RJ[np.arange(len(rows)), new], new, -1)
+        self.table.reassign(rows, cols, new)
+        ids = self.table.ids_P[rows]
+        for j in np.unique(new[new >= 0]):
+            self.requeue[int(j)] = np.union1d(self.requeue.get(int(j), np.empty(0, np.int64)), ids[new == j])
+        self.counters["rerouted"] += int((new >= 0).sum())
+        self.counters["dropped_assignments"] += int((new < 0).sum())
+        return len(rows)
+
+    def _apply_faults(self, t: int) -> None:
+        for server, until in list(self.offline_until.items()):
+            if until is not None and until == t:
+                del self.offline_until[server]
+                self.transport.reset(server)
+                self.state.set_online(server, True)
+        for fault in self.cfg.faults:
+            if fault.slot != t:
+                continue
+            until = t + fault.duration if fault.duration else None
+            if fault.kind == "slow":
+                self.stall_J[fault.server] = fault.stall_s
+            elif fault.kind == "kill":
+                self.transport.kill(fault.server)
+                self.go_offline(fault.server, until, reachable=False)
+            elif self.state.online_J[fault.server]:
+                self.go_offline(fault.server, until)
+
+    # -------------------------------------------------------------------------------------- slots
+
+    def _service_plan(self, freq_J: np.ndarray) -> np.ndarray:
+        """Whole tokens each server serves this slot; fractional capacity carries over while busy."""
+        backlog_J = self.table.backlog_J(self.num_servers)
+        capacity_J = np.where(self.state.online_J, self.spec.capacity_J(freq_J), 0.0)
+        self.progress_J += capacity_J
+        serve_J = np.minimum(backlog_J, np.floor(self.progress_J + 1e-9)).astype(np.int64)
+        self.progress_J -= serve_J
+        self.progress_J[(backlog_J <= serve_J) | ~self.state.online_J] = 0.0
+        return serve_J
+
+    def _orders(
+        self,
+        serve_J: np.ndarray,
+        freq_J: np.ndarray,
+        ids_N: np.ndarray,
+        h_ND: Tensor,
+        experts_NK: np.ndarray,
+        kept_NK: np.ndarray,
+    ) -> dict[int, ServerOrder]:
+        orders = {}
+        scale = self.cfg.transport.time_scale
+        ids_t = torch.from_numpy(ids_N)
+        for j in self._live():
+            new = (experts_NK == j) & kept_NK
+            rows_new = np.flatnonzero(new.any(axis=1))
+            requeue_ids = self.requeue.pop(int(j), np.empty(0, np.int64))
+            rows_re = np.searchsorted(self.table.ids_P, requeue_ids)
+            busy = scale * serve_J[j] * self.spec.cycles_J[j] / freq_J[j] if scale and serve_J[j] else 0.0
+            orders[int(j)] = ServerOrder(
+                serve=int(serve_J[j]),
+                requeue_ids=torch.from_numpy(requeue_ids),
+                requeue_h=self.table.h_PD[torch.from_numpy(rows_re)] if len(requeue_ids) else None,
+                enqueue_ids=ids_t[rows_new],
+                enqueue_h=h_ND[torch.from_numpy(rows_new)] if len(rows_new) else None,
+                busy_s=float(busy),
+                stall_s=float(self.stall_J[j]),
+            )
+        self.stall_J[:] = 0.0
+        return orders
+
+    def _collect(self, t: int, replies: dict[int, ServerReply | None]) -> np.ndarray:
+        """Deliver outputs, count overflow, take unreachable or late servers offline; returns S_J."""
+        served_J = np.zeros(self.num_servers)
+        deadline = self.cfg.transport.deadline
+        for j, reply in replies.items():
+            if reply is None:
+                self.go_offline(j, None, reachable=False)
+                continue
+            if deadline is not None and reply.wall_s > deadline:
+                self.go_offline(j, t + self.cfg.transport.rejoin_after)
+                continue
+            self.table.deliver(j, reply.served_ids.numpy(), reply.served_y)
+            self.table.drop(j, reply.overflow_ids.numpy())
+            self.counters["dropped_assignments"] += int(reply.overflow_ids.numel())
+            served_J[j] = reply.served_ids.numel()
+            pending = len(self.requeue.get(j, ()))
+            mirror = int(self.table.backlog_J(self.num_servers)[j]) - pending
+            if reply.backlog != mirror:
+                raise RuntimeError(f"server {j} holds {reply.backlog} tokens but the router expects {mirror}")
+        return served_J
+
+    def run_slot(self) -> dict[str, float]:
+        """Advance one slot; returns its metrics row."""
+        start = time.perf_counter()
+        t = self.slot
+        self._apply_faults(t)
+        n = int(self.arrivals.sample(1)[0])
+        samples_N = self.samples.next(n)
+        ids_N = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+        self.next_id += n
+        self.counters["arrived"] += n
+        with torch.no_grad():
+            self.model.eval()
+            h_ND = self.model.features(self.data.x_train_NCHW[torch.from_numpy(samples_N)])
+            scores_NJ = self.model.gate(h_ND)[1].numpy().astype(np.float64)
+        self.state.backlog_J = self.table.backlog_J(self.num_servers).astype(np.float64)
+        decision = self.controller.decide(self.state, scores_NJ)
+        experts_NK, kept_NK = decision.expert_ids_NK.astype(np.int64), decision.kept_mask()
+        self.counters["dropped_assignments"] += int((~kept_NK).sum())
+        serve_J = self._service_plan(decision.freq_J)
+        self.table.add(ids_N, samples_N, t, h_ND, experts_NK, kept_NK)
+        orders = self._orders(serve_J, decision.freq_J, ids_N, h_ND, experts_NK, kept_NK)
+        served_J = self._collect(t, self.transport.step(orders))
+        loss = self._train(self.table.pop_completed())
+        arrived_J = np.bincount(experts_NK[kept_NK], minlength=self.num_servers).astype(np.float64)
+        outcome = advance(self.state, self.spec, decision.freq_J, arrived_J, served_J)
+        self.state.backlog_J = self.table.backlog_J(self.num_servers).astype(np.float64)
+        if self.keep_decisions:
+            self.decisions.append(SlotDecision(t, experts_NK.copy(), decision.freq_J.copy(), served_J.copy()))
+        if self.cfg.record_scores:
+            self.recorded.append(scores_NJ.astype(np.float32))
+            self.recorded_labels.append(self.data.y_train_N[torch.from_numpy(samples_N)].numpy())
+        row = self._metrics(
+            t, n, scores_NJ, experts_NK, kept_NK, served_J, outcome.energy_J, decision.freq_J, loss
+        )
+        row["wall_s"] = time.perf_counter() - start
+        self.history.append(row)
+        self.slot += 1
+        if self.slot % self.cfg.eval_every == 0 or self.slot == self.cfg.slots:
+            self.evals.append({"slot": self.slot, "test_accuracy": self.evaluate()})
+        return row
+
+    def _metrics(
+        self,
+        t: int,
+        n: int,
+        scores_NJ: np.ndarray,
+        experts_NK: np.ndarray,
+        kept_NK: np.ndarray,
+        served_J: np.ndarray,
+        energy_J: np.ndarray,
+        freq_J: np.ndarray,
+        loss: float,
+    ) -> dict[str, float]:
+        chosen = np.take_along_axis(scores_NJ, experts_NK, axis=1)
+        best = np.take_along_axis(scores_NJ, topk_ids(scores_NJ, self.k), axis=1)
+        gc = float((chosen * kept_NK).sum() / best.sum()) if n else 1.0
+        row: dict[str, float] = {
+            "slot": t,
+            "arrivals": n,
+            "throughput": float(served_J.sum()),
+            "completed": self._last_completed,
+            "backlog": float(self.state.backlog_J.sum()),
+            "energy_over_budget": float((energy_J / self.spec.budget_J).max()),
+            "gc_norm": gc,
+            "loss": loss,
+            "online": int(self.state.online_J.sum()),
+            "in_flight": len(self.table),
+        }
+        for j in range(self.num_servers):
+            row[f"served_{j}"] = float(served_J[j])
+            row[f"backlog_{j}"] = float(self.state.backlog_J[j])
+            row[f"energy_{j}"] = float(energy_J[j])
+            row[f"freq_ghz_{j}"] = float(freq_J[j] / 1e9)
+        return row
+
+    # ----------------------------------------------------------------------------------- training
+
+    def _train(self, batch: CompletedTokens) -> float:
+        """One optimizer step on the completed tokens (router and every serving expert)."""
+        self._last_completed = len(batch)
+        if len(batch) == 0:
+            return float("nan")
+        self.counters["trained"] += len(batch)
+        self.counters["no_expert"] += int((~batch.kept_NK.any(axis=1)).sum())
+        self.model.train()
+        samples = torch.from_numpy(batch.samples_N)
+        labels_N = self.data.y_train_N[samples]
+        h_ND = self.model.features(self.data.x_train_NCHW[samples])
+        logits_NE, scores_NE = self.model.gate(h_ND)
+        ids_NK, kept_NK = torch.from_numpy(batch.experts_NK), torch.from_numpy(batch.kept_NK)
+        y_NKD = batch.y_NKD.clone().requires_grad_(True)
+        out = self.model.classify(h_ND, scores_NE, ids_NK, y_NKD, kept_NK)
+        loss = nn.functional.cross_entropy(out, labels_N) + self.model.aux_loss(
+            logits_NE, scores_NE, ids_NK, kept_NK
+        )
+        (grad_y_NKD,) = torch.autograd.grad(loss, y_NKD, retain_graph=True)
+        jobs, cells = {}, {}
+        for j in self._live():
+            rows, cols = np.nonzero((batch.experts_NK == j) & batch.kept_NK)
+            if len(rows):
+                r, c = torch.from_numpy(rows), torch.from_numpy(cols)
+                jobs[int(j)] = (batch.h_ND[r], grad_y_NKD[r, c])
+                cells[int(j)] = r
+        grad_h_ND = torch.zeros_like(h_ND)
+        for j, grad in self.transport.backward(jobs).items():
+            if grad is None:
+                self.go_offline(j, None, reachable=False)
+            else:
+                grad_h_ND.index_add_(0, cells[j], grad)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward([loss, h_ND], [torch.ones_like(loss), grad_h_ND])
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self, chunk: int = 2048) -> float:
+        """Test accuracy with the gate's top-K over live servers (inference is not queued)."""
+        self.model.eval()
+        live = [int(j) for j in self._live()]
+        correct = 0
+        for start in range(0, len(self.data.y_test_N), chunk):
+            x = self.data.x_test_NCHW[start : start + chunk]
+            h_ND = self.model.features(x)
+            _, scores_NE = self.model.gate(h_ND)
+            masked = torch.full_like(scores_NE, -1.0)
+            masked[:, live] = scores_NE[:, live]
+            ids_NK = masked.topk(self.k, dim=-1).indices
+            outs = self.transport.infer(h_ND, live)
+            y_JND = torch.zeros(self.num_servers, *h_ND.shape)
+            for j, y in outs.items():
+                if y is not None:
+                    y_JND[j] = y
+            y_NKD = y_JND[ids_NK, torch.arange(len(h_ND))[:, None]]
+            logits = self.model.classify(
+                h_ND, scores_NE, ids_NK, y_NKD, torch.ones_like(ids_NK, dtype=torch.bool)
+            )
+            correct += int((logits.argmax(-1) == self.data.y_test_N[start : start + chunk]).sum())
+        return correct / max(len(self.data.y_test_N), 1)
+
+    # ------------------------------------------------------------------------------------ running
+
+    def run(
+        self, slots: int | None = None, *, on_slot: Callable[[dict[str, float]], None] | None = None
+    ) -> None:
+        """Run until ``slots`` (default ``cfg.slots``) slots have elapsed, checkpointing on schedule."""
+        end = self.cfg.slots if slots is None else slots
+        while self.slot < end:
+            row = self.run_slot()
+            if on_slot is not None:
+                on_slot(row)
+            every = self.cfg.checkpoint_every
+            if every and self.slot % every == 0 and self.checkpoint_path is not None:
+                self.save(self.checkpoint_path)
+
+    def summary(self) -> dict[str, Any]:
+        """Headline metrics of the run so far."""
+        rows = self.history
+        energy = np.array([[r[f"energy_{j}"] for j in range(self.num_servers)] for r in rows])
+
+        def mean(key: str) -> float:
+            return float(np.nanmean([r[key] for r in rows])) if rows else float("nan")
+
+        return {
+            "policy": self.cfg.policy,
+            "slots": self.slot,
+            "throughput_mean": mean("throughput"),
+            "completed_mean": mean("completed"),
+            "test_accuracy": self.evals[-1]["test_accuracy"] if self.evals else float("nan"),
+            "backlog_mean": mean("backlog"),
+            "backlog_final": rows[-1]["backlog"] if rows else 0.0,
+            "energy_over_budget_max": float((energy.mean(axis=0) / self.spec.budget_J).max())
+            if rows
+            else 0.0,
+            "gc_norm_mean": mean("gc_norm"),
+            "in_flight": len(self.table),
+            **self.counters,
+        }
+
+    def save_scores(self, path: str | Path) -> None:
+        """Write the recorded gate scores in the simulator's replay format."""
+        counts = [len(s) for s in self.recorded]
+        scores = (
+            np.concatenate(self.recorded) if self.recorded else np.zeros((0, self.num_servers), np.float32)
+        )
+        labels = np.concatenate(self.recorded_labels) if self.recorded_labels else None
+        save_score_trace(path, scores, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), labels)
+
+    # --------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "config": to_dict(self.cfg),
+            "slot": self.slot,
+            "next_id": self.next_id,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "servers": self.transport.state_dict(),
+            "table": self.table.state_dict(),
+            "network_state": self.state.state_dict(),
+            "progress_J": self.progress_J.copy(),
+            "offline_until": dict(self.offline_until),
+            "requeue": {j: v.copy() for j, v in self.requeue.items()},
+            "controller": self.controller.state_dict(),
+            "arrivals": self.arrivals.state_dict(),
+            "samples": self.samples.state_dict(),
+            "history": list(self.history),
+            "evals": list(self.evals),
+            "recorded": list(self.recorded),
+            "recorded_labels": list(self.recorded_labels),
+            "counters": dict(self.counters),
+            "torch_rng": torch.random.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != 1:
+            raise CheckpointError("checkpoint format not understood (expected format 1)")
+        mine, theirs = to_dict(self.cfg), state["config"]
+        diff = sorted(
+            k for k in set(mine) | set(theirs) if k not in RESUMABLE_CHANGES and mine.get(k) != theirs.get(k)
+        )
+        if diff:
+            raise CheckpointError(
+                f"checkpoint was written with a different configuration (fields {diff}); "
+                "resume with the same config or start a new run"
+            )
+        self.slot, self.next_id = int(state["slot"]), int(state["next_id"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.transport.load_state_dict(state["servers"])
+        self.table.load_state_dict(state["table"])
+        self.state.load_state_dict(state["network_state"])
+        self.progress_J = np.array(state["progress_J"], dtype=np.float64)
+        self.offline_until = dict(state["offline_until"])
+        self.requeue = {int(j): np.array(v) for j, v in state["requeue"].items()}
+        self.controller.load_state_dict(state["controller"])
+        self.arrivals.load_state_dict(state["arrivals"])
+        self.samples.load_state_dict(state["samples"])
+        self.history, self.evals = list(state["history"]), list(state["evals"])
+        self.recorded, self.recorded_labels = list(state["recorded"]), list(state["recorded_labels"])
+        self.counters = dict(state["counters"])
+        torch.random.set_rng_state(state["torch_rng"])
+
+    def save(self, path: str | Path) -> Path:
+        """Atomic checkpoint of everything needed to continue exactly."""
+        return save_checkpoint(path, self.state_dict())
+
+    def resume(self, path: str | Path) -> None:
+        """Load a checkpoint written by :meth:`save` (refuses corrupt or partial files)."""
+        self.load_state_dict(load_checkpoint(path))
+
+    def close(self) -> None:
+        self.transport.close()

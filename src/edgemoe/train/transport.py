@@ -1,0 +1,145 @@
+"""How the router talks to the edge servers: one interface, two transports.
+
+Per slot the router sends each live server one :class:`ServerOrder` (re-routed tokens to take first,
+how many tokens to serve, this slot's new tokens to append) and gets a :class:`ServerReply` (the
+served ids and their expert outputs, buffer overflow, backlog, wall time). Completed tokens then come
+back to the servers as ``backward`` jobs (activations + gradient on the expert output); each server
+recomputes its forward, steps its optimizer and returns the gradient on the activations.
+
+:class:`InProcTransport` keeps every :class:`~edgemoe.train.server.ExpertServer` in this process
+(simulated time). :mod:`edgemoe.train.dist` runs the same :func:`handle_order` in worker processes.
+A transport reports a server it could not reach as ``None`` in its replies; the trainer then marks
+that server offline.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from edgemoe.train.server import ExpertServer, ServerSpec
+
+
+def _empty_ids() -> Tensor:
+    return torch.empty(0, dtype=torch.int64)
+
+
+@dataclass
+class ServerOrder:
+    """One slot's work for one server. Service happens before this slot's new tokens join the queue."""
+
+    serve: int
+    requeue_ids: Tensor = field(default_factory=_empty_ids)
+    requeue_h: Tensor | None = None
+    enqueue_ids: Tensor = field(default_factory=_empty_ids)
+    enqueue_h: Tensor | None = None
+    busy_s: float = 0.0
+    stall_s: float = 0.0
+
+
+@dataclass
+class ServerReply:
+    """What a server did with its order."""
+
+    served_ids: Tensor
+    served_y: Tensor
+    overflow_ids: Tensor
+    backlog: int
+    wall_s: float
+
+
+def handle_order(server: ExpertServer, order: ServerOrder) -> ServerReply:
+    """Execute an order on a server: take re-routed tokens, serve, enqueue, emulate the frequency.
+
+    ``busy_s`` is the wall time the service should take at the server's emulated frequency: if the
+    real compute was faster, the server sleeps the difference. ``stall_s`` injects a stall (faults).
+    """
+    start = time.perf_counter()
+    overflow = [server.enqueue(order.requeue_ids, order.requeue_h)] if order.requeue_h is not None else []
+    served_ids, served_y = server.serve(order.serve)
+    if order.enqueue_h is not None:
+        overflow.append(server.enqueue(order.enqueue_ids, order.enqueue_h))
+    remaining = order.busy_s + order.stall_s - (time.perf_counter() - start)
+    if remaining > 0:
+        time.sleep(remaining)
+    return ServerReply(
+        served_ids=served_ids,
+        served_y=served_y,
+        overflow_ids=torch.cat(overflow) if overflow else _empty_ids(),
+        backlog=server.backlog,
+        wall_s=time.perf_counter() - start,
+    )
+
+
+class Transport(ABC):
+    """Router-side handle on the J servers. ``None`` in a reply means the server is unreachable."""
+
+    num_servers: int
+
+    @abstractmethod
+    def step(self, orders: dict[int, ServerOrder]) -> dict[int, ServerReply | None]:
+        """Send every order, collect every reply."""
+
+    @abstractmethod
+    def backward(self, jobs: dict[int, tuple[Tensor, Tensor]]) -> dict[int, Tensor | None]:
+        """``{server: (h_ND, grad_y_ND)}`` -> ``{server: grad_h_ND}`` (recompute, backprop, step)."""
+
+    @abstractmethod
+    def infer(self, h_ND: Tensor, servers: list[int]) -> dict[int, Tensor | None]:
+        """Expert outputs of ``servers`` for ``h_ND`` (evaluation; queues untouched)."""
+
+    @abstractmethod
+    def reset(self, server: int) -> None:
+        """Discard a server's queue (it went offline; the router re-routes those tokens)."""
+
+    @abstractmethod
+    def kill(self, server: int) -> None:
+        """Fault injection: the server dies (its process, under ``dist``)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[int, dict[str, Any] | None]:
+        """Every reachable server's expert, optimizer and queue (``None`` if unreachable)."""
+
+    @abstractmethod
+    def load_state_dict(self, states: dict[int, dict[str, Any] | None]) -> None:
+        """Restore servers from :meth:`state_dict` output."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, in-process transports hold nothing
+        """Release processes and sockets (nothing to do in-process)."""
+
+
+class InProcTransport(Transport):
+    """Every server in this process; time is simulated (no emulated sleeps unless asked)."""
+
+    def __init__(self, specs: list[ServerSpec]):
+        self.servers = [ExpertServer(s) for s in specs]
+        self.num_servers = len(specs)
+
+    def step(self, orders: dict[int, ServerOrder]) -> dict[int, ServerReply | None]:
+        return {j: handle_order(self.servers[j], o) for j, o in orders.items()}
+
+    def backward(self, jobs: dict[int, tuple[Tensor, Tensor]]) -> dict[int, Tensor | None]:
+        return {j: self.servers[j].backward(h, g) for j, (h, g) in jobs.items()}
+
+    def infer(self, h_ND: Tensor, servers: list[int]) -> dict[int, Tensor | None]:
+        return {j: self.servers[j].infer(h_ND) for j in servers}
+
+    def reset(self, server: int) -> None:
+        self.servers[server].drain()
+
+    def kill(self, server: int) -> None:
+        """In-process a killed server loses its queue and comes back (on rejoin) with its weights."""
+        self.servers[server].drain()
+
+    def state_dict(self) -> dict[int, dict[str, Any] | None]:
+        return {j: s.state_dict() for j, s in enumerate(self.servers)}
+
+    def load_state_dict(self, states: dict[int, dict[str, Any] | None]) -> None:
+        for j, state in states.items():
+            if state is not None:
+                self.servers[j].load_state_dict(state)
