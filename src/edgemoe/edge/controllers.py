@@ -123,9 +123,13 @@ def rule_frequency(
     return np.clip(target, lo, hi)
 
 
+AUTO_BLOCKS = 16
+"""Provisional-backlog updates per slot in ``sequential`` routing when ``block`` is 0 (auto)."""
+
+
 def auto_block(num_tokens: int, block: int) -> int:
-    """Tokens per provisional-backlog block: ``block`` if set, else about 32 blocks per slot."""
-    return block if block > 0 else max(1, math.ceil(num_tokens / 32))
+    """Tokens per provisional-backlog block: ``block`` if set, else 16 blocks per slot."""
+    return block if block > 0 else max(1, math.ceil(num_tokens / AUTO_BLOCKS))
 
 
 def route_linear(utility_NJ: np.ndarray, backlog_J: np.ndarray, k: int) -> np.ndarray:
@@ -237,16 +241,19 @@ class TopK(Controller):
         return topk_ids(masked(scores_NJ, state.online_J), self.k), None
 
 
+def group_rank(keys: np.ndarray, num_groups: int) -> np.ndarray:
+    """For each entry, how many earlier entries share its key (0-based position within its group)."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.searchsorted(sorted_keys, np.arange(num_groups))
+    rank = np.empty(len(keys), dtype=np.int64)
+    rank[order] = np.arange(len(keys)) - starts[sorted_keys]
+    return rank
+
+
 def capacity_keep(ids_NK: np.ndarray, num_servers: int, capacity: int) -> np.ndarray:
     """Keep each server's first ``capacity`` assignments in token order; the rest are dropped."""
-    flat = ids_NK.ravel()
-    order = np.argsort(flat, kind="stable")
-    sorted_ids = flat[order]
-    starts = np.searchsorted(sorted_ids, np.arange(num_servers))
-    rank = np.arange(len(flat)) - starts[sorted_ids]
-    kept = np.empty(len(flat), dtype=bool)
-    kept[order] = rank < capacity
-    return kept.reshape(ids_NK.shape)
+    return (group_rank(ids_NK.ravel(), num_servers) < capacity).reshape(ids_NK.shape)
 
 
 class TopKCapacity(Controller):

@@ -8,7 +8,6 @@ Per-server quantities are exposed as float64 arrays with a ``_J`` suffix (one en
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -150,8 +149,8 @@ class ControllerSpec:
     ``energy_weight`` (w) sets how strongly energy debt counts against token backlog: the virtual energy
     queue is weighted so that the Lyapunov frequency equals the budget-sustainable one when
     Z_j / E_j^max = (Q_j + V*omega1) / w (see docs/stable-moe.md). ``block`` is the number of tokens that
-    share one provisional backlog in ``sequential`` routing (1 = strictly token by token; 0 = auto, about
-    32 blocks per slot). ``capacity_factor`` is for ``topk-capacity``.
+    share one provisional backlog in ``sequential`` routing (1 = strictly token by token; 0 = auto, 16
+    blocks per slot). ``capacity_factor`` is for ``topk-capacity``.
     """
 
     V: float = 100.0
@@ -342,11 +341,8 @@ def check_scores(scores_NJ: np.ndarray, num_servers: int, field_name: str = "sco
         field_name,
         f"must have shape [N, J={num_servers}], got {scores_NJ.shape}",
     )
-    if not np.isfinite(scores_NJ).all():
+    # Fast path: a finite sum of float scores means no NaN/inf (an overflowing sum falls through).
+    if not np.isfinite(scores_NJ.sum()) and not np.isfinite(scores_NJ).all():
         bad = int(np.argwhere(~np.isfinite(scores_NJ))[0][0])
         raise ConfigError(field_name, f"must be finite; row {bad} contains NaN or inf")
     return scores_NJ
-
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

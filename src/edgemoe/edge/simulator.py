@@ -1,0 +1,301 @@
+"""Slot-level simulator: every policy runs on identical arrival and gate-score streams (common random
+numbers), and per-slot metrics are recorded.
+
+The slot loop is the only Python loop; all per-token work (routing, gate-mass and overlap metrics,
+FIFO completion tracking) is vectorised, metrics over whole chunks of slots at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgemoe.config import require
+from edgemoe.edge.controllers import GATE_FOLLOWING, LOAD_ONLY, Controller, group_rank, make_controller
+from edgemoe.edge.scores import ScoreTrace, Workload
+from edgemoe.edge.spec import NetworkSpec
+from edgemoe.edge.state import NetworkState, advance
+
+PER_SERVER = ("backlog", "served", "arrived", "energy", "energy_queue", "freq")
+PER_SLOT = ("tokens", "completed", "gate_mass", "topk_mass", "overlap", "drops")
+
+
+@dataclass
+class PolicySpec:
+    """A policy to simulate: a display ``label``, a controller ``name`` and parameter overrides."""
+
+    label: str
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, spec: NetworkSpec, seed: int) -> Controller:
+        params = dict(self.params)
+        if self.name == "random-k":
+            params.setdefault("seed", seed)
+        return make_controller(self.name, spec, **params)
+
+
+@dataclass
+class RunTrace:
+    """Per-slot records of one policy on one seed: ``[T, J]`` arrays (backlog after the slot, served,
+    arrived, energy, energy queue, frequency) and ``[T]`` arrays (tokens, completed tokens, kept gate
+    mass, top-K gate mass, top-K overlap count, dropped assignments)."""
+
+    label: str
+    arrays: dict[str, np.ndarray]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+
+class CompletionTracker:
+    """FIFO per server; a token completes in the slot in which its last kept assignment is served.
+
+    Tokens are resolved right after the chunk that created them; those still waiting join an "old"
+    pool that is re-examined only when it has doubled in size, so a policy whose queues grow without
+    bound does not make every chunk rescan its stuck tokens.
+    """
+
+    MIN_POOL = 1 << 16
+
+    def __init__(self, num_servers: int, slots: int):
+        self.J = num_servers
+        self.arrived_J = np.zeros(num_servers, dtype=np.int64)
+        self.cum_served_TJ = np.zeros((slots, num_servers))
+        self.completed_T = np.zeros(slots, dtype=np.int64)
+        self.old_ids: np.ndarray | None = None
+        self.old_idx: np.ndarray | None = None
+        self.resolve_at = self.MIN_POOL
+
+    def add(self, ids_NK: np.ndarray, kept_NK: np.ndarray, upto: int) -> None:
+        """Enqueue a chunk's assignments (token order, slots in order) and resolve what service in
+        slots ``[0, upto)`` completed."""
+        flat, kept = ids_NK.ravel(), kept_NK.ravel()
+        kept_ids = flat[kept]  # dropped assignments never enter a queue
+        idx = np.full(len(flat), -1, dtype=np.int64)
+        idx[kept] = self.arrived_J[kept_ids] + group_rank(kept_ids, self.J)
+        self.arrived_J += np.bincount(kept_ids, minlength=self.J)
+        ids, idx = self._resolve(ids_NK.astype(np.int32), idx.reshape(ids_NK.shape), upto)
+        if self.old_ids is None:
+            self.old_ids, self.old_idx = ids, idx
+        else:
+            self.old_ids = np.concatenate([self.old_ids, ids])
+            self.old_idx = np.concatenate([self.old_idx, idx])
+        if len(self.old_ids) >= self.resolve_at:
+            self.finish(upto)
+            self.resolve_at = max(self.MIN_POOL, 2 * len(self.old_ids))
+
+    def finish(self, upto: int) -> None:
+        """Resolve every waiting token against service in slots ``[0, upto)``."""
+        if self.old_ids is not None:
+            self.old_ids, self.old_idx = self._resolve(self.old_ids, self.old_idx, upto)
+
+    def _resolve(self, ids_PK: np.ndarray, idx_PK: np.ndarray, upto: int) -> tuple[np.ndarray, np.ndarray]:
+        flat_ids, flat_idx = ids_PK.ravel(), idx_PK.ravel()
+        done = np.full(len(flat_ids), upto, dtype=np.int64)
+        done[flat_idx < 0] = -1
+        order = np.argsort(flat_ids, kind="stable")
+        bounds = np.searchsorted(flat_ids[order], np.arange(self.J + 1))
+        for j in range(self.J):
+            sel = order[bounds[j] : bounds[j + 1]]
+            sel = sel[flat_idx[sel] >= 0]
+            # Assignment n (0-based) on server j is done once cumulative service reaches n + 1.
+            need = flat_idx[sel] + 1 - 1e-9
+            done[sel] = np.searchsorted(self.cum_served_TJ[:upto, j], need, side="left")
+        done_P = done.reshape(ids_PK.shape).max(axis=1)
+        finished = done_P < upto
+        np.add.at(self.completed_T, done_P[finished & (done_P >= 0)], 1)
+        return ids_PK[~finished], idx_PK[~finished]
+
+
+def chunk_gate_stats(trace: ScoreTrace, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per token: top-K gate mass and the K-th largest score (the top-K membership threshold)."""
+    J = trace.scores.shape[1]
+    part = np.partition(trace.scores, J - k, axis=1)[:, J - k :]
+    return part.sum(axis=1), part.min(axis=1)
+
+
+def per_slot_sum(values_R: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Sum rows of each slot (empty slots give 0)."""
+    csum = np.concatenate([[0.0], np.cumsum(values_R, dtype=np.float64)])
+    return csum[offsets[1:]] - csum[offsets[:-1]]
+
+
+class PolicyRun:
+    """One policy's controller, queues and records within a simulation."""
+
+    def __init__(self, policy: PolicySpec, spec: NetworkSpec, slots: int, seed: int):
+        self.label = policy.label
+        self.spec = spec
+        self.controller = policy.build(spec, seed)
+        self.state = NetworkState.initial(spec)
+        J = spec.num_servers
+        self.arrays = {name: np.zeros((slots, J)) for name in PER_SERVER}
+        self.arrays.update({name: np.zeros(slots) for name in PER_SLOT})
+        self.tracker = CompletionTracker(J, slots)
+        self.cum_served_J = np.zeros(J)
+
+    def run_chunk(self, trace: ScoreTrace, t0: int, topk_mass_R: np.ndarray, kth_R: np.ndarray) -> None:
+        spec, J, K = self.spec, self.spec.num_servers, self.spec.k
+        ids, kept = [], []
+        a = self.arrays
+        for i in range(trace.num_slots):
+            t = t0 + i
+            decision = self.controller.decide(self.state, trace.slot(i))
+            arrived_J = decision.routed_J(J)
+            outcome = advance(self.state, spec, decision.freq_J, arrived_J)
+            self.cum_served_J += outcome.served_J
+            self.tracker.cum_served_TJ[t] = self.cum_served_J
+            a["served"][t] = outcome.served_J
+            a["arrived"][t] = arrived_J
+            a["energy"][t] = outcome.energy_J
+            a["freq"][t] = np.where(self.state.online_J, decision.freq_J, 0.0)
+            a["backlog"][t] = self.state.backlog_J
+            a["energy_queue"][t] = self.state.energy_queue_J
+            ids.append(decision.expert_ids_NK)
+            kept.append(decision.kept_mask())
+        ids_RK = np.concatenate(ids) if ids else np.zeros((0, K), dtype=np.int64)
+        kept_RK = np.concatenate(kept) if kept else np.zeros((0, K), dtype=bool)
+        chosen_RK = np.take_along_axis(trace.scores, ids_RK, axis=1)
+        sl = slice(t0, t0 + trace.num_slots)
+        offs = trace.offsets
+        a["tokens"][sl] = trace.counts
+        a["gate_mass"][sl] = per_slot_sum((chosen_RK * kept_RK).sum(axis=1), offs)
+        a["topk_mass"][sl] = per_slot_sum(topk_mass_R, offs)
+        a["overlap"][sl] = per_slot_sum(((chosen_RK >= kth_R[:, None]) & kept_RK).sum(axis=1), offs)
+        a["drops"][sl] = per_slot_sum((~kept_RK).sum(axis=1), offs)
+        self.tracker.add(ids_RK, kept_RK, t0 + trace.num_slots)
+
+    def finish(self) -> RunTrace:
+        self.tracker.finish(len(self.arrays["tokens"]))
+        self.arrays["completed"] = self.tracker.completed_T.astype(np.float64)
+        return RunTrace(self.label, self.arrays)
+
+
+def simulate(
+    spec: NetworkSpec,
+    policies: list[PolicySpec],
+    slots: int,
+    seed: int = 0,
+    chunk: int = 250,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, RunTrace]:
+    """Run every policy for ``slots`` slots on the same workload (seeded by ``seed``).
+
+    ``progress(n)`` is called after each chunk with the number of policy-slots just simulated.
+    """
+    require(slots >= 1, "slots", f"must be >= 1, got {slots}")
+    labels = [p.label for p in policies]
+    require(len(set(labels)) == len(labels), "policies", f"labels must be unique, got {labels}")
+    workload = Workload(spec, seed)
+    runs = [PolicyRun(p, spec, slots, seed) for p in policies]
+    for t0 in range(0, slots, chunk):
+        trace = workload.next_chunk(min(chunk, slots - t0))
+        topk_mass_R, kth_R = chunk_gate_stats(trace, spec.k)
+        for run in runs:
+            run.run_chunk(trace, t0, topk_mass_R, kth_R)
+            if progress is not None:
+                progress(trace.num_slots)
+    return {run.label: run.finish() for run in runs}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def slope(y_T: np.ndarray) -> float:
+    """Least-squares slope per slot."""
+    if len(y_T) < 2:
+        return 0.0
+    x = np.arange(len(y_T), dtype=np.float64)
+    x -= x.mean()
+    return float(np.dot(x, y_T - y_T.mean()) / np.dot(x, x))
+
+
+def summarize_run(run: RunTrace, spec: NetworkSpec, cfg_omega: tuple[float, float]) -> dict[str, float]:
+    """Scalar metrics of one policy on one seed (see docs/stable-moe.md, "Reading the outputs")."""
+    T = len(run["tokens"])
+    total_backlog = run["backlog"].sum(axis=1)
+    half = total_backlog[T // 2 :]
+    demand = float(run["tokens"].mean() * spec.k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gc_T = np.where(run["topk_mass"] > 0, run["gate_mass"] / run["topk_mass"], 1.0)
+        overlap_T = np.where(run["tokens"] > 0, run["overlap"] / (run["tokens"] * spec.k), 1.0)
+    energy_ratio_J = run["energy"].mean(axis=0) / spec.budget_J
+    omega1, omega2 = cfg_omega
+    served_T = run["served"].sum(axis=1)
+    return {
+        "throughput_mean": float(served_T.mean()),
+        "completed_mean": float(run["completed"].mean()),
+        "backlog_mean": float(total_backlog.mean()),
+        "backlog_final": float(total_backlog[-1]),
+        "backlog_max_server_final": float(run["backlog"][-1].max()),
+        "backlog_slope_last_half": slope(half),
+        "backlog_slope_relative": slope(half) / max(demand, 1e-12),
+        "energy_over_budget_max": float(energy_ratio_J.max()),
+        "energy_queue_mean": float(run["energy_queue"].sum(axis=1).mean()),
+        "energy_queue_slope_last_half": slope(run["energy_queue"].sum(axis=1)[T // 2 :]),
+        "gc_norm_mean": float(gc_T.mean()),
+        "topk_overlap_mean": float(overlap_T.mean()),
+        "drops_mean": float(run["drops"].mean()),
+        "demand_mean": demand,
+        "utility_mean": float((omega1 * served_T + omega2 * run["gate_mass"]).mean()),
+    }
+
+
+STABLE_SLOPE = 1e-3
+"""A policy's queues count as stable when the total backlog grows by less than this fraction of the
+per-slot demand (K tokens per arrival) per slot over the last half of the run."""
+
+
+def summarize(
+    runs_by_seed: list[dict[str, RunTrace]], spec: NetworkSpec, policies: list[PolicySpec]
+) -> dict[str, Any]:
+    """Average metrics over seeds per policy (with the spread across seeds), plus the headline ratios:
+    Stable-MoE's throughput over the best gate-following baseline and its GC gain over the best
+    load-only baseline."""
+    out: dict[str, Any] = {}
+    for p in policies:
+        params = {**vars(spec.controller), **p.params}
+        omega = (float(params.get("omega1", 1.0)), float(params.get("omega2", 1.0)))
+        per_seed = [summarize_run(runs[p.label], spec, omega) for runs in runs_by_seed]
+        entry: dict[str, Any] = {k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]}
+        entry["throughput_std"] = float(np.std([s["throughput_mean"] for s in per_seed]))
+        entry["gc_norm_std"] = float(np.std([s["gc_norm_mean"] for s in per_seed]))
+        entry["stable"] = bool(all(s["backlog_slope_relative"] < STABLE_SLOPE for s in per_seed))
+        entry["controller"] = p.name
+        entry["params"] = dict(p.params)
+        out[p.label] = entry
+    out.update(headline(out))
+    return out
+
+
+def headline(per_policy: dict[str, Any]) -> dict[str, Any]:
+    """Stable-MoE vs the best gate-following (top-K family) and best load-only (random-K, JSQ-K) policy."""
+    by_name = {v["controller"]: k for k, v in per_policy.items() if isinstance(v, dict) and "controller" in v}
+    main = next(
+        (by_name[n] for n in ("stable-moe", "stable-moe-sequential", "stable-moe-linear") if n in by_name),
+        None,
+    )
+    result: dict[str, Any] = {}
+    gate = [by_name[n] for n in GATE_FOLLOWING if n in by_name] + (
+        [by_name["topk"]] if "topk" in by_name else []
+    )
+    load = [by_name[n] for n in LOAD_ONLY if n in by_name]
+    if main is None:
+        return result
+    result["stable_moe_policy"] = main
+    if gate:
+        best = max(gate, key=lambda lab: per_policy[lab]["throughput_mean"])
+        result["stable_moe_throughput_ratio"] = per_policy[main]["throughput_mean"] / max(
+            per_policy[best]["throughput_mean"], 1e-12
+        )
+        result["best_gate_following_baseline"] = best
+    if load:
+        best = max(load, key=lambda lab: per_policy[lab]["gc_norm_mean"])
+        result["stable_moe_gc_gain"] = per_policy[main]["gc_norm_mean"] - per_policy[best]["gc_norm_mean"]
+        result["best_load_only_baseline"] = best
+    return result
