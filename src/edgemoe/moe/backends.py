@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from edgemoe.config import ConfigError
-from edgemoe.moe.dispatch import combine, padded_positions, sort_by_expert
+from edgemoe.moe.dispatch import combine, gather_rows, padded_positions, sort_by_expert
 from edgemoe.moe.experts import GroupedExperts
 from edgemoe.moe.routing import Routing
 
@@ -74,14 +74,14 @@ class LoopBackend(ExpertBackend):
 
     def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
         plan = sort_by_expert(routing)
-        xs_ND = x_TD.index_select(0, plan.token_ids_N)
+        xs_ND = gather_rows(x_TD, plan)
         parts = [
             experts.expert_forward(x_nD, e)
             for e, x_nD in enumerate(xs_ND.split(plan.counts))
             if x_nD.shape[0] > 0
         ]
         ys_ND = torch.cat(parts) if parts else xs_ND.new_zeros(0, x_TD.shape[-1])
-        return combine(ys_ND, plan)
+        return combine(ys_ND, plan, routing.weights_TK)
 
 
 @register_backend("padded")
@@ -94,10 +94,10 @@ class PaddedBackend(ExpertBackend):
         num_experts, dim = experts.num_experts, x_TD.shape[-1]
         rows_N = padded_positions(plan, capacity)
         grid_RD = x_TD.new_zeros(num_experts * capacity, dim)
-        grid_RD = grid_RD.index_copy(0, rows_N, x_TD.index_select(0, plan.token_ids_N))
+        grid_RD = grid_RD.index_copy(0, rows_N, gather_rows(x_TD, plan))
         h_ECF = torch.bmm(grid_RD.view(num_experts, capacity, dim), experts.w_in_EDF)
         y_ECD = torch.bmm(experts.activation(h_ECF), experts.w_out_EHD)
-        return combine(y_ECD.reshape(-1, dim).index_select(0, rows_N), plan)
+        return combine(y_ECD.reshape(-1, dim).index_select(0, rows_N), plan, routing.weights_TK)
 
 
 @register_backend("sorted")
@@ -108,4 +108,4 @@ class SortedBackend(ExpertBackend):
         from edgemoe.moe.grouped import grouped_experts_combine
 
         plan = sort_by_expert(routing)
-        return grouped_experts_combine(experts, x_TD, plan)
+        return grouped_experts_combine(experts, x_TD, plan, routing.weights_TK)

@@ -29,7 +29,7 @@ import torch
 from edgemoe.config import ConfigError, check_choice, check_positive, check_range, from_dict, require
 from edgemoe.moe.config import RouterConfig
 from edgemoe.moe.router import Router, register_router
-from edgemoe.moe.routing import Routing, make_routing
+from edgemoe.moe.routing import Routing, apply_capacity, make_routing
 
 _EPS = 1e-12
 
@@ -90,9 +90,15 @@ class ETRConfig:
     and ``local_node`` the node the tokens live on; the locality loss pulls the batch's soft
     assignment towards the local node's experts (smoothed by ``locality_smoothing`` so the KL stays
     finite). Without ``expert_nodes`` all experts share the local node, so ``D_l`` is uniform.
+
+    ``selection`` is ETR's ``bidirectional`` (token choice, then expert choice among proposers) or
+    one phase alone, for ablations: ``token`` (proposals capped first-come, Switch-style) or
+    ``expert`` (each expert takes its top-C of all tokens, ``C = ceil(factor·T/E)``, also at
+    inference since nothing else decides).
     """
 
     temperature: float = 0.1
+    selection: Literal["bidirectional", "token", "expert"] = "bidirectional"
     l_max: int | None = None
     score_threshold: float = 0.5
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
@@ -102,6 +108,7 @@ class ETRConfig:
 
     def __post_init__(self) -> None:
         check_positive(self.temperature, "temperature")
+        check_choice(self.selection, "selection", ("bidirectional", "token", "expert"))
         require(
             self.l_max is None or (isinstance(self.l_max, int) and self.l_max >= 1),
             "l_max",
@@ -344,15 +351,26 @@ class ETRRouter(Router):
     def select(self, x_TD: torch.Tensor, logits_TE: torch.Tensor, scores_TE: torch.Tensor) -> Routing:
         num_tokens = scores_TE.shape[0]
         expert_ids_TK, proposed_TK = token_choice(scores_TE, self.l_max, self.etr.score_threshold)
+        proposed_TE = slots_to_mask(expert_ids_TK, proposed_TK, self.num_experts)
         factor = self.capacity_factor
-        if self.training:
-            capacity = self.capacity(num_tokens)
-            proposed_TE = slots_to_mask(expert_ids_TK, proposed_TK, self.num_experts)
-            kept_TE = expert_choice(logits_TE, proposed_TE, capacity)
-            kept_TK = kept_TE.gather(-1, expert_ids_TK) & proposed_TK
-        else:
+        mode = self.etr.selection
+        if mode == "expert":
+            capacity = min(num_tokens, capacity_slots(factor, num_tokens, self.num_experts))
+            kept_TE = expert_choice(logits_TE, torch.ones_like(proposed_TE), capacity)
+            expert_ids_TK = torch.arange(self.num_experts, device=scores_TE.device).expand(num_tokens, -1)
+            kept_TK = proposed_TK = kept_TE
+        elif not self.training:
             capacity, kept_TK = None, proposed_TK.clone()
-        extras = self._telemetry(logits_TE, expert_ids_TK, proposed_TK, kept_TK, factor)
+        elif mode == "token":
+            gate_TK = scores_TE.gather(-1, expert_ids_TK)
+            kept_TK, capacity = apply_capacity(
+                expert_ids_TK, gate_TK, proposed_TK, factor, "position", self.num_experts
+            )
+        else:
+            capacity = self.capacity(num_tokens)
+            kept_TK = expert_choice(logits_TE, proposed_TE, capacity).gather(-1, expert_ids_TK) & proposed_TK
+        kept_TE = slots_to_mask(expert_ids_TK, kept_TK, self.num_experts)
+        extras = self._telemetry(logits_TE, proposed_TE, kept_TE, factor)
         return make_routing(
             expert_ids_TK,
             scores_TE.gather(-1, expert_ids_TK),
@@ -367,31 +385,28 @@ class ETRRouter(Router):
         )
 
     def _telemetry(
-        self,
-        logits_TE: torch.Tensor,
-        expert_ids_TK: torch.Tensor,
-        proposed_TK: torch.Tensor,
-        kept_TK: torch.Tensor,
-        factor: float,
+        self, logits_TE: torch.Tensor, proposed_TE: torch.Tensor, kept_TE: torch.Tensor, factor: float
     ) -> dict[str, object]:
-        """Capacity, rearranged fraction and false positives; in training, feed them to the schedule."""
-        num_tokens = proposed_TK.shape[0]
-        rearranged = float((proposed_TK & ~kept_TK).any(-1).float().mean()) if num_tokens else 0.0
-        proposed_TE = slots_to_mask(expert_ids_TK, proposed_TK, self.num_experts)
+        """Capacity, rearranged fraction and false positives; in training, feed them to the schedule.
+
+        "Rearranged" tokens are those with a token-choice proposal the expert side did not keep.
+        """
+        num_tokens = max(proposed_TE.shape[0], 1)
+        rearranged = float((proposed_TE & ~kept_TE).any(-1).sum()) / num_tokens
         fp_E = false_positive_counts(logits_TE, proposed_TE)
         non_proposers = float((~proposed_TE).sum().clamp_min(1))
         extras: dict[str, object] = {
             "capacity_factor": factor,
             "rearranged_fraction": rearranged,
             "false_positive_rate": float(fp_E.sum()) / non_proposers,
-            "mean_proposals": float(proposed_TK.sum(-1).float().mean()) if num_tokens else 0.0,
+            "mean_proposals": float(proposed_TE.sum()) / num_tokens,
         }
         if self.training:
             self.schedule.observe(
                 CapacityObservation(
                     rearranged_fraction=rearranged,
                     false_positives_per_expert=float(fp_E.float().mean()),
-                    tokens_per_expert=num_tokens * self.l_max / self.num_experts,
+                    tokens_per_expert=proposed_TE.shape[0] * self.l_max / self.num_experts,
                 )
             )
         return extras

@@ -67,10 +67,16 @@ def build_router(cfg: RouterConfig | str, dim: int, num_experts: int) -> Router:
     return get_router_class(cfg.name)(dim, num_experts, cfg)
 
 
-def check_finite(x_TD: Tensor, field: str = "x") -> None:
-    """Raise a clear error for NaN/Inf inputs (one reduction, checked before any routing work)."""
-    if not bool(torch.isfinite(x_TD).all()):
-        raise ConfigError(field, "input contains NaN or Inf; check the upstream activations or data")
+def check_finite(logits_TE: Tensor, field: str = "x") -> None:
+    """Raise a clear error when the router logits are not finite.
+
+    Any NaN/Inf in a token's features reaches its logits, so checking the small ``[T, E]`` logits
+    catches bad inputs at a fraction of the cost of scanning ``[T, D]``.
+    """
+    if not bool(torch.isfinite(logits_TE).all()):
+        raise ConfigError(
+            field, "input contains NaN or Inf (router logits are not finite); check the upstream activations"
+        )
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -157,8 +163,8 @@ class Router(nn.Module, ABC):
             "x",
             f"router input must be [T, {self.dim}], got {tuple(x_TD.shape)}",
         )
-        check_finite(x_TD)
         logits_TE, scores_TE = self.gate(x_TD)
+        check_finite(logits_TE)
         if expert_ids_TK is not None:
             return self.route_external(expert_ids_TK, logits_TE, scores_TE)
         return self.select(x_TD, logits_TE, scores_TE)

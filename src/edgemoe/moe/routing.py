@@ -51,6 +51,7 @@ class Routing:
 
     ``weights_TK`` stays differentiable w.r.t. the router's parameters; everything else is
     integer/boolean. ``aux_losses`` is always a dict of scalar tensors (no coefficients applied).
+    ``stats`` (telemetry, detached) is computed from the slot tables when first read.
     """
 
     expert_ids_TK: Tensor
@@ -60,9 +61,18 @@ class Routing:
     scores_TE: Tensor
     logits_TE: Tensor | None
     aux_losses: dict[str, Tensor]
-    stats: RoutingStats
     capacity: int | None = None
     extras: dict[str, object] = field(default_factory=dict)
+    _stats: RoutingStats | None = field(default=None, init=False, repr=False)
+
+    @property
+    def stats(self) -> RoutingStats:
+        """Telemetry, computed on first access (keeps bincounts off the hot path when unused)."""
+        if self._stats is None:
+            self._stats = routing_stats(
+                self.expert_ids_TK, self.kept_TK, self.proposed_TK, self.scores_TE, self.capacity
+            )
+        return self._stats
 
     @property
     def num_tokens(self) -> int:
@@ -145,7 +155,6 @@ def make_routing(
         scores_TE=scores_TE,
         logits_TE=logits_TE,
         aux_losses=aux_losses,
-        stats=routing_stats(expert_ids_TK, kept_TK, proposed_TK, scores_TE, capacity),
         capacity=capacity,
         extras=extras or {},
     )
