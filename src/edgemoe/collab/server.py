@@ -41,6 +41,7 @@ from edgemoe.collab.backends import (
     ExpertBackend,
     Message,
     build_backend,
+    load_experts,
     mc_prompt,
 )
 from edgemoe.collab.costs import request_costs
@@ -48,8 +49,8 @@ from edgemoe.collab.data import SUBJECT_CATEGORY
 from edgemoe.collab.embed import make_embedder
 from edgemoe.collab.gate import Gate
 from edgemoe.collab.policy import Route, aggregate, route_request
-from edgemoe.collab.profiles import CollabConfig, ExpertProfile, RequestModel, load_collab_config
-from edgemoe.config import ConfigError, check_choice, check_positive, from_dict, load_yaml, require
+from edgemoe.collab.profiles import CollabConfig, RequestModel
+from edgemoe.config import ConfigError, check_choice, check_positive, from_dict, require
 
 LOG = logging.getLogger("edgemoe.gateway")
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -113,29 +114,15 @@ class GatewayConfig:
     backends: dict[str, BackendConfig] = field(default_factory=dict)
 
 
-def parse_backends(experts: list[ExpertProfile]) -> dict[str, BackendConfig]:
-    """Each expert's ``backend:`` mapping as a validated :class:`BackendConfig`."""
-    out = {}
-    for i, expert in enumerate(experts):
-        require(
-            bool(expert.backend), f"experts[{i}].backend", "is required to serve or profile a real expert"
-        )
-        out[expert.name] = from_dict(BackendConfig, expert.backend, prefix=f"experts[{i}].backend")
-    return out
-
-
 def load_gateway_config(source: str | Path | dict[str, Any]) -> GatewayConfig:
     """collab.yaml → :class:`GatewayConfig` (the ``serve`` key is ours, the rest goes to the core)."""
-    data = dict(load_yaml(source) if isinstance(source, (str, Path)) else source)
-    serve_raw = data.pop("serve", None) or {}
-    require(isinstance(serve_raw, dict), "serve", "must be a mapping")
-    collab = load_collab_config(data)
+    collab, backends, serve_raw = load_experts(source)
     serve = from_dict(ServeSettings, serve_raw, prefix="serve")
     for name in serve.enabled or []:
         check_choice(name, "serve.enabled", collab.expert_names)
     if serve.default_category is not None:
         check_choice(serve.default_category, "serve.default_category", collab.categories)
-    return GatewayConfig(collab, serve, parse_backends(collab.experts))
+    return GatewayConfig(collab, serve, backends)
 
 
 # ---------------------------------------------------------------- request schema

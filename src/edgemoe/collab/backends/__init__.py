@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from edgemoe.collab.backends.base import (
     BackendError,
@@ -24,7 +26,8 @@ from edgemoe.collab.backends.base import (
     mc_prompt,
     option_letters,
 )
-from edgemoe.config import ConfigError, check_positive, require
+from edgemoe.collab.profiles import CollabConfig, ExpertProfile, load_collab_config
+from edgemoe.config import ConfigError, check_positive, from_dict, load_yaml, require
 
 __all__ = [
     "BackendConfig",
@@ -33,7 +36,9 @@ __all__ = [
     "ExpertBackend",
     "Generation",
     "Message",
+    "backend_configs",
     "build_backend",
+    "load_experts",
     "mc_prompt",
     "option_letters",
 ]
@@ -117,3 +122,30 @@ def build_backend(name: str, cfg: BackendConfig) -> ExpertBackend:
     from edgemoe.collab.backends.tiny import TinyBackend
 
     return TinyBackend(name, seed=cfg.seed, letter_bias=dict(cfg.letter_bias))
+
+
+def backend_configs(experts: list[ExpertProfile]) -> dict[str, BackendConfig]:
+    """Each expert's ``backend:`` mapping as a validated :class:`BackendConfig`."""
+    out = {}
+    for i, expert in enumerate(experts):
+        require(
+            bool(expert.backend),
+            f"experts[{i}].backend",
+            "is required to serve, profile or cache a real expert",
+        )
+        out[expert.name] = from_dict(BackendConfig, expert.backend, prefix=f"experts[{i}].backend")
+    return out
+
+
+def load_experts(
+    source: str | Path | Mapping[str, Any],
+) -> tuple[CollabConfig, dict[str, BackendConfig], dict]:
+    """experts.yaml / collab.yaml → (core config, backend configs, the raw ``serve`` mapping).
+
+    The ``serve`` section belongs to the gateway; everything else is the MoE² core's config.
+    """
+    data = dict(load_yaml(source) if isinstance(source, (str, Path)) else source)
+    serve = data.pop("serve", None) or {}
+    require(isinstance(serve, Mapping), "serve", "must be a mapping")
+    collab = load_collab_config(data)
+    return collab, backend_configs(collab.experts), dict(serve)

@@ -144,6 +144,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out in two writes; without this Nagle's algorithm holds the body
+        # back until the client's delayed ACK (~40 ms per response).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.server.lock:
             self.server.open_connections.add(self.connection)
 
@@ -190,8 +193,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}")
             return
         try:
-            self._wait_delay()
             status, payload = route(body)
+            usage = payload["usage"]
+            self._wait_delay(usage["prompt_tokens"], usage["completion_tokens"])
         except _Killed:
             self.close_connection = True
             return
@@ -200,9 +204,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(status, payload)
 
-    def _wait_delay(self) -> None:
+    def _wait_delay(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Simulated compute time: fixed + per prompt token + per output token (0 = none)."""
         srv = self.server
-        if srv.killed.wait(srv.delay_s) if srv.delay_s > 0 else srv.killed.is_set():
+        delay = srv.delay_s + srv.prompt_token_s * prompt_tokens + srv.output_token_s * completion_tokens
+        if srv.killed.wait(delay) if delay > 0 else srv.killed.is_set():
             raise _Killed
 
     def _completions(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -283,6 +289,8 @@ class _TinyHTTPServer(ThreadingHTTPServer):
         self.seed: int = settings["seed"]
         self.delay_s: float = settings["delay_s"]
         self.offer_logprobs: bool = settings["offer_logprobs"]
+        self.prompt_token_s: float = settings["prompt_token_s"]
+        self.output_token_s: float = settings["output_token_s"]
         self.killed = threading.Event()
         self.lock = threading.Lock()
         self.open_connections: set[socket.socket] = set()
@@ -296,6 +304,9 @@ class TinyOpenAIServer:
     """OpenAI-compatible server for a :class:`TinyCharLM` on a background thread.
 
     ``port=0`` takes an ephemeral port; :attr:`url` is the base URL to give a client.
+    ``delay_s``, ``prompt_token_s`` and ``output_token_s`` make each answer take
+    ``delay_s + prompt_token_s·prompt_tokens + output_token_s·output_tokens`` seconds longer: the
+    timing of an edge LLM with known prefill and decode rates (sleeping, so it costs no CPU).
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
@@ -305,6 +316,8 @@ class TinyOpenAIServer:
         *,
         letter_bias: Mapping[str, float] | None = None,
         delay_s: float = 0.0,
+        prompt_token_s: float = 0.0,
+        output_token_s: float = 0.0,
         offer_logprobs: bool = True,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -317,6 +330,8 @@ class TinyOpenAIServer:
             model_name=model_name or f"tiny-{seed}",
             seed=seed,
             delay_s=delay_s,
+            prompt_token_s=prompt_token_s,
+            output_token_s=output_token_s,
             offer_logprobs=offer_logprobs,
         )
         self._thread: threading.Thread | None = None
@@ -373,11 +388,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8101)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds added to every answer")
+    parser.add_argument("--prompt-token-s", type=float, default=0.0, help="seconds added per prompt token")
+    parser.add_argument("--output-token-s", type=float, default=0.0, help="seconds added per output token")
     parser.add_argument("--no-logprobs", action="store_true", help="behave like an endpoint without logprobs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     server = TinyOpenAIServer(
-        args.seed, delay_s=args.delay, offer_logprobs=not args.no_logprobs, host=args.host, port=args.port
+        args.seed,
+        delay_s=args.delay,
+        prompt_token_s=args.prompt_token_s,
+        output_token_s=args.output_token_s,
+        offer_logprobs=not args.no_logprobs,
+        host=args.host,
+        port=args.port,
     )
     print(f"tiny OpenAI-compatible expert on {server.url}", flush=True)
     try:
