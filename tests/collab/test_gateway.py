@@ -105,14 +105,14 @@ def test_chat_completion_speaks_the_openai_schema(pair):
 
 
 def test_fan_out_is_concurrent():
-    run = Running({"slow1": TinyOpenAIServer(1, delay_s=0.4), "slow2": TinyOpenAIServer(2, delay_s=0.4)})
+    run = Running({"slow1": TinyOpenAIServer(1, delay_s=0.6), "slow2": TinyOpenAIServer(2, delay_s=0.6)})
     try:
         t0 = time.perf_counter()
         r = run.client.post("/v1/moe2/answer", json=QUESTION)
         elapsed = time.perf_counter() - t0
         assert r.status_code == 200
         assert len(r.json()["moe2"]["experts"]) == 2
-        assert elapsed < 0.75, f"two 0.4 s experts took {elapsed:.2f} s: not called concurrently"
+        assert elapsed < 1.15, f"two 0.6 s experts took {elapsed:.2f} s: not called concurrently"
     finally:
         run.close()
 
@@ -164,11 +164,11 @@ def test_slow_expert_times_out_and_the_others_answer():
     try:
         t0 = time.perf_counter()
         r = run.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-        assert time.perf_counter() - t0 < 2.0
+        assert time.perf_counter() - t0 < 4.0  # the stuck expert would take 5 s
         block = r.json()["moe2"]
         assert r.status_code == 200 and block["failed"] == ["stuck"] and block["answered_by"] == "quick"
         stuck = next(e for e in block["experts"] if e["name"] == "stuck")
-        assert stuck["status"] == "timeout" and stuck["latency_s"] == pytest.approx(0.3, abs=0.2)
+        assert stuck["status"] == "timeout" and 0.3 <= stuck["latency_s"] < 3.0
     finally:
         for s in run.servers.values():
             s.kill()
