@@ -125,21 +125,28 @@ class SkewedScoreGenerator:
         offsets_CJ = spec.class_spread * rng.standard_normal((spec.num_classes, J))
         self.class_logits_CJ = self.log_popularity_J + offsets_CJ
 
-    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` tokens: (scores float32 [n, J], class labels int64 [n])."""
+    def sample(
+        self, n: int, rng: np.random.Generator, noise_rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` tokens: (scores float32 [n, J], class labels int64 [n]). Labels come from ``rng`` and
+        noise from ``noise_rng`` (default: the same generator); with two generators the stream does
+        not depend on how tokens are split into calls."""
         labels_N = rng.integers(self.spec.num_classes, size=n)
         J = self.class_logits_CJ.shape[1]
-        logits_NJ = self.class_logits_CJ[labels_N] + self.spec.token_noise * rng.standard_normal((n, J))
+        noise_NJ = (noise_rng or rng).standard_normal((n, J))
+        logits_NJ = self.class_logits_CJ[labels_N] + self.spec.token_noise * noise_NJ
         return softmax(logits_NJ / self.spec.temperature).astype(np.float32), labels_N
 
 
 class Workload:
     """Arrivals and gate scores for one simulation run (one seed), produced chunk by chunk so every
-    policy sees identical streams (common random numbers) without holding the whole run in memory."""
+    policy sees identical streams (common random numbers) without holding the whole run in memory.
+    Arrivals, token classes and gate noise use separate streams, so the workload does not depend on
+    the chunk size."""
 
     def __init__(self, spec: NetworkSpec, seed: int = 0):
         self.spec = spec
-        arrival_seed, score_seed = np.random.SeedSequence(seed).spawn(2)
+        arrival_seed, label_seed, noise_seed = np.random.SeedSequence(seed).spawn(3)
         self.position = 0
         if spec.scores.kind == "replay":
             self.trace = load_score_trace(spec.scores.trace)
@@ -153,7 +160,8 @@ class Workload:
         else:
             self.arrivals = make_arrivals(spec.arrivals, arrival_seed)
             self.generator = SkewedScoreGenerator(spec.scores, spec.f_max_J)
-            self.rng = np.random.default_rng(score_seed)
+            self.rng = np.random.default_rng(label_seed)
+            self.noise_rng = np.random.default_rng(noise_seed)
 
     def next_chunk(self, slots: int) -> ScoreTrace:
         """The next ``slots`` slots' scores (replays cycle through the recording)."""
@@ -164,7 +172,7 @@ class Workload:
             labels = None if self.trace.labels is None else [self.trace.slot_labels(int(t)) for t in ts]
             return ScoreTrace.from_slots(parts, labels)
         counts = self.arrivals.sample(slots)
-        scores, labels = self.generator.sample(int(counts.sum()), self.rng)
+        scores, labels = self.generator.sample(int(counts.sum()), self.rng, self.noise_rng)
         self.position += slots
         return ScoreTrace(scores, np.concatenate([[0], np.cumsum(counts)]), labels)
 
@@ -173,6 +181,7 @@ class Workload:
         if self.spec.scores.kind != "replay":
             state["arrivals"] = self.arrivals.state_dict()
             state["rng"] = rng_state(self.rng)
+            state["noise_rng"] = rng_state(self.noise_rng)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,3 +189,4 @@ class Workload:
         if self.spec.scores.kind != "replay":
             self.arrivals.load_state_dict(state["arrivals"])
             restore_rng(self.rng, state["rng"])
+            restore_rng(self.noise_rng, state["noise_rng"])
