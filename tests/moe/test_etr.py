@@ -190,9 +190,10 @@ def test_router_caps_every_expert_and_never_reassigns():
 def test_false_positive_counts_closed_form():
     aff_TE = torch.tensor([[0.9, 0.0], [0.5, 0.1], [0.7, 0.8], [0.95, 0.2]])
     proposed_TE = torch.tensor([[True, False], [True, False], [False, True], [False, False]])
-    # expert 0: candidates 0.9, 0.5 -> median (lower) 0.5; non-proposers above: 0.7, 0.95 -> 2
+    # expert 0: candidates 0.9, 0.5 -> typical 0.7; non-proposers above it: 0.95 only (0.7 ties)
     # expert 1: single candidate 0.8; nobody above -> 0
-    assert false_positive_counts(aff_TE, proposed_TE).tolist() == [2, 0]
+    assert false_positive_counts(aff_TE, proposed_TE).tolist() == [1, 0]
+    assert false_positive_counts(aff_TE, torch.zeros_like(proposed_TE)).tolist() == [0, 0]
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -329,3 +330,22 @@ def test_layer_with_every_backend_matches_the_per_slot_reference(backend, traini
     (out.square().sum() + routing.aux_losses["load_balance"]).backward()
     assert torch.isfinite(x.grad).all()
     assert all(p.grad is not None for p in layer.experts.parameters())
+
+
+def test_single_phase_ablations():
+    torch.manual_seed(4)
+    x = torch.randn(64, 16)
+    aff_TE = grap_affinity(x, 4)
+    token_only = make_router(selection="token", capacity={"factor": 0.5})
+    routing = token_only(x)
+    cap = capacity_slots(0.5, 64, 4)
+    first = routing.expert_ids_TK[:, 0]
+    position_TE = torch.nn.functional.one_hot(first, 4).cumsum(0) - 1
+    expected = position_TE.gather(-1, first[:, None]).squeeze(-1) < cap
+    assert torch.equal(routing.kept_TK[:, 0], expected)
+    expert_only = make_router(selection="expert", capacity={"factor": 0.5})
+    for training in (True, False):
+        expert_only.train(training)
+        routing = expert_only(x)
+        assert routing.capacity == cap and routing.top_k == 4
+        assert torch.equal(routing.kept_TK, expert_choice(aff_TE, torch.ones_like(routing.kept_TK), cap))

@@ -145,6 +145,12 @@ def grap_affinity(x_TD: torch.Tensor, num_experts: int) -> torch.Tensor:
     return sums_TE / (math.sqrt(group) * norm_T1)
 
 
+def narrow_softmax(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Softmax over the (few) experts, written out: on CPU it beats ``torch.softmax`` for small E."""
+    exp_TE = (logits_TE - logits_TE.amax(-1, keepdim=True)).exp()
+    return exp_TE / exp_TE.sum(-1, keepdim=True)
+
+
 def token_choice(gate_TE: torch.Tensor, l_max: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's top experts until their gate mass reaches ``threshold``, as a slot table.
 
@@ -152,7 +158,11 @@ def token_choice(gate_TE: torch.Tensor, l_max: int, threshold: float) -> tuple[t
     order; a token always proposes its first slot and at most ``l_max``. Works on any leading dims.
     """
     k = min(l_max, gate_TE.shape[-1])
-    top_scores_TK, expert_ids_TK = gate_TE.detach().topk(k, dim=-1)
+    gate_TE = gate_TE.detach()
+    if k == 1:
+        top_scores_TK, expert_ids_TK = gate_TE.max(dim=-1, keepdim=True)
+    else:
+        top_scores_TK, expert_ids_TK = gate_TE.topk(k, dim=-1)
     mass_before_TK = top_scores_TK.cumsum(-1) - top_scores_TK
     proposed_TK = mass_before_TK < threshold
     proposed_TK[..., 0] = True
@@ -181,14 +191,17 @@ def expert_choice(affinity_TE: torch.Tensor, candidates_TE: torch.Tensor, capaci
 
 
 def false_positive_counts(affinity_TE: torch.Tensor, proposed_TE: torch.Tensor) -> torch.Tensor:
-    """Per expert: non-proposing tokens whose affinity beats the expert's median candidate.
+    """Per expert: non-proposing tokens whose affinity beats the expert's typical candidate.
 
-    An expert with no candidates counts 0 (there is no typical candidate to outscore).
+    The typical candidate is the mean affinity of the expert's candidates (one pass, no sort). An
+    expert with no candidates counts 0 (there is no typical candidate to outscore).
     """
     aff_TE = affinity_TE.detach()
-    typical_E = aff_TE.masked_fill(~proposed_TE, math.nan).nanmedian(dim=-2).values
+    proposed_f_TE = proposed_TE.to(aff_TE.dtype)
+    count_E = proposed_f_TE.sum(-2)
+    typical_E = (aff_TE * proposed_f_TE).sum(-2) / count_E.clamp_min(1)
     outscore_TE = (aff_TE > typical_E.unsqueeze(-2)) & ~proposed_TE
-    return torch.where(typical_E.isnan(), 0, outscore_TE.sum(-2))
+    return torch.where(count_E > 0, outscore_TE.sum(-2), 0)
 
 
 def locality_target(expert_nodes: list[int], local_node: int, smoothing: float) -> torch.Tensor:
@@ -346,7 +359,7 @@ class ETRRouter(Router):
 
     def gate(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits_TE = grap_affinity(x_TD.float(), self.num_experts) / self.etr.temperature
-        return logits_TE, torch.softmax(logits_TE, dim=-1).to(x_TD.dtype)
+        return logits_TE, narrow_softmax(logits_TE).to(x_TD.dtype)
 
     def select(self, x_TD: torch.Tensor, logits_TE: torch.Tensor, scores_TE: torch.Tensor) -> Routing:
         num_tokens = scores_TE.shape[0]
