@@ -83,32 +83,33 @@ def generate_cache(
 
 _ZOO = (
     # (hardware, params_b, base accuracy)
-    ("jetson-orin-nano", 0.5, 0.38),
-    ("jetson-agx-orin", 1.0, 0.45),
+    ("jetson-orin-nano", 1.0, 0.46),
     ("jetson-agx-orin", 3.0, 0.55),
+    ("rtx-4090", 7.0, 0.62),
+    ("jetson-agx-orin", 7.0, 0.61),
     ("rtx-4090", 3.0, 0.56),
-    ("jetson-agx-orin", 7.0, 0.62),
-    ("rtx-4090", 8.0, 0.66),
-    ("rtx-4090", 14.0, 0.70),
-    ("jetson-orin-nano", 1.5, 0.48),
+    ("jetson-agx-orin", 1.5, 0.50),
+    ("rtx-4090", 14.0, 0.66),
+    ("jetson-orin-nano", 0.5, 0.42),
 )
+_SHORT = {"jetson-orin-nano": "nano", "jetson-agx-orin": "orin", "rtx-4090": "4090"}
 
 
 def default_experts(num: int, categories: list[str], seed: int = 0) -> list[ExpertProfile]:
     """A heterogeneous zoo of ``num`` simulated experts: mixed hardware, sizes and specialisations.
 
-    Each expert is strong in one category and weaker in another (±0.06..0.14), so a gate that knows
-    the category can beat the best single expert.
+    Each expert is strong in one category and weaker in another (+0.08..0.18 / −0.05..0.12), so a
+    gate that knows the category can beat the best single expert.
     """
     rng = np.random.default_rng(seed)
     out = []
     for i in range(num):
         hw, params, base = _ZOO[i % len(_ZOO)]
         strong, weak = rng.choice(len(categories), size=2, replace=False)
-        offsets = {categories[strong]: float(rng.uniform(0.06, 0.14)), categories[weak]: -float(rng.uniform(0.06, 0.14))}
+        offsets = {categories[strong]: float(rng.uniform(0.08, 0.18)), categories[weak]: -float(rng.uniform(0.05, 0.12))}
         out.append(
             ExpertProfile(
-                name=f"{hw.split('-')[0]}{hw.split('-')[-1]}-{params:g}b-{i}",
+                name=f"{_SHORT[hw]}-{params:g}b-{i}",
                 hardware=hw,
                 params_b=params * float(rng.uniform(0.9, 1.1)),
                 link_mbps=float(rng.choice([50.0, 100.0, 300.0])),

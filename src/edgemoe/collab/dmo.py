@@ -1,0 +1,383 @@
+"""Coarse-level expert selection: exact discrete monotonic optimisation (DMO) and exhaustive search.
+
+DMO is a best-first branch and bound over the subset lattice. A node is a feasible set A plus the
+candidates C that may still be added (later in a fixed expert order, and each still fitting the
+energy budget on top of A: feasibility is down-closed, so nothing else can be reached). Every
+child A∪{c} is evaluated incrementally from A's cached per-question mixture, then bounded from above
+over all of its reachable supersets. Two bounds:
+
+- ``valid`` (default, never assumes monotonicity). For accuracy, question q can be right in some
+  superset only if, for every wrong option o, ``num_A(y) − num_A(o) + Σ_{n∈C} g_qn·max(p_qn(y) − p_qn(o), 0)``
+  is ≥ 0 (adding experts can raise the correct option's margin by at most their positive parts). For
+  the log-likelihood, ``p_S(y) ≤ min(1, (num_A(y) + Σ_{n∈C} g_qn p_qn(y)) / den_A)``. Both are one
+  matrix product for a whole batch of children. With a fine-level top-k, only experts ranked above
+  the k-th member of A can be routed, and the mixture is bounded by its best member.
+- ``monotone`` (the paper's superset bound): f(A ∪ C), exact only if adding experts never hurts.
+  Whenever a prune relied on it (the valid bound would not have pruned), the node is deferred; after
+  the search the deferred nodes are re-searched with the valid bound, sets that beat their superset
+  bound are counted as monotonicity violations, and the answer is corrected if needed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from edgemoe.collab.problem import TIE_EPS, SelectionProblem
+from edgemoe.config import check_choice
+
+BOUNDS = ("valid", "monotone")
+
+
+def fits(cost: np.ndarray | float, budget: float) -> np.ndarray | bool:
+    """Energy feasibility with a tolerance for float sums (the same test everywhere)."""
+    return np.asarray(cost) <= budget + 1e-9 * max(1.0, abs(budget))
+
+
+@dataclass
+class SelectionResult:
+    """A chosen enabled set and how it was found."""
+
+    method: str
+    experts: list[str]
+    mask: list[bool]
+    value: float
+    accuracy: float
+    log_likelihood: float
+    energy_j: float
+    feasible: bool
+    reason: str = "ok"
+    evals: int = 0
+    bound_evals: int = 0
+    nodes: int = 0
+    seconds: float = 0.0
+    relied_on_monotonicity: int = 0
+    monotonicity_violations: int = 0
+    fallback_changed_answer: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def no_feasible_reason(problem: SelectionProblem, budget: float) -> str | None:
+    """Why no non-empty set is feasible, or None when one is."""
+    if not problem.usable_N.any():
+        return "no feasible set: no expert meets any request's latency budget"
+    cheapest = float(problem.cost_N[problem.usable_N].min())
+    if not fits(cheapest, budget):
+        return (
+            f"no feasible set: the cheapest usable expert reserves {cheapest:.4g} J per request, "
+            f"above the energy budget of {budget:.4g} J"
+        )
+    return None
+
+
+def result_for(
+    problem: SelectionProblem,
+    method: str,
+    mask_N: np.ndarray | None,
+    budget: float,
+    reason: str | None = None,
+    **kw,
+) -> SelectionResult:
+    """Package a chosen mask (re-evaluated with the batch evaluator) or an infeasible answer."""
+    if mask_N is None or not np.any(mask_N):
+        return SelectionResult(
+            method=method,
+            experts=[],
+            mask=[False] * problem.num_experts,
+            value=float("-inf"),
+            accuracy=0.0,
+            log_likelihood=float(np.log(1.0 / problem.num_options)),
+            energy_j=0.0,
+            feasible=False,
+            reason=reason or no_feasible_reason(problem, budget) or "no feasible set",
+            **kw,
+        )
+    mask_N = np.asarray(mask_N, dtype=bool)
+    ev = problem.evaluate(mask_N[None])
+    return SelectionResult(
+        method=method,
+        experts=[problem.names[i] for i in np.flatnonzero(mask_N)],
+        mask=mask_N.tolist(),
+        value=float(ev.value_B[0]),
+        accuracy=float(ev.accuracy_B[0]),
+        log_likelihood=float(ev.loglik_B[0]),
+        energy_j=problem.energy(mask_N),
+        feasible=True,
+        **kw,
+    )
+
+
+def feasible_subsets(cost_N: np.ndarray, budget: float, allowed_N: np.ndarray) -> np.ndarray:
+    """Every non-empty subset of the allowed experts within the budget, as int64 bitmasks."""
+    masks = np.zeros(1, dtype=np.int64)
+    costs = np.zeros(1)
+    for n in np.flatnonzero(allowed_N):
+        ok = fits(costs + cost_N[n], budget)
+        masks = np.concatenate([masks, masks[ok] | np.int64(1 << int(n))])
+        costs = np.concatenate([costs, costs[ok] + cost_N[n]])
+    return masks[1:]
+
+
+def unpack(bits_B: np.ndarray, n: int) -> np.ndarray:
+    return ((bits_B[:, None] >> np.arange(n, dtype=np.int64)[None, :]) & 1).astype(bool)
+
+
+def exhaustive(problem: SelectionProblem, budget: float, chunk: int = 512) -> SelectionResult:
+    """Evaluate every feasible subset (vectorised, in chunks) and keep the best."""
+    t0 = time.perf_counter()
+    reason = no_feasible_reason(problem, budget)
+    if reason:
+        return result_for(problem, "exhaustive", None, budget, reason, seconds=time.perf_counter() - t0)
+    bits = feasible_subsets(problem.cost_N, budget, problem.usable_N)
+    best_val, best_bits = -np.inf, 0
+    for i in range(0, len(bits), chunk):
+        part = bits[i : i + chunk]
+        val = problem.evaluate(unpack(part, problem.num_experts), chunk=chunk).value_B
+        j = int(np.argmax(val))
+        if val[j] > best_val:
+            best_val, best_bits = float(val[j]), int(part[j])
+    mask = unpack(np.array([best_bits], dtype=np.int64), problem.num_experts)[0]
+    return result_for(problem, "exhaustive", mask, budget, evals=len(bits), seconds=time.perf_counter() - t0)
+
+
+class _Bounder:
+    """Upper bounds on the objective over all supersets reachable from a batch of nodes."""
+
+    def __init__(self, problem: SelectionProblem):
+        self.p = problem
+        q, n, o = problem.probs_QNO.shape
+        rows = np.arange(q)
+        self.rows = rows
+        py_QN = problem.correct_QN
+        gain_QNO = np.maximum(py_QN[:, :, None] - problem.probs_QNO, 0.0)
+        self.gv_NX = np.ascontiguousarray(
+            (problem.gate_QN[:, :, None] * gain_QNO).transpose(1, 0, 2)
+        ).reshape(n, q * o)
+        self.gpy_NQ = np.ascontiguousarray((problem.gate_QN * py_QN).T)
+        order = problem.rank_order_QN
+        self.py_sorted_QN = np.take_along_axis(py_QN, order, axis=1)
+        self.margin_sorted_QNO = np.take_along_axis(py_QN[:, :, None] - problem.probs_QNO, order[:, :, None], 1)
+
+    def bound(
+        self, num_BQO: np.ndarray, den_BQ: np.ndarray, members_BN: np.ndarray, cand_BN: np.ndarray
+    ) -> np.ndarray:
+        p = self.p
+        if p.top_k is not None:
+            return self._bound_top_k(members_BN, cand_BN)
+        b, q, o = num_BQO.shape
+        c = cand_BN.astype(np.float64)
+        served_BQ = den_BQ > 0
+        num_y_BQ = num_BQO[:, self.rows, p.answer_Q]
+        if p.objective == "accuracy":
+            gain_BQO = (c @ self.gv_NX).reshape(b, q, o)
+            ok_BQ = ((num_y_BQ[:, :, None] - num_BQO + gain_BQO) >= 0).all(axis=2)
+            ok_BQ &= served_BQ | ((c @ p.gate_NQ) > 0)
+            acc_bound_B = ok_BQ.mean(axis=1)
+        ratio_BQ = (num_y_BQ + c @ self.gpy_NQ) / np.where(served_BQ, den_BQ, 1.0)
+        ll_bound_BQ = np.where(served_BQ, np.log(np.clip(ratio_BQ, 1e-300, 1.0)), 0.0)
+        ll_bound_B = ll_bound_BQ.mean(axis=1)
+        return acc_bound_B + TIE_EPS * ll_bound_B if p.objective == "accuracy" else ll_bound_B
+
+    def _bound_top_k(self, members_BN: np.ndarray, cand_BN: np.ndarray) -> np.ndarray:
+        """Only experts ranked above the k-th enabled member can be routed; a mixture ≤ its best member."""
+        p = self.p
+        order = p.rank_order_QN
+        elig = p.eligible_sorted_QN[None]
+        mem_BQN = members_BN[:, order] & elig
+        above_BQN = np.cumsum(mem_BQN, axis=2) - mem_BQN
+        allowed_BQN = (mem_BQN | (cand_BN[:, order] & elig)) & (above_BQN < p.top_k)
+        any_BQ = allowed_BQN.any(axis=2)
+        unserved = np.log(1.0 / p.num_options)
+        best_py_BQ = np.where(allowed_BQN, self.py_sorted_QN[None], 0.0).max(axis=2)
+        ll_BQ = np.where(any_BQ, np.log(np.maximum(best_py_BQ, 1e-300)), unserved)
+        ll_BQ = np.where(mem_BQN.any(axis=2), ll_BQ, np.maximum(ll_BQ, unserved))
+        if p.objective != "accuracy":
+            return ll_BQ.mean(axis=1)
+        best_margin_BQO = np.where(allowed_BQN[..., None], self.margin_sorted_QNO[None], -np.inf).max(axis=2)
+        ok_BQ = (best_margin_BQO >= 0).all(axis=2) & any_BQ
+        return ok_BQ.mean(axis=1) + TIE_EPS * ll_BQ.mean(axis=1)
+
+
+@dataclass(order=True)
+class _Node:
+    priority: float
+    depth: int
+    tick: int
+    mask: np.ndarray = field(compare=False)
+    pos: int = field(compare=False)
+    cand: np.ndarray = field(compare=False)
+    valid_bound: float = field(compare=False)
+    mono_limit: float = field(compare=False, default=np.inf)
+
+
+class _Search:
+    """State of one DMO run (incumbent, counters, queue)."""
+
+    def __init__(self, problem: SelectionProblem, budget: float, bound: str):
+        self.p = problem
+        self.budget = budget
+        self.bound_kind = bound
+        self.bounder = _Bounder(problem)
+        self.best_val = -np.inf
+        self.best_mask: np.ndarray | None = None
+        self.evals = self.bound_evals = self.nodes = 0
+        self.relied = self.violations = 0
+        self.heap: list[_Node] = []
+        self.deferred: list[_Node] = []
+        self.tick = itertools.count()
+
+    def offer(self, values_B: np.ndarray, masks_BN: np.ndarray) -> None:
+        j = int(np.argmax(values_B))
+        if values_B[j] > self.best_val:
+            self.best_val, self.best_mask = float(values_B[j]), masks_BN[j].copy()
+
+    def expand(
+        self, node_mask: np.ndarray, pos: int, order: np.ndarray, mono_limit: float, fallback: bool
+    ) -> None:
+        """Evaluate all children of a node, bound them and queue the promising ones."""
+        p, cost = self.p, self.p.cost_N
+        self.nodes += 1
+        base_cost = float(cost @ node_mask)
+        later = order[pos + 1 :]
+        kids = later[fits(base_cost + cost[later], self.budget)]
+        if len(kids) == 0:
+            return
+        masks_BN = np.repeat(node_mask[None], len(kids), axis=0)
+        masks_BN[np.arange(len(kids)), kids] = True
+        if p.top_k is None:
+            num_QO, den_Q = p.mixtures(node_mask[None])
+            num_BQO = num_QO + p.gp_NQO[kids]
+            den_BQ = den_Q + p.gate_NQ[kids]
+        else:
+            num_BQO, den_BQ = p.mixtures(masks_BN)
+        values_B = p.score(num_BQO, den_BQ).value_B
+        self.evals += len(kids)
+        self.offer(values_B, masks_BN)
+        self.violations += int(np.sum(values_B > mono_limit + 1e-12))
+        # Candidates of each child: later in the order and still fitting on top of the child.
+        kid_pos = (
+            np.searchsorted(np.argsort(order), kids)
+            if False
+            else np.array([np.flatnonzero(order == k)[0] for k in kids])
+        )
+        kid_cost = base_cost + cost[kids]
+        later_BN = np.zeros((len(kids), p.num_experts), dtype=bool)
+        for i, kp in enumerate(kid_pos):
+            rest = order[kp + 1 :]
+            later_BN[i, rest] = True
+        cand_BN = later_BN & fits(kid_cost[:, None] + cost[None, :], self.budget)
+        has = cand_BN.any(axis=1)
+        if not has.any():
+            return
+        idx = np.flatnonzero(has)
+        valid_B = self.bounder.bound(num_BQO[idx], den_BQ[idx], masks_BN[idx], cand_BN[idx])
+        self.bound_evals += len(idx)
+        mono_B = valid_B
+        if self.bound_kind == "monotone" and not fallback:
+            mono_B = np.minimum(valid_B, p.evaluate(masks_BN[idx] | cand_BN[idx]).value_B)
+            self.evals += len(idx)
+        for j, i in enumerate(idx):
+            node = _Node(
+                priority=-float(mono_B[j]),
+                depth=-int(masks_BN[i].sum()),
+                tick=next(self.tick),
+                mask=masks_BN[i],
+                pos=int(kid_pos[i]),
+                cand=cand_BN[i],
+                valid_bound=float(valid_B[j]),
+                mono_limit=mono_limit,
+            )
+            self.push(node, float(mono_B[j]))
+
+    def push(self, node: _Node, bound: float) -> None:
+        if bound > self.best_val:
+            heapq.heappush(self.heap, node)
+        elif node.valid_bound > self.best_val:
+            self.relied += 1
+            node.mono_limit = min(node.mono_limit, bound)
+            self.deferred.append(node)
+
+    def run(self, order: np.ndarray, fallback: bool) -> None:
+        while self.heap:
+            node = heapq.heappop(self.heap)
+            if -node.priority <= self.best_val:
+                if node.valid_bound > self.best_val and not fallback:
+                    self.relied += 1
+                    node.mono_limit = min(node.mono_limit, -node.priority)
+                    self.deferred.append(node)
+                continue
+            self.expand(node.mask, node.pos, order, node.mono_limit, fallback)
+
+
+def dmo(problem: SelectionProblem, budget: float, bound: str = "valid") -> SelectionResult:
+    """Exact coarse-level selection by best-first branch and bound (see module doc)."""
+    check_choice(bound, "bound", BOUNDS)
+    t0 = time.perf_counter()
+    reason = no_feasible_reason(problem, budget)
+    if reason:
+        return result_for(problem, f"dmo-{bound}", None, budget, reason, seconds=time.perf_counter() - t0)
+    s = _Search(problem, budget, bound)
+    n = problem.num_experts
+    singles = np.flatnonzero(problem.usable_N & fits(problem.cost_N, budget))
+    # Expert order: best single expert first, so late branches hold weak experts and bound tightly.
+    single_masks = np.eye(n, dtype=bool)[singles]
+    single_vals = problem.evaluate(single_masks).value_B
+    s.evals += len(singles)
+    order = singles[np.argsort(-single_vals, kind="stable")]
+    root = np.zeros(n, dtype=bool)
+    s.offer(single_vals, single_masks)
+    # The root's children are the singletons (already evaluated); queue them with their bounds.
+    _queue_singletons(s, order, root)
+    s.run(order, fallback=False)
+    before = None if s.best_mask is None else s.best_mask.copy()
+    changed = False
+    if s.deferred:
+        for node in s.deferred:
+            node.priority = -node.valid_bound
+            heapq.heappush(s.heap, node)
+        s.deferred = []
+        s.run(order, fallback=True)
+        changed = before is not None and not np.array_equal(before, s.best_mask)
+    return result_for(
+        problem,
+        f"dmo-{bound}",
+        s.best_mask,
+        budget,
+        evals=s.evals,
+        bound_evals=s.bound_evals,
+        nodes=s.nodes,
+        seconds=time.perf_counter() - t0,
+        relied_on_monotonicity=s.relied,
+        monotonicity_violations=s.violations,
+        fallback_changed_answer=changed,
+    )
+
+
+def _queue_singletons(s: _Search, order: np.ndarray, root: np.ndarray) -> None:
+    p, cost = s.p, s.p.cost_N
+    masks_BN = np.zeros((len(order), p.num_experts), dtype=bool)
+    masks_BN[np.arange(len(order)), order] = True
+    cand_BN = np.zeros_like(masks_BN)
+    for i in range(len(order)):
+        rest = order[i + 1 :]
+        cand_BN[i, rest[fits(cost[order[i]] + cost[rest], s.budget)]] = True
+    has = np.flatnonzero(cand_BN.any(axis=1))
+    if len(has) == 0:
+        return
+    num_BQO, den_BQ = p.mixtures(masks_BN[has])
+    valid_B = s.bounder.bound(num_BQO, den_BQ, masks_BN[has], cand_BN[has])
+    s.bound_evals += len(has)
+    mono_B = valid_B
+    if s.bound_kind == "monotone":
+        mono_B = np.minimum(valid_B, p.evaluate(masks_BN[has] | cand_BN[has]).value_B)
+        s.evals += len(has)
+    for j, i in enumerate(has):
+        node = _Node(-float(mono_B[j]), -1, next(s.tick), masks_BN[i], int(i), cand_BN[i], float(valid_B[j]))
+        s.push(node, float(mono_B[j]))

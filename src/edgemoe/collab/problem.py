@@ -1,0 +1,223 @@
+"""The coarse-level selection problem and its vectorised objective.
+
+For an enabled set S, request q is served by R_q(S) = the top-k (by gate logit) of the experts of S
+that fit q's latency budget (all of them when k is None), combined with the gate softmax restricted
+to R_q(S). The objective is the mean over questions of
+
+- ``accuracy``: 1[argmax of the mixture = correct option], with a 1e-7 × log-likelihood tie-break,
+- ``log_likelihood``: log of the mixture's probability of the correct option (= −cross-entropy).
+
+A request no enabled expert can serve in time counts as wrong with likelihood 1/O.
+
+Energy (our choice, documented in docs/moe2.md): the coarse level reserves, per request, the energy
+of every enabled expert that may serve it, E(S) = Σ_{n∈S} ē_n with ē_n = mean_q energy_qn·1[n fits q].
+It is additive, so feasibility is down-closed, and the fine level's top-k spends at most that.
+Latency holds per request by construction (only experts that fit the budget serve).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgemoe.collab.cache import AnswerCache
+from edgemoe.collab.costs import RequestCosts, eligible_QN
+from edgemoe.config import ConfigError, check_choice
+
+TIE_EPS = 1e-7
+OBJECTIVES = ("accuracy", "log_likelihood")
+
+
+@dataclass
+class Evaluation:
+    """Objective components for a batch of subsets (arrays of shape (B,))."""
+
+    value_B: np.ndarray
+    accuracy_B: np.ndarray
+    loglik_B: np.ndarray
+
+
+@dataclass
+class SelectionProblem:
+    """Arrays that define one coarse-level instance (one latency-budget setting, many energy budgets)."""
+
+    names: list[str]
+    probs_QNO: np.ndarray
+    answer_Q: np.ndarray
+    logits_QN: np.ndarray
+    eligible_QN: np.ndarray
+    energy_QN: np.ndarray
+    delay_QN: np.ndarray
+    category_Q: np.ndarray
+    aggregation_s: float = 0.0
+    top_k: int | None = None
+    objective: str = "accuracy"
+    gate_QN: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_choice(self.objective, "objective", OBJECTIVES)
+        q, n, o = self.probs_QNO.shape
+        for name in ("logits_QN", "eligible_QN", "energy_QN", "delay_QN"):
+            if getattr(self, name).shape != (q, n):
+                raise ConfigError(name, f"shape {getattr(self, name).shape} must be ({q}, {n})")
+        if len(self.names) != n:
+            raise ConfigError("names", f"{len(self.names)} names for {n} experts")
+        if np.any(self.energy_QN < 0):
+            raise ConfigError("energy_QN", "energies must be >= 0")
+        self.eligible_QN = np.asarray(self.eligible_QN, dtype=bool)
+        if self.top_k is not None and self.top_k >= n:
+            self.top_k = None
+        z_QN = self.logits_QN - self.logits_QN.max(axis=1, keepdims=True)
+        self.gate_QN = np.exp(z_QN) * self.eligible_QN
+        rows = np.arange(q)
+        self.correct_QN = self.probs_QNO[rows, :, self.answer_Q]
+        self.gp_NQO = np.ascontiguousarray((self.gate_QN[:, :, None] * self.probs_QNO).transpose(1, 0, 2))
+        self.gate_NQ = np.ascontiguousarray(self.gate_QN.T)
+        self.cost_N = (self.energy_QN * self.eligible_QN).mean(axis=0)
+        self.usable_N = self.eligible_QN.any(axis=0)
+        # Sorted-by-logit views for the top-k fine level (eligible experts first).
+        order_QN = np.argsort(-np.where(self.eligible_QN, self.logits_QN, -np.inf), axis=1, kind="stable")
+        self.rank_order_QN = order_QN
+        self.gate_sorted_QN = np.take_along_axis(self.gate_QN, order_QN, axis=1)
+        self.eligible_sorted_QN = np.take_along_axis(self.eligible_QN, order_QN, axis=1)
+        self.gp_sorted_QNO = np.take_along_axis(
+            self.gate_QN[:, :, None] * self.probs_QNO, order_QN[:, :, None], 1
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_questions(self) -> int:
+        return int(self.probs_QNO.shape[0])
+
+    @property
+    def num_options(self) -> int:
+        return int(self.probs_QNO.shape[2])
+
+    def energy(self, mask_N: np.ndarray) -> float:
+        """Reserved mean energy per request of the enabled set (J)."""
+        return float(self.cost_N @ np.asarray(mask_N, dtype=np.float64))
+
+    def _sorted_selection(self, masks_BN: np.ndarray) -> np.ndarray:
+        """R_q(S) in per-question logit order (bool (B, Q, N)); top-k keeps the first k."""
+        sel_BQN = np.asarray(masks_BN, dtype=bool)[:, self.rank_order_QN]
+        sel_BQN &= self.eligible_sorted_QN[None]
+        if self.top_k is not None:
+            sel_BQN &= np.cumsum(sel_BQN, axis=2) <= self.top_k
+        return sel_BQN
+
+    def routed_QN(self, mask_N: np.ndarray) -> np.ndarray:
+        """R_q(S) for one subset, bool (Q, N) in the original expert order."""
+        sel_QN = self._sorted_selection(np.asarray(mask_N, dtype=bool)[None])[0]
+        out_QN = np.zeros_like(sel_QN)
+        np.put_along_axis(out_QN, self.rank_order_QN, sel_QN, axis=1)
+        return out_QN
+
+    def mixtures(self, masks_BN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unnormalised mixtures ``num_BQO`` and their normalisers ``den_BQ`` for a batch of subsets."""
+        masks_BN = np.asarray(masks_BN)
+        b = masks_BN.shape[0]
+        q, n, o = self.probs_QNO.shape
+        if self.top_k is None:
+            m = masks_BN.astype(np.float64)
+            num = (m @ self.gp_NQO.reshape(n, q * o)).reshape(b, q, o)
+            return num, m @ self.gate_NQ
+        s = self._sorted_selection(masks_BN).astype(np.float64)
+        return np.einsum("bqn,qno->bqo", s, self.gp_sorted_QNO), np.einsum(
+            "bqn,qn->bq", s, self.gate_sorted_QN
+        )
+
+    def score(self, num_BQO: np.ndarray, den_BQ: np.ndarray) -> Evaluation:
+        """Objective of mixtures (see module doc)."""
+        rows = np.arange(self.num_questions)
+        served_BQ = den_BQ > 0
+        correct_BQ = (num_BQO.argmax(axis=2) == self.answer_Q[None, :]) & served_BQ
+        p_y_BQ = num_BQO[:, rows, self.answer_Q] / np.where(served_BQ, den_BQ, 1.0)
+        p_y_BQ = np.where(served_BQ, p_y_BQ, 1.0 / self.num_options)
+        ll_B = np.log(np.maximum(p_y_BQ, 1e-300)).mean(axis=1)
+        acc_B = correct_BQ.mean(axis=1)
+        value_B = acc_B + TIE_EPS * ll_B if self.objective == "accuracy" else ll_B
+        return Evaluation(value_B, acc_B, ll_B)
+
+    def evaluate(self, masks_BN: np.ndarray, chunk: int = 256) -> Evaluation:
+        """Objective of every subset in ``masks_BN`` (bool (B, N)), in chunks."""
+        masks_BN = np.atleast_2d(np.asarray(masks_BN, dtype=bool))
+        parts = [self.score(*self.mixtures(masks_BN[i : i + chunk])) for i in range(0, len(masks_BN), chunk)]
+        if not parts:
+            empty = np.zeros(0)
+            return Evaluation(empty, empty, empty)
+        return Evaluation(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("value_B", "accuracy_B", "loglik_B"))
+        )
+
+    def realised(self, mask_N: np.ndarray, categories: list[str] | None = None) -> dict:
+        """What serving with S really costs and achieves: accuracy, mean energy, latency per category."""
+        mask_N = np.asarray(mask_N, dtype=bool)
+        ev = self.evaluate(mask_N[None])
+        routed_QN = self.routed_QN(mask_N)
+        costs = RequestCosts(self.delay_QN, self.energy_QN, self.aggregation_s)
+        delay_Q = costs.set_delay(routed_QN)
+        served_Q = routed_QN.any(axis=1)
+        cats = sorted(set(self.category_Q.tolist()))
+        names = categories or [str(c) for c in cats]
+        lat = {}
+        for c in cats:
+            sel_c = (self.category_Q == c) & served_Q
+            lat[names[c]] = {
+                "mean_s": float(delay_Q[sel_c].mean()) if sel_c.any() else 0.0,
+                "max_s": float(delay_Q[sel_c].max()) if sel_c.any() else 0.0,
+            }
+        return {
+            "accuracy": float(ev.accuracy_B[0]),
+            "log_likelihood": float(ev.loglik_B[0]),
+            "energy_reserved_j": self.energy(mask_N),
+            "energy_realised_j": float(costs.set_energy(routed_QN).mean()),
+            "served_fraction": float(served_Q.mean()),
+            "experts_per_request": float(routed_QN.sum(axis=1).mean()),
+            "latency": lat,
+        }
+
+    def subset_questions(self, index: np.ndarray) -> SelectionProblem:
+        """The same instance on a subset of the questions (e.g. a held-out split)."""
+        return SelectionProblem(
+            names=self.names,
+            probs_QNO=self.probs_QNO[index],
+            answer_Q=self.answer_Q[index],
+            logits_QN=self.logits_QN[index],
+            eligible_QN=self.eligible_QN[index],
+            energy_QN=self.energy_QN[index],
+            delay_QN=self.delay_QN[index],
+            category_Q=self.category_Q[index],
+            aggregation_s=self.aggregation_s,
+            top_k=self.top_k,
+            objective=self.objective,
+        )
+
+
+def build_problem(
+    cache: AnswerCache,
+    answer_Q: np.ndarray,
+    category_Q: np.ndarray,
+    logits_QN: np.ndarray,
+    costs: RequestCosts,
+    latency_budget_Q: np.ndarray,
+    top_k: int | None = None,
+    objective: str = "accuracy",
+) -> SelectionProblem:
+    """Assemble a :class:`SelectionProblem` from a cache, gate logits, costs and latency budgets."""
+    return SelectionProblem(
+        names=list(cache.experts),
+        probs_QNO=cache.probs_QNO,
+        answer_Q=np.asarray(answer_Q),
+        logits_QN=np.asarray(logits_QN, dtype=np.float64),
+        eligible_QN=eligible_QN(costs, np.asarray(latency_budget_Q, dtype=np.float64)),
+        energy_QN=costs.energy_QN,
+        delay_QN=costs.delay_QN,
+        category_Q=np.asarray(category_Q),
+        aggregation_s=costs.aggregation_s,
+        top_k=top_k,
+        objective=objective,
+    )
