@@ -60,18 +60,18 @@ class ModelConfig:
 
 
 class CNNBackbone(nn.Module):
-    """Two 3x3 conv blocks, global average pooling, linear projection to ``dim``."""
+    """Two 3x3 conv blocks, average pooling to a 4x4 grid (keeps layout), linear projection to ``dim``."""
 
     def __init__(self, in_channels: int, channels: int, dim: int):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, 2 * channels, 3, padding=1, stride=2)
-        self.proj = nn.Linear(2 * channels, dim)
+        self.proj = nn.Linear(2 * channels * 16, dim)
 
     def forward(self, x_NCHW: Tensor) -> Tensor:
         x = nn.functional.relu(self.conv1(x_NCHW))
         x = nn.functional.relu(self.conv2(x))
-        return self.proj(x.mean(dim=(2, 3)))
+        return self.proj(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
 
 
 class ViTBackbone(nn.Module):

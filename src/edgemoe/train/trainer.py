@@ -88,6 +88,7 @@ class SlotDecision:
     expert_ids_NK: np.ndarray
     freq_J: np.ndarray
     served_J: np.ndarray
+    trained_ids: np.ndarray
 
 
 def server_specs(cfg: TrainConfig, num_servers: int) -> list[ServerSpec]:
@@ -314,12 +315,17 @@ class Trainer:
         self.table.add(ids_N, samples_N, t, h_ND, experts_NK, kept_NK)
         orders = self._orders(serve_J, decision.freq_J, ids_N, h_ND, experts_NK, kept_NK)
         served_J = self._collect(t, self.transport.step(orders))
-        loss = self._train(self.table.pop_completed())
+        completed = self.table.pop_completed()
+        loss = self._train(completed)
         arrived_J = np.bincount(experts_NK[kept_NK], minlength=self.num_servers).astype(np.float64)
         outcome = advance(self.state, self.spec, decision.freq_J, arrived_J, served_J)
         self.state.backlog_J = self.table.backlog_J(self.num_servers).astype(np.float64)
         if self.keep_decisions:
-            self.decisions.append(SlotDecision(t, experts_NK.copy(), decision.freq_J.copy(), served_J.copy()))
+            self.decisions.append(
+                SlotDecision(
+                    t, experts_NK.copy(), decision.freq_J.copy(), served_J.copy(), completed.ids_N.copy()
+                )
+            )
         if self.cfg.record_scores:
             self.recorded.append(scores_NJ.astype(np.float32))
             self.recorded_labels.append(self.data.y_train_N[torch.from_numpy(samples_N)].numpy())
