@@ -133,8 +133,10 @@ def auto_block(num_tokens: int, block: int) -> int:
 
 
 def route_linear(utility_NJ: np.ndarray, backlog_J: np.ndarray, k: int) -> np.ndarray:
-    """Each token takes the K largest utility_ij - Q_j."""
-    return topk_ids(utility_NJ - backlog_J, k)
+    """Each token takes the K largest utility_ij - Q_j (computed in place, in utility_NJ's dtype:
+    float32 gate scores keep the selection on float32, about twice as fast as float64)."""
+    utility_NJ -= backlog_J.astype(utility_NJ.dtype)
+    return topk_ids(utility_NJ, k)
 
 
 def route_sequential(utility_NJ: np.ndarray, backlog_J: np.ndarray, k: int, block: int) -> np.ndarray:
@@ -142,7 +144,7 @@ def route_sequential(utility_NJ: np.ndarray, backlog_J: np.ndarray, k: int, bloc
     slot, so one slot's tokens do not all join the same short queue. Tokens are processed in blocks of
     ``block`` that share one Q~ (``block=1`` is the strict token-by-token rule)."""
     N, J = utility_NJ.shape
-    provisional_J = np.asarray(backlog_J, dtype=np.float64).copy()
+    provisional_J = np.asarray(backlog_J, dtype=utility_NJ.dtype).copy()
     ids_NK = np.empty((N, k), dtype=np.int64)
     for start in range(0, N, block):
         stop = min(start + block, N)
@@ -198,8 +200,9 @@ class StableMoE(Controller):
         self.freq_rule = freq_rule
 
     def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
-        weight = self.cfg.V * self.cfg.omega2
-        utility_NJ = masked(weight * scores_NJ, state.online_J)
+        # A fresh array in the scores' floating dtype (float32 for a real gate, float64 otherwise).
+        dtype = scores_NJ.dtype if np.issubdtype(scores_NJ.dtype, np.floating) else np.float64
+        utility_NJ = masked(np.multiply(scores_NJ, self.cfg.V * self.cfg.omega2, dtype=dtype), state.online_J)
         if self.cfg.mode == "linear":
             return route_linear(utility_NJ, state.backlog_J, self.k), None
         block = auto_block(len(scores_NJ), self.cfg.block)
@@ -243,6 +246,8 @@ class TopK(Controller):
 
 def group_rank(keys: np.ndarray, num_groups: int) -> np.ndarray:
     """For each entry, how many earlier entries share its key (0-based position within its group)."""
+    if num_groups < np.iinfo(np.int16).max:
+        keys = keys.astype(np.int16)  # a stable sort of 16-bit keys is a linear-time radix sort
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     starts = np.searchsorted(sorted_keys, np.arange(num_groups))

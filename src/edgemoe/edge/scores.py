@@ -133,9 +133,11 @@ class SkewedScoreGenerator:
         not depend on how tokens are split into calls."""
         labels_N = rng.integers(self.spec.num_classes, size=n)
         J = self.class_logits_CJ.shape[1]
-        noise_NJ = (noise_rng or rng).standard_normal((n, J))
-        logits_NJ = self.class_logits_CJ[labels_N] + self.spec.token_noise * noise_NJ
-        return softmax(logits_NJ / self.spec.temperature).astype(np.float32), labels_N
+        noise_NJ = (noise_rng or rng).standard_normal((n, J), dtype=np.float32)
+        noise_NJ *= self.spec.token_noise
+        noise_NJ += self.class_logits_CJ.astype(np.float32)[labels_N]
+        noise_NJ *= 1.0 / self.spec.temperature
+        return softmax(noise_NJ), labels_N
 
 
 class Workload:

@@ -66,7 +66,7 @@ class CompletionTracker:
         self.arrived_J = np.zeros(num_servers, dtype=np.int64)
         self.cum_served_TJ = np.zeros((slots, num_servers))
         self.completed_T = np.zeros(slots, dtype=np.int64)
-        self.old_ids: np.ndarray | None = None
+        self.old_ids: np.ndarray | None = None  # int16 server ids [P, K]
         self.old_idx: np.ndarray | None = None
         self.resolve_at = self.MIN_POOL
 
@@ -78,7 +78,7 @@ class CompletionTracker:
         idx = np.full(len(flat), -1, dtype=np.int64)
         idx[kept] = self.arrived_J[kept_ids] + group_rank(kept_ids, self.J)
         self.arrived_J += np.bincount(kept_ids, minlength=self.J)
-        ids, idx = self._resolve(ids_NK.astype(np.int32), idx.reshape(ids_NK.shape), upto)
+        ids, idx = self._resolve(ids_NK.astype(np.int16), idx.reshape(ids_NK.shape), upto)
         if self.old_ids is None:
             self.old_ids, self.old_idx = ids, idx
         else:
@@ -97,7 +97,7 @@ class CompletionTracker:
         flat_ids, flat_idx = ids_PK.ravel(), idx_PK.ravel()
         done = np.full(len(flat_ids), upto, dtype=np.int64)
         done[flat_idx < 0] = -1
-        order = np.argsort(flat_ids, kind="stable")
+        order = np.argsort(flat_ids, kind="stable")  # int16 ids: radix sort
         bounds = np.searchsorted(flat_ids[order], np.arange(self.J + 1))
         for j in range(self.J):
             sel = order[bounds[j] : bounds[j + 1]]

@@ -121,9 +121,9 @@ class ScoreSpec:
 
     kind: Literal["skewed", "replay"] = "skewed"
     num_classes: int = 10
-    skew: float = 2.0
+    skew: float = 3.0
     popular: Literal["slow", "fast"] = "slow"
-    class_spread: float = 1.0
+    class_spread: float = 1.2
     token_noise: float = 0.5
     temperature: float = 1.0
     structure_seed: int = 0
@@ -153,7 +153,7 @@ class ControllerSpec:
     blocks per slot). ``capacity_factor`` is for ``topk-capacity``.
     """
 
-    V: float = 100.0
+    V: float = 300.0
     omega1: float = 1.0
     omega2: float = 1.0
     energy_weight: float = 10.0
