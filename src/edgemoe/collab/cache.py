@@ -36,7 +36,9 @@ class AnswerCache:
     def __post_init__(self) -> None:
         q, n = len(self.qids), len(self.experts)
         if self.probs_QNO.shape[:2] != (q, n):
-            raise ConfigError("probs", f"shape {self.probs_QNO.shape} does not match {q} questions x {n} experts")
+            raise ConfigError(
+                "probs", f"shape {self.probs_QNO.shape} does not match {q} questions x {n} experts"
+            )
         for name in ("latency_QN", "energy_QN"):
             if getattr(self, name).shape != (q, n):
                 raise ConfigError(name, f"shape {getattr(self, name).shape} must be ({q}, {n})")
@@ -77,7 +79,11 @@ class AnswerCache:
 
 
 def make_record(
-    qid: str, expert: str, probs: Iterable[float], latency_s: float | None = None, energy_j: float | None = None
+    qid: str,
+    expert: str,
+    probs: Iterable[float],
+    latency_s: float | None = None,
+    energy_j: float | None = None,
 ) -> dict:
     """One cache record; NaN/None measurements are stored as null."""
 
@@ -135,7 +141,9 @@ def done_keys(path: str | Path) -> set[tuple[str, str]]:
     return {(r["qid"], r["expert"]) for r in iter_records(path)}
 
 
-def read_cache(path: str | Path, qids: list[str] | None = None, experts: list[str] | None = None) -> AnswerCache:
+def read_cache(
+    path: str | Path, qids: list[str] | None = None, experts: list[str] | None = None
+) -> AnswerCache:
     """Load a JSONL cache into dense arrays (optionally reordered/restricted; every pair must exist)."""
     table: dict[tuple[str, str], dict] = {}
     q_order: dict[str, None] = {}

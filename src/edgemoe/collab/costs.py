@@ -85,8 +85,12 @@ def with_measurements(
     costs: RequestCosts, latency_QN: np.ndarray | None, energy_QN: np.ndarray | None
 ) -> RequestCosts:
     """Replace modelled figures by measured ones wherever a measurement exists (non-NaN)."""
-    delay = costs.delay_QN if latency_QN is None else np.where(np.isnan(latency_QN), costs.delay_QN, latency_QN)
-    energy = costs.energy_QN if energy_QN is None else np.where(np.isnan(energy_QN), costs.energy_QN, energy_QN)
+    delay = (
+        costs.delay_QN if latency_QN is None else np.where(np.isnan(latency_QN), costs.delay_QN, latency_QN)
+    )
+    energy = (
+        costs.energy_QN if energy_QN is None else np.where(np.isnan(energy_QN), costs.energy_QN, energy_QN)
+    )
     return RequestCosts(delay, energy, costs.aggregation_s)
 
 

@@ -93,7 +93,10 @@ def default_mmlu_dir() -> Path:
         candidates = [Path(env)]
     else:
         repo = Path(__file__).resolve().parents[3]
-        candidates = [repo.parent / "shared" / "data" / "qa" / "mmlu", Path.cwd().parent / "shared/data/qa/mmlu"]
+        candidates = [
+            repo.parent / "shared" / "data" / "qa" / "mmlu",
+            Path.cwd().parent / "shared/data/qa/mmlu",
+        ]
     for path in candidates:
         if (path / "test").is_dir():
             return path
@@ -117,7 +120,9 @@ def load_mmlu(
     root = Path(data_dir) if data_dir is not None else default_mmlu_dir()
     folder = root / split
     if not folder.is_dir():
-        raise ConfigError("data_dir", f"{folder} does not exist; expected {split}/<subject>_{split}.csv under it")
+        raise ConfigError(
+            "data_dir", f"{folder} does not exist; expected {split}/<subject>_{split}.csv under it"
+        )
     files = sorted(folder.glob(f"*_{split}.csv"))
     available = {f.name[: -len(f"_{split}.csv")]: f for f in files}
     wanted = sorted(available) if subjects is None else subjects

@@ -163,7 +163,9 @@ class _Bounder:
         self.gpy_NQ = np.ascontiguousarray((problem.gate_QN * py_QN).T)
         order = problem.rank_order_QN
         self.py_sorted_QN = np.take_along_axis(py_QN, order, axis=1)
-        self.margin_sorted_QNO = np.take_along_axis(py_QN[:, :, None] - problem.probs_QNO, order[:, :, None], 1)
+        self.margin_sorted_QNO = np.take_along_axis(
+            py_QN[:, :, None] - problem.probs_QNO, order[:, :, None], 1
+        )
 
     def bound(
         self, num_BQO: np.ndarray, den_BQ: np.ndarray, members_BN: np.ndarray, cand_BN: np.ndarray

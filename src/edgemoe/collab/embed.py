@@ -39,7 +39,9 @@ class HashingEmbedder:
         self._proj_BD = rng.choice([-1.0, 1.0], size=(buckets, dim)).astype(np.float32) / np.sqrt(dim)
 
     def _bucket(self, token: str) -> int:
-        return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little") % self.buckets
+        return (
+            int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little") % self.buckets
+        )
 
     def encode(self, texts: list[str]) -> np.ndarray:
         counts_TB = np.zeros((len(texts), self.buckets), dtype=np.float32)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgemoe.config import check_positive
+from edgemoe.config import check_positive, check_range
 
 
 @dataclass
@@ -27,8 +27,10 @@ class GateConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     use_category: bool = True
+    subset_dropout: float = 0.5
 
     def __post_init__(self) -> None:
+        check_range(self.subset_dropout, "gate.subset_dropout", 0.0, 0.95)
         check_positive(self.hidden, "gate.hidden")
         check_positive(self.steps, "gate.steps")
         check_positive(self.lr, "gate.lr")
@@ -45,7 +47,9 @@ class Gate(nn.Module):
         self.cfg = cfg
         self.embed_dim = embed_dim
         in_dim = embed_dim + (len(categories) if cfg.use_category else 0)
-        self.mlp = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, len(experts)))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, len(experts))
+        )
 
     def features(self, emb_QD: torch.Tensor, category_Q: torch.Tensor) -> torch.Tensor:
         if not self.cfg.use_category:
@@ -83,10 +87,15 @@ class Gate(nn.Module):
         return gate.eval()
 
 
-def ensemble_nll(logits_QN: torch.Tensor, correct_QN: torch.Tensor, mask_N: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean ``-log Σ_n w_n p_n(y)`` with ``w`` the softmax of the logits over the enabled experts."""
-    if mask_N is not None:
-        logits_QN = logits_QN.masked_fill(~mask_N[None, :], float("-inf"))
+def ensemble_nll(
+    logits_QN: torch.Tensor, correct_QN: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean ``-log Σ_n w_n p_n(y)`` with ``w`` the softmax of the logits over the enabled experts.
+
+    ``mask`` is (N,) or (Q, N); every row must enable at least one expert.
+    """
+    if mask is not None:
+        logits_QN = logits_QN.masked_fill(~mask.expand_as(logits_QN), float("-inf"))
     logw_QN = torch.log_softmax(logits_QN, dim=1)
     return -torch.logsumexp(logw_QN + torch.log(correct_QN.clamp_min(1e-12)), dim=1).mean()
 
@@ -104,6 +113,9 @@ def train_gate(
 
     ``correct_QN`` is each expert's probability of the correct option. ``mask_N`` restricts training
     to a subset (used only to measure the optimality-preserving gap; MoE² trains on the full set).
+    With ``cfg.subset_dropout`` > 0, each step also trains on random restrictions of the full set
+    (each expert dropped with that probability, per question), so that the gate restricted to any
+    subset stays well ranked; it is still one gate trained once.
     """
     torch.manual_seed(cfg.seed)
     gate = Gate(emb_QD.shape[1], experts, categories, cfg)
@@ -112,9 +124,17 @@ def train_gate(
     p = torch.as_tensor(np.asarray(correct_QN, dtype=np.float32))
     m = None if mask_N is None else torch.as_tensor(np.asarray(mask_N, dtype=bool))
     opt = torch.optim.AdamW(gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
-        loss = ensemble_nll(gate(x, c), p, m)
+        logits_QN = gate(x, c)
+        loss = ensemble_nll(logits_QN, p, m)
+        if cfg.subset_dropout > 0 and m is None:
+            keep_QN = torch.rand(p.shape, generator=gen) >= cfg.subset_dropout
+            keep_QN[torch.arange(p.shape[0]), torch.randint(0, p.shape[1], (p.shape[0],), generator=gen)] = (
+                True
+            )
+            loss = 0.5 * (loss + ensemble_nll(logits_QN, p, keep_QN))
         loss.backward()
         opt.step()
     return gate.eval()

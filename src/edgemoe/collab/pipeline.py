@@ -7,18 +7,23 @@ the coarse-level instance for a latency-budget setting on one split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
-from edgemoe.collab.cache import AnswerCache
+from edgemoe.collab.cache import AnswerCache, read_cache
 from edgemoe.collab.costs import estimate_prompt_tokens, latency_budget_Q, request_costs, with_measurements
-from edgemoe.collab.data import QuestionSet
-from edgemoe.collab.embed import Embedder
+from edgemoe.collab.data import QuestionSet, load_mmlu, synthetic_questions
+from edgemoe.collab.embed import EMBEDDER_KINDS, Embedder, make_embedder
 from edgemoe.collab.gate import Gate, GateConfig, train_gate
 from edgemoe.collab.problem import SelectionProblem, build_problem
-from edgemoe.collab.profiles import Budgets, CollabConfig, RequestModel
+from edgemoe.collab.profiles import MMLU_CATEGORIES, Budgets, CollabConfig, load_collab_config
 from edgemoe.collab.simulate import GeneratorConfig, default_experts, generate_cache
+from edgemoe.config import ConfigError, check_choice, check_positive, from_dict, require, to_dict
 
 SPLITS = ("train", "select", "test")
 
@@ -62,7 +67,9 @@ def workspace(
 
 def simulated_config(num_experts: int, categories: list[str], seed: int = 0, **kw) -> CollabConfig:
     """A config with the default zoo of simulated experts."""
-    return CollabConfig(experts=default_experts(num_experts, categories, seed=seed), categories=categories, **kw)
+    return CollabConfig(
+        experts=default_experts(num_experts, categories, seed=seed), categories=categories, **kw
+    )
 
 
 def simulated_cache(config: CollabConfig, questions: QuestionSet, seed: int = 0) -> AnswerCache:
@@ -111,5 +118,120 @@ def problem(
     )
 
 
-def default_request() -> RequestModel:
-    return RequestModel()
+@dataclass
+class DataSpec:
+    """Where the questions come from: MMLU on disk or a synthetic stand-in (no files needed)."""
+
+    source: str = "mmlu"
+    dir: str | None = None
+    split: str = "test"
+    limit_per_subject: int | None = None
+    subjects: list[str] | None = None
+    synthetic_questions: int = 2000
+
+    def __post_init__(self) -> None:
+        check_choice(self.source, "data.source", ("mmlu", "synthetic"))
+        check_choice(self.split, "data.split", ("dev", "test"))
+        check_positive(self.synthetic_questions, "data.synthetic_questions")
+        if self.limit_per_subject is not None:
+            check_positive(self.limit_per_subject, "data.limit_per_subject")
+
+    def load(self) -> QuestionSet:
+        if self.source == "synthetic":
+            return synthetic_questions(self.synthetic_questions, self.subjects)
+        return load_mmlu(self.dir, self.split, self.subjects, self.limit_per_subject)
+
+
+@dataclass
+class RunSpec:
+    """Everything a ``collab fit`` run needs, from one YAML file.
+
+    Top-level keys are the :class:`CollabConfig` fields plus ``data``, ``gate``, ``embedder``,
+    ``cache`` (a JSONL answer cache; none = simulate from the profiles), ``simulated_experts``
+    (a default zoo when ``experts`` is absent) and ``seed``.
+    """
+
+    deployment: CollabConfig
+    data: DataSpec = field(default_factory=DataSpec)
+    gate: GateConfig = field(default_factory=GateConfig)
+    embedder: str = "auto"
+    cache: str | None = None
+    seed: int = 0
+
+
+RUN_KEYS = ("data", "gate", "embedder", "cache", "simulated_experts", "seed")
+
+
+def load_run_spec(data: dict[str, Any]) -> RunSpec:
+    """Parse a run file (see :class:`RunSpec`); errors name the bad field."""
+    data = dict(data)
+    extra = {k: data.pop(k) for k in RUN_KEYS if k in data}
+    seed = int(extra.get("seed", 0))
+    if "experts" not in data:
+        num = extra.get("simulated_experts", 8)
+        require(
+            isinstance(num, int) and num > 0, "simulated_experts", f"must be a positive integer, got {num!r}"
+        )
+        cats = data.get("categories", list(MMLU_CATEGORIES))
+        data["experts"] = [to_dict(e) for e in default_experts(num, list(cats), seed=seed)]
+    embedder = extra.get("embedder", "auto")
+    check_choice(embedder, "embedder", EMBEDDER_KINDS)
+    return RunSpec(
+        deployment=load_collab_config(data),
+        data=from_dict(DataSpec, extra.get("data", {}), prefix="data"),
+        gate=from_dict(GateConfig, extra.get("gate", {}), prefix="gate"),
+        embedder=embedder,
+        cache=extra.get("cache"),
+        seed=seed,
+    )
+
+
+def build_workspace(spec: RunSpec) -> Workspace:
+    """Load questions, read or simulate the answer cache, embed the prompts, split."""
+    questions = spec.data.load()
+    if spec.cache:
+        cache = read_cache(spec.cache, qids=questions.qid, experts=spec.deployment.expert_names)
+    else:
+        cache = simulated_cache(spec.deployment, questions, seed=spec.seed)
+    return workspace(spec.deployment, questions, cache, make_embedder(spec.embedder), seed=spec.seed)
+
+
+def save_run(folder: Path, spec: RunSpec, ws: Workspace, gate: Gate, embedder_name: str) -> None:
+    """Write what ``select``/``sweep``/``eval`` reload: config, cache, embeddings, split, gate."""
+    folder.mkdir(parents=True, exist_ok=True)
+    run = {
+        "data": to_dict(spec.data),
+        "embedder": embedder_name,
+        "seed": spec.seed,
+        **to_dict(spec.deployment),
+    }
+    (folder / "run.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
+    ws.cache.write(folder / "cache.jsonl")
+    np.save(folder / "embeddings.npy", ws.emb_QD)
+    np.save(folder / "split.npy", ws.split_Q)
+    (folder / "qids.json").write_text(json.dumps(ws.questions.qid))
+    gate.save(folder / "gate.pt")
+
+
+def load_run(folder: str | Path) -> tuple[Workspace, Gate]:
+    """Reload a ``collab fit`` run folder."""
+    folder = Path(folder)
+    if not (folder / "run.yaml").is_file():
+        raise ConfigError("--run", f"{folder} is not a 'collab fit' run folder (no run.yaml)")
+    raw = yaml.safe_load((folder / "run.yaml").read_text())
+    data = from_dict(DataSpec, raw.pop("data"), prefix="data")
+    raw.pop("embedder", None)
+    raw.pop("seed", None)
+    config = load_collab_config(raw)
+    qids = json.loads((folder / "qids.json").read_text())
+    questions = data.load()
+    pos = {q: i for i, q in enumerate(questions.qid)}
+    missing = [q for q in qids if q not in pos]
+    if missing:
+        raise ConfigError("data", f"question {missing[0]!r} of the run is not in the data any more")
+    questions = questions.take(np.array([pos[q] for q in qids], dtype=np.int64))
+    cache = read_cache(folder / "cache.jsonl", qids=qids, experts=config.expert_names)
+    ws = Workspace(
+        config, questions, cache, np.load(folder / "embeddings.npy"), np.load(folder / "split.npy")
+    )
+    return ws, Gate.load(folder / "gate.pt")

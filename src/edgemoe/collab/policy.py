@@ -78,11 +78,15 @@ class MoE2Policy:
 
     def __init__(self, config: CollabConfig, gate: Gate, embedder: Embedder, enabled: list[str]):
         if gate.experts != config.expert_names:
-            raise ConfigError("gate", f"gate experts {gate.experts} differ from config experts {config.expert_names}")
+            raise ConfigError(
+                "gate", f"gate experts {gate.experts} differ from config experts {config.expert_names}"
+            )
         for name in enabled:
             check_choice(name, "enabled", config.expert_names)
         if embedder.dim != gate.embed_dim:
-            raise ConfigError("embedder", f"gives {embedder.dim}-d vectors but the gate expects {gate.embed_dim}")
+            raise ConfigError(
+                "embedder", f"gives {embedder.dim}-d vectors but the gate expects {gate.embed_dim}"
+            )
         self.config = config
         self.gate = gate
         self.embedder = embedder

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgemoe.config import ConfigError, check_choice, check_positive, check_range, from_dict, load_yaml, require
+from edgemoe.config import (
+    ConfigError,
+    check_choice,
+    check_positive,
+    check_range,
+    from_dict,
+    load_yaml,
+    require,
+)
 
 MMLU_CATEGORIES: tuple[str, ...] = ("stem", "humanities", "social_sciences", "other")
 

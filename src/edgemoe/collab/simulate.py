@@ -28,7 +28,9 @@ class GeneratorConfig:
     seed: int = 0
 
 
-def _accuracy_curve(cfg: GeneratorConfig, num_options: int, samples: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+def _accuracy_curve(
+    cfg: GeneratorConfig, num_options: int, samples: int = 20000
+) -> tuple[np.ndarray, np.ndarray]:
     """Expected argmax accuracy as a function of θ (Monte-Carlo over difficulty and noise)."""
     rng = np.random.default_rng(12345)
     theta_T = np.linspace(-4.0, 8.0, 121)
@@ -106,14 +108,19 @@ def default_experts(num: int, categories: list[str], seed: int = 0) -> list[Expe
     for i in range(num):
         hw, params, base = _ZOO[i % len(_ZOO)]
         strong, weak = rng.choice(len(categories), size=2, replace=False)
-        offsets = {categories[strong]: float(rng.uniform(0.08, 0.18)), categories[weak]: -float(rng.uniform(0.05, 0.12))}
+        offsets = {
+            categories[strong]: float(rng.uniform(0.08, 0.18)),
+            categories[weak]: -float(rng.uniform(0.05, 0.12)),
+        }
         out.append(
             ExpertProfile(
                 name=f"{_SHORT[hw]}-{params:g}b-{i}",
                 hardware=hw,
                 params_b=params * float(rng.uniform(0.9, 1.1)),
                 link_mbps=float(rng.choice([50.0, 100.0, 300.0])),
-                skill=SkillProfile(base=float(np.clip(base + rng.normal(0, 0.03), 0.3, 0.85)), categories=offsets),
+                skill=SkillProfile(
+                    base=float(np.clip(base + rng.normal(0, 0.03), 0.3, 0.85)), categories=offsets
+                ),
             )
         )
     return out
