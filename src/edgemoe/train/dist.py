@@ -85,6 +85,8 @@ def worker_loop() -> None:
         elif op == "reset":
             server.drain()
             reply = "ok"
+        elif op == "profile":
+            reply = server.profile(*arg)
         elif op == "state":
             reply = server.state_dict()
         elif op == "load":
@@ -200,6 +202,9 @@ class DistTransport(Transport):
             except RuntimeError:
                 pass
         self.dead.add(server)
+
+    def profile(self, tokens: int, repeats: int) -> dict[int, dict[str, float] | None]:
+        return self._call({j: ("profile", (tokens, repeats)) for j in range(self.num_servers)})
 
     def state_dict(self) -> dict[int, dict[str, Any] | None]:
         return self._call({j: ("state", None) for j in range(self.num_servers)})

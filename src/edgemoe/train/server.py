@@ -8,6 +8,8 @@ the gradient on the activations. The same class runs in-process and inside a ``d
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +95,31 @@ class ExpertServer:
         """Expert outputs for evaluation (no grad, queue untouched)."""
         with torch.no_grad():
             return self.expert(h_ND)
+
+    def profile(self, tokens: int, repeats: int) -> dict[str, float]:
+        """Median wall seconds per token of this expert's serve forward and backward recompute.
+
+        Runs on a copy so the server's weights, optimizer and queue are untouched.
+        """
+        probe = ExpertServer(self.spec)
+        probe.expert.load_state_dict(self.expert.state_dict())
+        h_TD = torch.randn(tokens, self.spec.dim)
+        ids_T = torch.arange(tokens)
+        forward, backward = [], []
+        for _ in range(repeats + 1):
+            probe.enqueue(ids_T, h_TD)
+            start = time.perf_counter()
+            _, y_TD = probe.serve(tokens)
+            mid = time.perf_counter()
+            probe.backward(h_TD, torch.ones_like(y_TD))
+            forward.append(mid - start)
+            backward.append(time.perf_counter() - mid)
+        fwd, bwd = statistics.median(forward[1:]), statistics.median(backward[1:])
+        return {
+            "forward_s_per_token": fwd / tokens,
+            "backward_s_per_token": bwd / tokens,
+            "s_per_token": (fwd + bwd) / tokens,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -109,6 +109,10 @@ class Transport(ABC):
     def load_state_dict(self, states: dict[int, dict[str, Any] | None]) -> None:
         """Restore servers from :meth:`state_dict` output."""
 
+    @abstractmethod
+    def profile(self, tokens: int, repeats: int) -> dict[int, dict[str, float] | None]:
+        """Each server measures its own per-token expert cost (see ``ExpertServer.profile``)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, in-process transports hold nothing
         """Release processes and sockets (nothing to do in-process)."""
 
@@ -135,6 +139,9 @@ class InProcTransport(Transport):
     def kill(self, server: int) -> None:
         """In-process a killed server loses its queue and comes back (on rejoin) with its weights."""
         self.servers[server].drain()
+
+    def profile(self, tokens: int, repeats: int) -> dict[int, dict[str, float] | None]:
+        return {j: s.profile(tokens, repeats) for j, s in enumerate(self.servers)}
 
     def state_dict(self) -> dict[int, dict[str, Any] | None]:
         return {j: s.state_dict() for j, s in enumerate(self.servers)}

@@ -1,0 +1,85 @@
+"""``edgemoe profile``: measure each edge server's per-token expert cost to set C_j.
+
+    edgemoe profile                                  # in-process, the model of the default config
+    edgemoe profile --transport dist --workers 8     # every server process measures itself
+    edgemoe profile --config run.yaml --tokens 256 --repeats 20
+
+Each server times its expert's serve forward and backward recompute on ``--tokens`` random tokens
+(median of ``--repeats``). Cycles per token at the server's f_max are C_j = seconds/token x f_max:
+the value that makes the emulated frequency match this machine. Writes ``profile.json`` and
+``servers.yaml`` (the scenario's servers with these C_j) to the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+
+from edgemoe.cli.common import add_config_args, run_dir, write_json
+from edgemoe.cli.train import build_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="measure each server's per-token expert cost (sets cycles_per_token)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p)
+    p.add_argument("--transport", help="inproc (default) or dist")
+    p.add_argument("--workers", type=int, help="dist: number of server processes (= number of servers)")
+    p.add_argument("--scenario", help="edge network scenario (paper, homogeneous, bursty, large)")
+    p.add_argument("--tokens", type=int, default=256, help="tokens per timed batch")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    p.add_argument("--out", type=Path, help="run folder (default runs/profile-<time>)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgemoe.config import require
+    from edgemoe.train.trainer import make_transport
+
+    require(args.tokens >= 1, "--tokens", f"must be >= 1, got {args.tokens}")
+    require(args.repeats >= 1, "--repeats", f"must be >= 1, got {args.repeats}")
+    torch.set_num_threads(args.threads)
+    cfg = build_config(argparse.Namespace(**{**vars(args), "policy": None}))
+    spec = cfg.network_spec()
+    transport = make_transport(cfg, spec.num_servers)
+    try:
+        results = transport.profile(args.tokens, args.repeats)
+    finally:
+        transport.close()
+    rows, servers = [], []
+    for j in range(spec.num_servers):
+        r = results[j] or {}
+        cycles = r.get("s_per_token", float("nan")) * spec.f_max_J[j]
+        rows.append({"server": j, **r, "f_max_ghz": spec.f_max_J[j] / 1e9, "cycles_per_token": cycles})
+        servers.append(
+            {
+                "f_max": float(spec.f_max_J[j]),
+                "cycles_per_token": float(cycles),
+                "kappa": float(spec.kappa_J[j]),
+                "energy_budget": float(spec.budget_J[j]),
+            }
+        )
+    out = run_dir(args.out, "runs", "profile")
+    write_json(
+        out / "profile.json", {"transport": cfg.transport.kind, "tokens": args.tokens, "servers": rows}
+    )
+    (out / "servers.yaml").write_text(yaml.safe_dump({"servers": servers}, sort_keys=False))
+    print(
+        f"{'server':>6}  {'us/token fwd':>12}  {'us/token bwd':>12}  {'f_max GHz':>9}  {'C_j (cycles/token)':>18}"
+    )
+    for r in rows:
+        print(
+            f"{r['server']:>6}  {1e6 * r.get('forward_s_per_token', float('nan')):>12.2f}  "
+            f"{1e6 * r.get('backward_s_per_token', float('nan')):>12.2f}  {r['f_max_ghz']:>9.2f}  "
+            f"{r['cycles_per_token']:>18.3g}"
+        )
+    print(f"wrote {out}/profile.json and servers.yaml")
+    return 0

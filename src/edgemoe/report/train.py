@@ -1,0 +1,139 @@
+"""Reports of training runs: CSV traces, comparison tables and PNG plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+TABLE_COLUMNS = (
+    ("throughput_mean", "throughput/slot", "{:.1f}"),
+    ("completed_mean", "trained/slot", "{:.1f}"),
+    ("test_accuracy", "test acc", "{:.3f}"),
+    ("backlog_mean", "backlog", "{:.0f}"),
+    ("energy_over_budget_max", "energy/budget", "{:.2f}"),
+    ("gc_norm_mean", "gating cons.", "{:.3f}"),
+)
+
+
+def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write dict rows as CSV (columns from the first row)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        if rows:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+def format_table(
+    summaries: Mapping[str, Mapping[str, Any]], spread: Mapping[str, Mapping[str, float]] | None = None
+) -> str:
+    """A plain-text comparison table, one row per policy (``± std`` when ``spread`` is given)."""
+    header = ["policy"] + [title for _, title, _ in TABLE_COLUMNS]
+    lines = []
+    for name, summary in summaries.items():
+        cells = [name]
+        for key, _, fmt in TABLE_COLUMNS:
+            cell = fmt.format(summary[key])
+            if spread and key in spread.get(name, {}):
+                cell += " ± " + fmt.format(spread[name][key])
+            cells.append(cell)
+        lines.append(cells)
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+
+    def fmt_row(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, lines)])
+
+
+def markdown_table(
+    summaries: Mapping[str, Mapping[str, Any]], spread: Mapping[str, Mapping[str, float]] | None = None
+) -> str:
+    """The same table as GitHub markdown."""
+    header = "| policy | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(TABLE_COLUMNS)
+    rows = []
+    for name, summary in summaries.items():
+        cells = []
+        for key, _, fmt in TABLE_COLUMNS:
+            cell = fmt.format(summary[key])
+            if spread and key in spread.get(name, {}):
+                cell += " ± " + fmt.format(spread[name][key])
+            cells.append(cell)
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join([header, rule, *rows])
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(y) < window:
+        return y
+    kernel = np.ones(window) / window
+    return np.convolve(y, kernel, mode="valid")
+
+
+def plot_comparison(
+    runs: Mapping[str, tuple[Sequence[Mapping[str, float]], Sequence[Mapping[str, float]]]],
+    out: Path,
+    title: str = "",
+) -> Path:
+    """Accuracy, backlog and throughput against slots, one line per policy.
+
+    ``runs`` maps a policy to (per-slot history rows, evaluation rows).
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, (history, evals) in runs.items():
+        axes[0].plot(
+            [e["slot"] for e in evals], [e["test_accuracy"] for e in evals], marker="o", ms=3, label=name
+        )
+        slots = np.array([r["slot"] for r in history])
+        axes[1].plot(slots, [r["backlog"] for r in history], label=name)
+        tp = _smooth(np.array([r["throughput"] for r in history], dtype=float), 5)
+        axes[2].plot(slots[len(slots) - len(tp) :], tp, label=name)
+    axes[0].set(xlabel="slot", ylabel="test accuracy", title="accuracy vs slots")
+    axes[1].set(
+        xlabel="slot", ylabel="tokens queued (all servers)", title="backlog vs slots", yscale="symlog"
+    )
+    axes[2].set(xlabel="slot", ylabel="token-computations served / slot", title="throughput (5-slot mean)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_servers(
+    history: Sequence[Mapping[str, float]], num_servers: int, out: Path, title: str = ""
+) -> Path:
+    """Per-server backlog and frequency of one run."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    slots = [r["slot"] for r in history]
+    for j in range(num_servers):
+        axes[0].plot(slots, [r[f"backlog_{j}"] for r in history], label=f"server {j}")
+        axes[1].plot(slots, [r[f"freq_ghz_{j}"] for r in history], label=f"server {j}")
+    axes[0].set(xlabel="slot", ylabel="queued tokens", title="backlog per server")
+    axes[1].set(xlabel="slot", ylabel="GHz", title="frequency per server")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,194 @@
+"""Policy comparisons at a fixed slot budget: every policy, every seed, same data and arrivals.
+
+For one seed all policies see the same arrival counts and the same sample stream (common random
+numbers), so differences come from routing and frequency control only. Used by ``edgemoe demo``
+and by the experiments of docs/results.md::
+
+    python -m edgemoe.train.compare --dataset fashion-mnist --seeds 0,1,2 --slots 100 --out runs/exp-fm
+
+Writes ``summary.json`` (policy -> mean metrics, plus per-seed values and standard deviations),
+``comparison.csv``, per-run slot/eval traces and ``curves.png`` (seed 0: accuracy, backlog and
+throughput against slots) to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edgemoe.cli.common import write_json
+from edgemoe.config import apply_overrides
+from edgemoe.edge.controllers import expand_policies
+from edgemoe.report.train import format_table, markdown_table, plot_comparison, plot_servers, write_rows
+from edgemoe.train.config import TrainConfig, train_config_from_dict
+from edgemoe.train.data import load_dataset
+from edgemoe.train.trainer import Trainer
+
+METRICS = (
+    "throughput_mean",
+    "test_accuracy",
+    "backlog_mean",
+    "energy_over_budget_max",
+    "gc_norm_mean",
+    "completed_mean",
+    "trained",
+    "arrived",
+    "dropped_assignments",
+)
+
+
+def policy_config(base: dict[str, Any], policy: str, seed: int) -> TrainConfig:
+    """``base`` (a TrainConfig mapping) for one policy and seed; ``controller`` applies to Stable-MoE only."""
+    data = dict(base, policy=policy, seed=seed)
+    if not policy.startswith("stable-moe"):
+        data["controller"] = {}
+    return train_config_from_dict(data)
+
+
+def run_comparison(
+    base: dict[str, Any],
+    policies: Sequence[str],
+    seeds: Sequence[int],
+    out: Path,
+    *,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Train every (policy, seed); write the report to ``out``; return policy -> aggregated summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = policy_config(base, policies[0], seeds[0])
+    per_run: dict[str, list[dict[str, float]]] = {p: [] for p in policies}
+    curves = {}
+    for seed in seeds:
+        data = load_dataset(
+            probe.data.name,
+            probe.data.data_dir,
+            train_subset=probe.data.train_subset,
+            test_subset=probe.data.test_subset,
+            seed=seed,
+            label=probe.data.label,
+        )
+        for policy in policies:
+            cfg = policy_config(base, policy, seed)
+            trainer = Trainer(cfg, dataset=data)
+            start = time.perf_counter()
+            desc = f"{policy:>16} seed {seed}"
+            with tqdm(total=cfg.slots, desc=desc, unit="slot", disable=not progress, leave=False) as bar:
+                trainer.run(on_slot=lambda row, bar=bar: bar.update(1))
+            summary = trainer.summary()
+            row = {key: float(summary[key]) for key in METRICS}
+            row["wall_s"] = time.perf_counter() - start
+            per_run[policy].append(row)
+            write_rows(out / "traces" / f"slots_{policy}_seed{seed}.csv", trainer.history)
+            write_rows(out / "traces" / f"evals_{policy}_seed{seed}.csv", trainer.evals)
+            if seed == seeds[0]:
+                curves[policy] = (trainer.history, trainer.evals)
+                plot_servers(
+                    trainer.history, trainer.num_servers, out / f"servers_{policy}.png", title=policy
+                )
+            trainer.close()
+            if progress:
+                tqdm.write(
+                    f"{policy:>16} seed {seed}: throughput {row['throughput_mean']:.1f}, "
+                    f"accuracy {row['test_accuracy']:.3f}, backlog {row['backlog_mean']:.0f}, {row['wall_s']:.0f}s"
+                )
+    summaries = aggregate(per_run)
+    write_json(out / "summary.json", summaries)
+    write_rows(
+        out / "comparison.csv",
+        [{"policy": p, "seed": s, **r} for p, runs in per_run.items() for s, r in zip(seeds, runs)],
+    )
+    write_json(out / "config.json", {"base": base, "policies": list(policies), "seeds": list(seeds)})
+    title = (
+        f"{probe.data.name}, {probe.scenario} scenario x{probe.scale}, {probe.slots} slots, seed {seeds[0]}"
+    )
+    plot_comparison(curves, out / "curves.png", title=title)
+    return summaries
+
+
+def aggregate(per_run: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Mean over seeds of every metric, with ``<metric>_std`` and the per-seed list ``seeds``."""
+    out: dict[str, dict[str, Any]] = {}
+    for policy, runs in per_run.items():
+        entry: dict[str, Any] = {}
+        for key in runs[0]:
+            values = np.array([r[key] for r in runs], dtype=float)
+            entry[key] = float(values.mean())
+            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        entry["seeds"] = runs
+        out[policy] = entry
+    return out
+
+
+def spread(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {
+        p: {k[: -len("_std")]: v for k, v in s.items() if k.endswith("_std")} for p, s in summaries.items()
+    }
+
+
+def claim_lines(summaries: dict[str, dict[str, Any]], ours: str = "stable-moe") -> list[str]:
+    """How ``ours`` compares with each baseline: throughput ratio and accuracy difference (points)."""
+    if ours not in summaries:
+        return []
+    lines = []
+    mine = summaries[ours]
+    for name, other in summaries.items():
+        if name == ours:
+            continue
+        ratio = mine["throughput_mean"] / max(other["throughput_mean"], 1e-9)
+        gain = 100 * (mine["test_accuracy"] - other["test_accuracy"])
+        lines.append(f"{ours} vs {name}: throughput x{ratio:.2f}, test accuracy {gain:+.1f} points")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--train-subset", type=int, default=None)
+    parser.add_argument("--test-subset", type=int, default=None)
+    parser.add_argument("--policies", default="stable-moe,topk,topk-sustainable,topk-capacity,random-k,jsq-k")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--slots", type=int, default=100)
+    parser.add_argument("--scale", type=float, default=0.25)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = {
+        "slots": args.slots,
+        "scale": args.scale,
+        "eval_every": args.eval_every,
+        "record_scores": False,
+        "data": {
+            "name": args.dataset,
+            "data_dir": args.data_dir,
+            "train_subset": args.train_subset,
+            "test_subset": args.test_subset,
+        },
+    }
+    base = apply_overrides(base, args.overrides)
+    policies = expand_policies(args.policies)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    summaries = run_comparison(base, policies, seeds, args.out)
+    print(format_table(summaries, spread(summaries)))
+    print()
+    print(markdown_table(summaries, spread(summaries)))
+    for line in claim_lines(summaries):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
