@@ -43,7 +43,7 @@ def test_completion_tracker_matches_token_loop():
     J, T, K = 4, 30, 2
     served = rng.uniform(0, 3, (T, J))
     tracker = CompletionTracker(J, T)
-    tracker.cum_served_TJ[:] = np.cumsum(served, axis=0)
+    tracker.cum_served_JT[:] = np.cumsum(served, axis=0).T
     assignments = []
     for t0 in range(0, T, 10):  # chunks of 10 slots, two tokens per slot
         ids = np.array([rng.choice(J, K, replace=False) for _ in range(20)])

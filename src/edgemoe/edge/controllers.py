@@ -60,7 +60,7 @@ def topk_ids(values_NJ: np.ndarray, k: int) -> np.ndarray:
     J = values_NJ.shape[1]
     if k == J:
         return np.broadcast_to(np.arange(J), values_NJ.shape).copy()
-    return np.argpartition(values_NJ, J - k, axis=1)[:, J - k :]
+    return values_NJ.argpartition(J - k, axis=1)[:, J - k :]
 
 
 def masked(values_NJ: np.ndarray, online_J: np.ndarray) -> np.ndarray:
@@ -103,12 +103,10 @@ def lyapunov_frequency(
     non-increasing in f)."""
     lo, hi = frequency_bounds(spec, state)
     Z = state.energy_queue_J
-    beta = energy_weight_J(spec, energy_weight)
-    pressure = state.backlog_J + V * omega1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f_star = np.sqrt(pressure / (3 * beta * spec.kappa_J * spec.cycles_J * Z))
-    f_star = np.where(Z > 0, f_star, np.inf)
-    return np.clip(f_star, lo, hi)
+    # With beta from energy_weight_J this is f_sust * sqrt((Q + V omega1) E^max / (w Z)).
+    pressure = (state.backlog_J + V * omega1) * spec.budget_J / energy_weight
+    ratio = np.divide(pressure, Z, out=np.full(len(Z), np.inf), where=Z > 0)
+    return np.minimum(np.maximum(spec.f_sustainable_J * np.sqrt(ratio), lo), hi)
 
 
 def rule_frequency(
@@ -120,7 +118,7 @@ def rule_frequency(
         return lyapunov_frequency(spec, state, cfg.V, cfg.omega1, cfg.energy_weight)
     lo, hi = frequency_bounds(spec, state)
     target = spec.f_max_J if rule == "max" else spec.f_sustainable_J
-    return np.clip(target, lo, hi)
+    return np.minimum(np.maximum(target, lo), hi)
 
 
 AUTO_BLOCKS = 16
@@ -147,9 +145,8 @@ def route_sequential(utility_NJ: np.ndarray, backlog_J: np.ndarray, k: int, bloc
     provisional_J = np.asarray(backlog_J, dtype=utility_NJ.dtype).copy()
     ids_NK = np.empty((N, k), dtype=np.int64)
     for start in range(0, N, block):
-        stop = min(start + block, N)
-        ids = topk_ids(utility_NJ[start:stop] - provisional_J, k)
-        ids_NK[start:stop] = ids
+        ids = topk_ids(utility_NJ[start : start + block] - provisional_J, k)
+        ids_NK[start : start + block] = ids
         provisional_J += np.bincount(ids.ravel(), minlength=J)
     return ids_NK
 

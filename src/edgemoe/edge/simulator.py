@@ -54,9 +54,11 @@ class RunTrace:
 class CompletionTracker:
     """FIFO per server; a token completes in the slot in which its last kept assignment is served.
 
-    Tokens are resolved right after the chunk that created them; those still waiting join an "old"
-    pool that is re-examined only when it has doubled in size, so a policy whose queues grow without
-    bound does not make every chunk rescan its stuck tokens.
+    Assignment n (0-based) on server j is done in the first slot whose cumulative service reaches
+    n + 1. A chunk's new assignments on server j are a contiguous range of n, so they are resolved with
+    one ``searchsorted`` per server. Tokens still waiting join a pool that is re-examined only when it
+    has doubled in size, so a policy whose queues grow without bound does not rescan its stuck tokens
+    every chunk.
     """
 
     MIN_POOL = 1 << 16
@@ -64,51 +66,63 @@ class CompletionTracker:
     def __init__(self, num_servers: int, slots: int):
         self.J = num_servers
         self.arrived_J = np.zeros(num_servers, dtype=np.int64)
-        self.cum_served_TJ = np.zeros((slots, num_servers))
+        self.cum_served_JT = np.zeros((num_servers, slots))
         self.completed_T = np.zeros(slots, dtype=np.int64)
-        self.old_ids: np.ndarray | None = None  # int16 server ids [P, K]
-        self.old_idx: np.ndarray | None = None
+        self.pool_ids: list[np.ndarray] = []  # waiting tokens' servers, int16 [P, K] blocks
+        self.pool_idx: list[np.ndarray] = []  # and FIFO positions (-1 = dropped)
+        self.pool_size = 0
         self.resolve_at = self.MIN_POOL
+
+    def _done_slot(self, j: int, positions: np.ndarray, upto: int) -> np.ndarray:
+        return np.searchsorted(self.cum_served_JT[j, :upto], positions + 1 - 1e-9, side="left")
 
     def add(self, ids_NK: np.ndarray, kept_NK: np.ndarray, upto: int) -> None:
         """Enqueue a chunk's assignments (token order, slots in order) and resolve what service in
         slots ``[0, upto)`` completed."""
         flat, kept = ids_NK.ravel(), kept_NK.ravel()
         kept_ids = flat[kept]  # dropped assignments never enter a queue
+        rank = group_rank(kept_ids, self.J)
+        counts_J = np.bincount(kept_ids, minlength=self.J)
+        offsets = np.concatenate([[0], np.cumsum(counts_J)])
+        table = np.empty(offsets[-1], dtype=np.int64)
+        for j in np.nonzero(counts_J)[0]:
+            positions = self.arrived_J[j] + np.arange(counts_J[j])
+            table[offsets[j] : offsets[j + 1]] = self._done_slot(j, positions, upto)
+        done = np.full(len(flat), -1, dtype=np.int64)
+        done[kept] = table[offsets[kept_ids] + rank]
         idx = np.full(len(flat), -1, dtype=np.int64)
-        idx[kept] = self.arrived_J[kept_ids] + group_rank(kept_ids, self.J)
-        self.arrived_J += np.bincount(kept_ids, minlength=self.J)
-        ids, idx = self._resolve(ids_NK.astype(np.int16), idx.reshape(ids_NK.shape), upto)
-        if self.old_ids is None:
-            self.old_ids, self.old_idx = ids, idx
-        else:
-            self.old_ids = np.concatenate([self.old_ids, ids])
-            self.old_idx = np.concatenate([self.old_idx, idx])
-        if len(self.old_ids) >= self.resolve_at:
+        idx[kept] = self.arrived_J[kept_ids] + rank
+        self.arrived_J += counts_J
+        waiting = self._count(done.reshape(ids_NK.shape), upto)
+        self.pool_ids.append(ids_NK[waiting].astype(np.int16))
+        self.pool_idx.append(idx.reshape(ids_NK.shape)[waiting])
+        self.pool_size += int(waiting.sum())
+        if self.pool_size >= self.resolve_at:
             self.finish(upto)
-            self.resolve_at = max(self.MIN_POOL, 2 * len(self.old_ids))
+            self.resolve_at = max(self.MIN_POOL, 2 * self.pool_size)
+
+    def _count(self, done_PK: np.ndarray, upto: int) -> np.ndarray:
+        """Record completions; returns the mask of tokens still waiting."""
+        done_P = done_PK[:, 0].copy()
+        for k in range(1, done_PK.shape[1]):
+            np.maximum(done_P, done_PK[:, k], out=done_P)
+        finished = done_P < upto
+        self.completed_T += np.bincount(done_P[finished & (done_P >= 0)], minlength=len(self.completed_T))
+        return ~finished
 
     def finish(self, upto: int) -> None:
         """Resolve every waiting token against service in slots ``[0, upto)``."""
-        if self.old_ids is not None:
-            self.old_ids, self.old_idx = self._resolve(self.old_ids, self.old_idx, upto)
-
-    def _resolve(self, ids_PK: np.ndarray, idx_PK: np.ndarray, upto: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.pool_ids:
+            return
+        ids_PK, idx_PK = np.concatenate(self.pool_ids), np.concatenate(self.pool_idx)
         flat_ids, flat_idx = ids_PK.ravel(), idx_PK.ravel()
-        done = np.full(len(flat_ids), upto, dtype=np.int64)
-        done[flat_idx < 0] = -1
-        order = np.argsort(flat_ids, kind="stable")  # int16 ids: radix sort
-        bounds = np.searchsorted(flat_ids[order], np.arange(self.J + 1))
+        done = np.where(flat_idx < 0, -1, upto)
         for j in range(self.J):
-            sel = order[bounds[j] : bounds[j + 1]]
-            sel = sel[flat_idx[sel] >= 0]
-            # Assignment n (0-based) on server j is done once cumulative service reaches n + 1.
-            need = flat_idx[sel] + 1 - 1e-9
-            done[sel] = np.searchsorted(self.cum_served_TJ[:upto, j], need, side="left")
-        done_P = done.reshape(ids_PK.shape).max(axis=1)
-        finished = done_P < upto
-        np.add.at(self.completed_T, done_P[finished & (done_P >= 0)], 1)
-        return ids_PK[~finished], idx_PK[~finished]
+            sel = np.nonzero((flat_ids == j) & (flat_idx >= 0))[0]
+            done[sel] = self._done_slot(j, flat_idx[sel], upto)
+        waiting = self._count(done.reshape(ids_PK.shape), upto)
+        self.pool_ids, self.pool_idx = [ids_PK[waiting]], [idx_PK[waiting]]
+        self.pool_size = int(waiting.sum())
 
 
 def chunk_gate_stats(trace: ScoreTrace, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +162,7 @@ class PolicyRun:
             arrived_J = decision.routed_J(J)
             outcome = advance(self.state, spec, decision.freq_J, arrived_J)
             self.cum_served_J += outcome.served_J
-            self.tracker.cum_served_TJ[t] = self.cum_served_J
+            self.tracker.cum_served_JT[:, t] = self.cum_served_J
             a["served"][t] = outcome.served_J
             a["arrived"][t] = arrived_J
             a["energy"][t] = outcome.energy_J

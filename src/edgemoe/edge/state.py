@@ -98,13 +98,16 @@ def advance(
     the training loop passes the counts its workers really computed instead. Offline servers serve
     nothing and spend no energy.
     """
-    freq_J = np.where(state.online_J, np.asarray(freq_J, dtype=np.float64), 0.0)
+    freq_J = np.where(state.online_J, freq_J, 0.0)
+    arrived_J = np.asarray(arrived_J, dtype=np.float64)
     if served_J is None:
         served_J = np.minimum(state.backlog_J, spec.capacity_J(freq_J))
-    served_J = np.asarray(served_J, dtype=np.float64)
-    arrived_J = np.asarray(arrived_J, dtype=np.float64)
-    if (served_J < 0).any() or (arrived_J < 0).any():
-        raise ConfigError("served_J/arrived_J", "counts must be >= 0")
+    else:
+        served_J = np.asarray(served_J, dtype=np.float64)
+        if served_J.min() < 0:
+            raise ConfigError("served_J", "counts must be >= 0")
+    if arrived_J.min() < 0:
+        raise ConfigError("arrived_J", "counts must be >= 0")
     energy_J = spec.energy_J(freq_J)
     state.backlog_J = np.maximum(state.backlog_J - served_J, 0.0) + arrived_J
     state.energy_queue_J = np.maximum(state.energy_queue_J + energy_J - spec.budget_J, 0.0)
