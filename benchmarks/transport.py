@@ -2,10 +2,11 @@
 ``inproc``: the same training run (same seed, same decisions, same token counts) timed slot by slot.
 
 Both runs use one torch thread per process. The ratio is median dist slot time / median inproc slot
-time, measured in the same invocation; the run also checks that both transports made identical
-routing decisions. Writes ``benchmarks/results/transport.json``.
+time, measured in the same invocation, at a light load (communication-dominated: the pure overhead)
+and a heavier one (where dist's servers also compute in parallel processes); the run also checks
+that both transports made identical routing decisions. Writes ``benchmarks/results/transport.json``.
 
-    python benchmarks/transport.py [--servers 4] [--slots 40] [--rate 200] [--quick]
+    python benchmarks/transport.py [--servers 4] [--slots 40] [--rates 20,200] [--quick]
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def config(kind: str, servers: int, slots: int, rate: float):
     )
 
 
-def timed_run(kind: str, args: argparse.Namespace, data) -> tuple[Trainer, list[float], float]:
+def timed_run(kind: str, args: argparse.Namespace, rate: float, data) -> tuple[Trainer, list[float], float]:
     start = time.perf_counter()
-    trainer = Trainer(config(kind, args.servers, args.slots, args.rate), dataset=data, keep_decisions=True)
+    trainer = Trainer(config(kind, args.servers, args.slots, rate), dataset=data, keep_decisions=True)
     startup = time.perf_counter() - start
     trainer.run()
     trainer.close()
@@ -59,33 +60,41 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--servers", type=int, default=4)
     parser.add_argument("--slots", type=int, default=40)
-    parser.add_argument("--rate", type=float, default=200.0, help="samples arriving per slot")
+    parser.add_argument("--rates", default="20,200", help="samples arriving per slot (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="a short run (CI smoke)")
     args = parser.parse_args()
     if args.quick:
         args.slots = 12
     torch.set_num_threads(1)
     data = load_dataset("digits")
-    inproc, t_in, s_in = timed_run("inproc", args, data)
-    dist, t_dist, s_dist = timed_run("dist", args, data)
-    same = all(
-        np.array_equal(a.expert_ids_NK, b.expert_ids_NK) and np.array_equal(a.served_J, b.served_J)
-        for a, b in zip(inproc.decisions, dist.decisions)
-    )
-    med_in, med_dist = statistics.median(t_in), statistics.median(t_dist)
+    loads = []
+    for rate in [float(r) for r in args.rates.split(",")]:
+        inproc, t_in, s_in = timed_run("inproc", args, rate, data)
+        dist, t_dist, s_dist = timed_run("dist", args, rate, data)
+        same = all(
+            np.array_equal(a.expert_ids_NK, b.expert_ids_NK) and np.array_equal(a.served_J, b.served_J)
+            for a, b in zip(inproc.decisions, dist.decisions)
+        )
+        med_in, med_dist = statistics.median(t_in), statistics.median(t_dist)
+        loads.append(
+            {
+                "samples_per_slot": rate,
+                "inproc_slot_ms_median": 1e3 * med_in,
+                "dist_slot_ms_median": 1e3 * med_dist,
+                "dist_over_inproc": med_dist / med_in,
+                "dist_overhead_ms_per_slot": 1e3 * (med_dist - med_in),
+                "inproc_startup_s": s_in,
+                "dist_startup_s": s_dist,
+                "identical_decisions": same,
+                "identical_summary": inproc.summary() == dist.summary(),
+            }
+        )
+    same = all(load["identical_decisions"] for load in loads)
     result = {
         "benchmark": "transport",
         "servers": args.servers,
         "slots": args.slots,
-        "samples_per_slot": args.rate,
-        "inproc_slot_ms_median": 1e3 * med_in,
-        "dist_slot_ms_median": 1e3 * med_dist,
-        "dist_over_inproc": med_dist / med_in,
-        "dist_overhead_ms_per_slot": 1e3 * (med_dist - med_in),
-        "inproc_startup_s": s_in,
-        "dist_startup_s": s_dist,
-        "identical_decisions": same,
-        "identical_summary": inproc.summary() == dist.summary(),
+        "loads": loads,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "note": "2 shared CPU cores; other jobs may have run at the same time",
     }

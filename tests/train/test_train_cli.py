@@ -52,7 +52,7 @@ def test_profile_reports_every_server(tmp_path):
 def test_demo_summary_maps_each_policy(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    args = parser.parse_args(["--slots", "3", "--scale", "0.05", "--out", str(tmp_path)])
+    args = parser.parse_args(["--slots", "3", "--scale", "0.05", "--seeds", "0", "--out", str(tmp_path)])
     assert demo.main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary) == ["stable-moe", "topk", "jsq-k"]

@@ -58,6 +58,23 @@ def test_every_controller_trains(policy, digits):
     assert np.array_equal(tr.state.backlog_J, tr.table.backlog_J(4).astype(float))
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"router": "etr", "dim": 16},
+        {"router": "expert_choice", "router_capacity_factor": 1.0},
+        {"backbone": "vit", "patch": 4, "vit_depth": 1},
+        {"residual": False, "aux_coef": 0.01},
+    ],
+)
+def test_any_registered_router_and_backbone(model, digits):
+    cfg = tiny(slots=3, model={"dim": 16, "expert_hidden": 16, "channels": 4, **model})
+    tr = Trainer(train_config_from_dict(cfg), dataset=digits)
+    tr.run()
+    assert tr.counters["trained"] > 0 and np.isfinite(tr.history[-1]["loss"])
+    assert tr.model.router.registered_name == cfg["model"].get("router", "topk")
+
+
 def test_service_follows_frequency_and_fifo(digits):
     tr = Trainer(train_config_from_dict(tiny(policy="topk", slots=5)), dataset=digits, keep_decisions=True)
     tr.run()

@@ -2,7 +2,7 @@
 
 The paper network (8 servers at 1-3 GHz, K=2, energy budgets binding on the fast servers, gate
 popularity skewed toward the slow servers) scaled to a quarter of its token rate, a fixed budget of
-slots, one seed, identical arrivals and samples for every policy. Prints a comparison table and
+40 slots, three seeds, identical arrivals and samples for every policy within a seed. Prints a comparison table and
 writes ``summary.json`` (policy -> ``throughput_mean``, ``test_accuracy``, ``backlog_mean``,
 ``energy_over_budget_max``, ``gc_norm_mean``, ...), ``comparison.csv``, traces and ``curves.png``.
 """
@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from edgemoe.config import require
 from edgemoe.edge.controllers import expand_policies
 from edgemoe.report.train import format_table
-from edgemoe.train.compare import claim_lines, run_comparison
+from edgemoe.train.compare import claim_lines, run_comparison, spread
 
 DEMO_POLICIES = "stable-moe,topk,jsq-k"
 
@@ -36,8 +37,8 @@ def demo_base(slots: int, scale: float) -> dict[str, Any]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``edgemoe demo`` flags."""
-    p.add_argument("--slots", type=int, default=60, help="fixed slot budget per policy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slots", type=int, default=40, help="fixed slot budget per policy")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (metrics are averaged)")
     p.add_argument("--scale", type=float, default=0.25, help="scale of the paper network's token rate")
     p.add_argument("--policies", default=DEMO_POLICIES, help="comma-separated controllers, or 'all'")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -48,9 +49,11 @@ def main(args: argparse.Namespace) -> int:
     """Run the demo from parsed arguments and print the table."""
     torch.set_num_threads(args.threads)
     policies = expand_policies(args.policies)
-    summaries = run_comparison(demo_base(args.slots, args.scale), policies, [args.seed], args.out)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    require(len(seeds) > 0, "--seeds", "give at least one seed")
+    summaries = run_comparison(demo_base(args.slots, args.scale), policies, seeds, args.out)
     print()
-    print(format_table(summaries))
+    print(format_table(summaries, spread(summaries) if len(seeds) > 1 else None))
     for line in claim_lines(summaries):
         print(line)
     print(f"results: {args.out}/summary.json, comparison.csv, curves.png")

@@ -4,7 +4,8 @@ One sample becomes one *token*: the backbone's feature vector ``h`` (dimension D
 router of :mod:`edgemoe.moe`, by name) scores the J experts; the experts themselves live on the edge
 servers (:mod:`edgemoe.train.server`). With expert outputs ``y_k`` for the token's kept experts and
 combine weights ``w_k`` (gate scores at those experts, renormalised), the logits are
-``head(norm(h + sum_k w_k y_k))``.
+``head(norm(h + sum_k w_k y_k))`` (``residual: false`` drops the ``h`` term, so every prediction
+goes through the experts).
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ class ModelConfig:
     expert_hidden: int = 128
     router: str = "topk"
     router_options: dict | None = None
+    router_capacity_factor: float = 0.0
     channels: int = 32
     patch: int = 4
     vit_depth: int = 2
     vit_heads: int = 4
     aux_coef: float = 0.0
+    residual: bool = True
 
     def __post_init__(self) -> None:
         check_choice(self.backbone, "model.backbone", ("cnn", "vit"))
@@ -122,7 +125,12 @@ class RouterSide(nn.Module):
             self.backbone = ViTBackbone(
                 in_channels, image_size, cfg.patch, cfg.dim, cfg.vit_depth, cfg.vit_heads
             )
-        router_cfg = RouterConfig(name=cfg.router, top_k=top_k, options=dict(cfg.router_options or {}))
+        router_cfg = RouterConfig(
+            name=cfg.router,
+            top_k=top_k,
+            capacity_factor=cfg.router_capacity_factor,
+            options=dict(cfg.router_options or {}),
+        )
         self.router = build_router(router_cfg, cfg.dim, num_experts)
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, num_classes)
@@ -154,7 +162,9 @@ class RouterSide(nn.Module):
         """Logits from the token, its kept expert outputs and the gate-score combine weights."""
         gate_NK = scores_NE.gather(1, expert_ids_NK.clamp_min(0))
         weights_NK = combine_weights(gate_NK, kept_NK, renormalize=True)
-        mixed_ND = h_ND + (weights_NK.unsqueeze(-1) * y_NKD).sum(dim=1)
+        mixed_ND = (weights_NK.unsqueeze(-1) * y_NKD).sum(dim=1)
+        if self.cfg.residual:
+            mixed_ND = mixed_ND + h_ND
         return self.head(self.norm(mixed_ND))
 
     def aux_loss(
