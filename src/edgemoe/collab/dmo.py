@@ -8,9 +8,10 @@ over all of its reachable supersets. Two bounds:
 
 - ``valid`` (default, never assumes monotonicity). For accuracy, question q can be right in some
   superset only if, for every wrong option o, ``num_A(y) − num_A(o) + Σ_{n∈C} g_qn·max(p_qn(y) − p_qn(o), 0)``
-  is ≥ 0 (adding experts can raise the correct option's margin by at most their positive parts). For
-  the log-likelihood, ``p_S(y) ≤ min(1, (num_A(y) + Σ_{n∈C} g_qn p_qn(y)) / den_A)``. Both are one
-  matrix product for a whole batch of children. With a fine-level top-k, only experts ranked above
+  is ≥ 0 (adding experts can raise the correct option's margin by at most their positive parts) and,
+  when no member of A serves q, some candidate ranks y at least as high as o. For
+  the log-likelihood, ``p_S(y) ≤ min(1, (num_A(y) + Σ_{n∈C} g_qn p_qn(y)) / den_A, max(p_A(y),
+  max_{n∈C} p_qn(y)))``. Each is a matrix product or a masked max for a whole batch of children. With a fine-level top-k, only experts ranked above
   the k-th member of A can be routed, and the mixture is bounded by its best member.
 - ``monotone`` (the paper's superset bound): f(A ∪ C), exact only if adding experts never hurts.
   Whenever a prune relied on it (the valid bound would not have pruned), the node is deferred; after
@@ -31,6 +32,8 @@ from edgemoe.collab.problem import TIE_EPS, SelectionProblem
 from edgemoe.config import check_choice
 
 BOUNDS = ("valid", "monotone")
+# Multipliers of the knapsack-dual bound (gate weights are scaled to at most 1, energies are in J).
+LAMBDAS = (0.0, 1e-3, 1e-2, 1e-1)
 
 
 def fits(cost: np.ndarray | float, budget: float) -> np.ndarray | bool:
@@ -150,41 +153,76 @@ def exhaustive(problem: SelectionProblem, budget: float, chunk: int = 512) -> Se
 class _Bounder:
     """Upper bounds on the objective over all supersets reachable from a batch of nodes."""
 
-    def __init__(self, problem: SelectionProblem):
+    def __init__(self, problem: SelectionProblem, lambdas: tuple[float, ...] = LAMBDAS):
         self.p = problem
         q, n, o = problem.probs_QNO.shape
         rows = np.arange(q)
         self.rows = rows
         py_QN = problem.correct_QN
-        gain_QNO = np.maximum(py_QN[:, :, None] - problem.probs_QNO, 0.0)
-        self.gv_NX = np.ascontiguousarray(
-            (problem.gate_QN[:, :, None] * gain_QNO).transpose(1, 0, 2)
-        ).reshape(n, q * o)
-        self.gpy_NQ = np.ascontiguousarray((problem.gate_QN * py_QN).T)
+        gain_NX = (
+            (problem.gate_QN[:, :, None] * np.maximum(py_QN[:, :, None] - problem.probs_QNO, 0.0))
+            .transpose(1, 0, 2)
+            .reshape(n, q * o)
+        )
+        gpy_NQ = (problem.gate_QN * py_QN).T
+        # Knapsack dual: max_{T ⊆ C, cost(T) ≤ R} Σ_T x_n ≤ λR + Σ_{n∈C} max(x_n − λ cost_n, 0) for every λ ≥ 0.
+        self.lambdas = np.asarray(lambdas)
+        cost_N1 = problem.cost_N[:, None]
+        self.gain_KNX = np.stack([np.maximum(gain_NX - lam * cost_N1, 0.0) for lam in self.lambdas])
+        self.gpy_KNQ = np.stack([np.maximum(gpy_NQ - lam * cost_N1, 0.0) for lam in self.lambdas])
+        # Which eligible experts rank the correct option at least as high as option o.
+        at_least_QNO = (py_QN[:, :, None] >= problem.probs_QNO) & problem.eligible_QN[:, :, None]
+        self.ind_NX = (
+            np.ascontiguousarray(at_least_QNO.transpose(1, 0, 2)).reshape(n, q * o).astype(np.float64)
+        )
+        self.py_elig_QN = np.where(problem.eligible_QN, py_QN, 0.0)
         order = problem.rank_order_QN
         self.py_sorted_QN = np.take_along_axis(py_QN, order, axis=1)
         self.margin_sorted_QNO = np.take_along_axis(
             py_QN[:, :, None] - problem.probs_QNO, order[:, :, None], 1
         )
 
+    def _dual(self, c_BN: np.ndarray, room_B: np.ndarray, table_KNX: np.ndarray) -> np.ndarray:
+        """min over λ of λ·room + Σ_{n∈C} max(x_n − λ cost_n, 0): the most the candidates can add."""
+        best = None
+        for lam, table_NX in zip(self.lambdas, table_KNX):
+            val = c_BN @ table_NX + lam * room_B[:, None]
+            best = val if best is None else np.minimum(best, val)
+        return best
+
     def bound(
-        self, num_BQO: np.ndarray, den_BQ: np.ndarray, members_BN: np.ndarray, cand_BN: np.ndarray
+        self,
+        num_BQO: np.ndarray,
+        den_BQ: np.ndarray,
+        members_BN: np.ndarray,
+        cand_BN: np.ndarray,
+        room_B: np.ndarray,
     ) -> np.ndarray:
+        """Upper bound of the objective over the supersets; ``room_B`` is the energy left to spend."""
         p = self.p
         if p.top_k is not None:
             return self._bound_top_k(members_BN, cand_BN)
         b, q, o = num_BQO.shape
         c = cand_BN.astype(np.float64)
+        room_B = np.maximum(room_B, 0.0)
         served_BQ = den_BQ > 0
         num_y_BQ = num_BQO[:, self.rows, p.answer_Q]
         if p.objective == "accuracy":
-            gain_BQO = (c @ self.gv_NX).reshape(b, q, o)
-            ok_BQ = ((num_y_BQ[:, :, None] - num_BQO + gain_BQO) >= 0).all(axis=2)
-            ok_BQ &= served_BQ | ((c @ p.gate_NQ) > 0)
+            gain_BQO = self._dual(c, room_B, self.gain_KNX).reshape(b, q, o)
+            # Without an enabled member, some candidate must rank y at least as high as each o.
+            reach_BQO = served_BQ[:, :, None] | ((c @ self.ind_NX).reshape(b, q, o) > 0)
+            ok_BQ = (((num_y_BQ[:, :, None] - num_BQO + gain_BQO) >= 0) & reach_BQO).all(axis=2)
             acc_bound_B = ok_BQ.mean(axis=1)
-        ratio_BQ = (num_y_BQ + c @ self.gpy_NQ) / np.where(served_BQ, den_BQ, 1.0)
-        ll_bound_BQ = np.where(served_BQ, np.log(np.clip(ratio_BQ, 1e-300, 1.0)), 0.0)
-        ll_bound_B = ll_bound_BQ.mean(axis=1)
+        # p_S(y) is at most the ratio with every candidate's gain and no extra weight, and at most
+        # the best of A's mixture and the candidates (a mixture never beats its best component).
+        den_safe_BQ = np.where(served_BQ, den_BQ, 1.0)
+        ratio_BQ = (num_y_BQ + self._dual(c, room_B, self.gpy_KNQ)) / den_safe_BQ
+        best_cand_BQ = (cand_BN[:, None, :] * self.py_elig_QN[None]).max(axis=2)
+        mix_BQ = np.maximum(num_y_BQ / den_safe_BQ, best_cand_BQ)
+        p_bound_BQ = np.where(
+            served_BQ, np.minimum(np.minimum(ratio_BQ, mix_BQ), 1.0), np.maximum(best_cand_BQ, 1.0 / o)
+        )
+        ll_bound_B = np.log(np.maximum(p_bound_BQ, 1e-300)).mean(axis=1)
         return acc_bound_B + TIE_EPS * ll_bound_B if p.objective == "accuracy" else ll_bound_B
 
     def _bound_top_k(self, members_BN: np.ndarray, cand_BN: np.ndarray) -> np.ndarray:
@@ -279,7 +317,8 @@ class _Search:
         if not has.any():
             return
         idx = np.flatnonzero(has)
-        valid_B = self.bounder.bound(num_BQO[idx], den_BQ[idx], masks_BN[idx], cand_BN[idx])
+        room_B = self.budget - kid_cost[idx]
+        valid_B = self.bounder.bound(num_BQO[idx], den_BQ[idx], masks_BN[idx], cand_BN[idx], room_B)
         self.bound_evals += len(idx)
         mono_B = valid_B
         if self.bound_kind == "monotone" and not fallback:
@@ -328,11 +367,14 @@ def dmo(problem: SelectionProblem, budget: float, bound: str = "valid") -> Selec
     s = _Search(problem, budget, bound)
     n = problem.num_experts
     singles = np.flatnonzero(problem.usable_N & fits(problem.cost_N, budget))
-    # Expert order: best single expert first, so late branches hold weak experts and bound tightly.
     single_masks = np.eye(n, dtype=bool)[singles]
     single_vals = problem.evaluate(single_masks).value_B
     s.evals += len(singles)
-    order = singles[np.argsort(-single_vals, kind="stable")]
+    # Expert order: most influential first (mean full-set gate weight), so the candidates left deep
+    # in the tree carry little gate mass and the bounds there are tight.
+    share_QN = problem.gate_QN / np.maximum(problem.gate_QN.sum(axis=1, keepdims=True), 1e-300)
+    key = -share_QN.mean(axis=0)[singles]
+    order = singles[np.argsort(key, kind="stable")]
     root = np.zeros(n, dtype=bool)
     s.offer(single_vals, single_masks)
     # The root's children are the singletons (already evaluated); queue them with their bounds.
@@ -374,7 +416,8 @@ def _queue_singletons(s: _Search, order: np.ndarray, root: np.ndarray) -> None:
     if len(has) == 0:
         return
     num_BQO, den_BQ = p.mixtures(masks_BN[has])
-    valid_B = s.bounder.bound(num_BQO, den_BQ, masks_BN[has], cand_BN[has])
+    room_B = s.budget - cost[order[has]]
+    valid_B = s.bounder.bound(num_BQO, den_BQ, masks_BN[has], cand_BN[has], room_B)
     s.bound_evals += len(has)
     mono_B = valid_B
     if s.bound_kind == "monotone":

@@ -68,8 +68,10 @@ class SelectionProblem:
         self.eligible_QN = np.asarray(self.eligible_QN, dtype=bool)
         if self.top_k is not None and self.top_k >= n:
             self.top_k = None
-        z_QN = self.logits_QN - self.logits_QN.max(axis=1, keepdims=True)
-        self.gate_QN = np.exp(z_QN) * self.eligible_QN
+        # Unnormalised gate weights, scaled so the best eligible expert of each question has 1.
+        top_Q = np.where(self.eligible_QN, self.logits_QN, -np.inf).max(axis=1, keepdims=True)
+        z_QN = self.logits_QN - np.where(np.isfinite(top_Q), top_Q, 0.0)
+        self.gate_QN = np.where(self.eligible_QN, np.exp(np.minimum(z_QN, 0.0)), 0.0)
         rows = np.arange(q)
         self.correct_QN = self.probs_QNO[rows, :, self.answer_Q]
         self.gp_NQO = np.ascontiguousarray((self.gate_QN[:, :, None] * self.probs_QNO).transpose(1, 0, 2))
