@@ -205,3 +205,28 @@ def test_missing_data_dir_is_clear(tmp_path):
     cfg = train_config_from_dict(tiny(data={"name": "fashion-mnist", "data_dir": str(tmp_path / "nope")}))
     with pytest.raises(FileNotFoundError, match="nope"):
         Trainer(cfg)
+
+
+def test_missed_deadline_goes_offline_then_rejoins(digits):
+    cfg = tiny(
+        policy="stable-moe",
+        slots=6,
+        faults=[{"server": 1, "slot": 2, "kind": "slow", "stall_s": 0.3}],
+        transport={"deadline": 0.15, "rejoin_after": 2},
+    )
+    tr = Trainer(train_config_from_dict(cfg), dataset=digits, keep_decisions=True)
+    tr.run(3)
+    assert not tr.state.online_J[1] and tr.table.backlog_J(4)[1] == 0
+    tr.run()
+    assert tr.state.online_J[1]
+    assert (tr.decisions[5].expert_ids_NK == 1).any()
+    conserved(tr)
+
+
+def test_frequency_emulation_takes_wall_time(digits):
+    cfg = tiny(policy="topk", slots=3, transport={"time_scale": 0.01})
+    tr = Trainer(train_config_from_dict(cfg), dataset=digits, keep_decisions=True)
+    tr.run()
+    for d, row in zip(tr.decisions, tr.history):
+        busy = 0.01 * d.served_J * tr.spec.cycles_J / np.maximum(d.freq_J, 1.0)
+        assert row["wall_s"] >= busy.max() * 0.95
