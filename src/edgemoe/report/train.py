@@ -39,15 +39,7 @@ def format_table(
 ) -> str:
     """A plain-text comparison table, one row per policy (``± std`` when ``spread`` is given)."""
     header = ["policy"] + [title for _, title, _ in TABLE_COLUMNS]
-    lines = []
-    for name, summary in summaries.items():
-        cells = [name]
-        for key, _, fmt in TABLE_COLUMNS:
-            cell = fmt.format(summary[key])
-            if spread and key in spread.get(name, {}):
-                cell += " ± " + fmt.format(spread[name][key])
-            cells.append(cell)
-        lines.append(cells)
+    lines = [[name, *_cells(name, summary, spread)] for name, summary in summaries.items()]
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
 
     def fmt_row(cells: list[str]) -> str:
@@ -62,16 +54,20 @@ def markdown_table(
     """The same table as GitHub markdown."""
     header = "| policy | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
     rule = "|---|" + "---:|" * len(TABLE_COLUMNS)
-    rows = []
-    for name, summary in summaries.items():
-        cells = []
-        for key, _, fmt in TABLE_COLUMNS:
-            cell = fmt.format(summary[key])
-            if spread and key in spread.get(name, {}):
-                cell += " ± " + fmt.format(spread[name][key])
-            cells.append(cell)
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = [f"| {name} | " + " | ".join(_cells(name, s, spread)) + " |" for name, s in summaries.items()]
     return "\n".join([header, rule, *rows])
+
+
+def _cells(
+    name: str, summary: Mapping[str, Any], spread: Mapping[str, Mapping[str, float]] | None
+) -> list[str]:
+    cells = []
+    for key, _, fmt in TABLE_COLUMNS:
+        cell = fmt.format(summary[key])
+        if spread and key in spread.get(name, {}):
+            cell += " ± " + fmt.format(spread[name][key])
+        cells.append(cell)
+    return cells
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -104,16 +100,8 @@ def plot_comparison(
         xlabel="slot", ylabel="tokens queued (all servers)", title="backlog vs slots", yscale="symlog"
     )
     axes[2].set(xlabel="slot", ylabel="token-computations served / slot", title="throughput (5-slot mean)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(fig, axes, title, out)
 
 
 def plot_servers(
@@ -127,9 +115,13 @@ def plot_servers(
         axes[1].plot(slots, [r[f"freq_ghz_{j}"] for r in history], label=f"server {j}")
     axes[0].set(xlabel="slot", ylabel="queued tokens", title="backlog per server")
     axes[1].set(xlabel="slot", ylabel="GHz", title="frequency per server")
+    axes[1].legend(fontsize=7, ncol=2)
+    return _finish(fig, axes, title, out)
+
+
+def _finish(fig: plt.Figure, axes: Sequence[plt.Axes], title: str, out: Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
