@@ -86,6 +86,7 @@ def test_conservation_and_headline_on_short_paper_run():
     assert summary["stable_moe_throughput_ratio"] > 1.3
     assert summary["stable_moe_gc_gain"] > 0.25
     assert summary["topk-max"]["backlog_slope_last_half"] > 100  # popular slow servers overflow
+    assert summary["stable-moe"]["stable"] and not summary["topk-max"]["stable"]
     assert summary["stable-moe"]["energy_over_budget_max"] < 1.02
     assert summary["topk-max"]["gc_norm_mean"] == pytest.approx(1.0)
 

@@ -229,6 +229,13 @@ def slope(y_T: np.ndarray) -> float:
     return float(np.dot(x, y_T - y_T.mean()) / np.dot(x, x))
 
 
+def trend_correlation(y_T: np.ndarray) -> float:
+    """Correlation of a series with time: the share of its variation a linear trend explains (signed)."""
+    if len(y_T) < 2 or np.std(y_T) == 0:
+        return 0.0
+    return float(np.corrcoef(np.arange(len(y_T)), y_T)[0, 1])
+
+
 def summarize_run(run: RunTrace, spec: NetworkSpec, cfg_omega: tuple[float, float]) -> dict[str, float]:
     """Scalar metrics of one policy on one seed (see docs/stable-moe.md, "Reading the outputs")."""
     T = len(run["tokens"])
@@ -249,6 +256,7 @@ def summarize_run(run: RunTrace, spec: NetworkSpec, cfg_omega: tuple[float, floa
         "backlog_max_server_final": float(run["backlog"][-1].max()),
         "backlog_slope_last_half": slope(half),
         "backlog_slope_relative": slope(half) / max(demand, 1e-12),
+        "backlog_trend_r": trend_correlation(half),
         "energy_over_budget_max": float(energy_ratio_J.max()),
         "energy_queue_mean": float(run["energy_queue"].sum(axis=1).mean()),
         "energy_queue_slope_last_half": slope(run["energy_queue"].sum(axis=1)[T // 2 :]),
@@ -261,8 +269,18 @@ def summarize_run(run: RunTrace, spec: NetworkSpec, cfg_omega: tuple[float, floa
 
 
 STABLE_SLOPE = 1e-3
-"""A policy's queues count as stable when the total backlog grows by less than this fraction of the
-per-slot demand (K tokens per arrival) per slot over the last half of the run."""
+STABLE_TREND_R = 0.5
+"""Over the last half of a run, a policy's total backlog counts as stable when its least-squares slope
+is below ``STABLE_SLOPE`` of the per-slot demand (K tokens per arrival), or when a linear trend explains
+little of its variation (correlation with time below ``STABLE_TREND_R``: bursty but bounded). A queue
+that grows without bound fails both."""
+
+
+def is_stable(run_summary: dict[str, float]) -> bool:
+    return bool(
+        run_summary["backlog_slope_relative"] < STABLE_SLOPE
+        or run_summary["backlog_trend_r"] < STABLE_TREND_R
+    )
 
 
 def summarize(
@@ -279,7 +297,7 @@ def summarize(
         entry: dict[str, Any] = {k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]}
         entry["throughput_std"] = float(np.std([s["throughput_mean"] for s in per_seed]))
         entry["gc_norm_std"] = float(np.std([s["gc_norm_mean"] for s in per_seed]))
-        entry["stable"] = bool(all(s["backlog_slope_relative"] < STABLE_SLOPE for s in per_seed))
+        entry["stable"] = all(is_stable(s) for s in per_seed)
         entry["controller"] = p.name
         entry["params"] = dict(p.params)
         out[p.label] = entry

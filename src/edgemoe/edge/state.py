@@ -65,16 +65,6 @@ class NetworkState:
         self.online_J = np.array(state["online_J"], dtype=bool)
         self.slot = int(state["slot"])
 
-    def validate(self, spec: NetworkSpec) -> None:
-        J = spec.num_servers
-        for name in ("backlog_J", "energy_queue_J", "online_J"):
-            arr = getattr(self, name)
-            require(np.shape(arr) == (J,), f"state.{name}", f"must have shape ({J},), got {np.shape(arr)}")
-        for name in ("backlog_J", "energy_queue_J"):
-            arr = getattr(self, name)
-            if not (np.isfinite(arr).all() and (arr >= 0).all()):
-                raise ConfigError(f"state.{name}", "must be finite and >= 0")
-
 
 @dataclass
 class SlotOutcome:

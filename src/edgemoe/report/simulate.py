@@ -87,13 +87,17 @@ def plot_runs(runs: dict[str, RunTrace], spec: NetworkSpec, summary: dict[str, A
     paths.append(_save(fig, out / "energy.png"))
 
     fig, ax = plt.subplots(figsize=(6, 5))
-    for lab, entry in summary.items():
-        if isinstance(entry, dict) and "throughput_mean" in entry:
-            ax.scatter(entry["gc_norm_mean"], entry["throughput_mean"], s=40)
-            ax.annotate(lab, (entry["gc_norm_mean"], entry["throughput_mean"]), fontsize=7)
+    markers = "osD^vP*X<>"
+    for i, (lab, entry) in enumerate(
+        e for e in summary.items() if isinstance(e[1], dict) and "throughput_mean" in e[1]
+    ):
+        ax.scatter(
+            entry["gc_norm_mean"], entry["throughput_mean"], s=50, marker=markers[i % len(markers)], label=lab
+        )
     ax.set_xlabel("gating consistency (kept / top-K mass)")
     ax.set_ylabel("throughput (served token-computations / slot)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     paths.append(_save(fig, out / "pareto.png"))
     return paths
 
