@@ -166,7 +166,7 @@ class PolicyRun:
             a["served"][t] = outcome.served_J
             a["arrived"][t] = arrived_J
             a["energy"][t] = outcome.energy_J
-            a["freq"][t] = np.where(self.state.online_J, decision.freq_J, 0.0)
+            a["freq"][t] = decision.freq_J
             a["backlog"][t] = self.state.backlog_J
             a["energy_queue"][t] = self.state.energy_queue_J
             ids.append(decision.expert_ids_NK)
