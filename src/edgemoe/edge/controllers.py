@@ -144,10 +144,13 @@ def route_sequential(utility_NJ: np.ndarray, backlog_J: np.ndarray, k: int, bloc
     N, J = utility_NJ.shape
     provisional_J = np.asarray(backlog_J, dtype=utility_NJ.dtype).copy()
     ids_NK = np.empty((N, k), dtype=np.int64)
+    buffer = np.empty((min(block, N), J), dtype=utility_NJ.dtype)
     for start in range(0, N, block):
-        ids = topk_ids(utility_NJ[start : start + block] - provisional_J, k)
-        ids_NK[start : start + block] = ids
-        provisional_J += np.bincount(ids.ravel(), minlength=J)
+        rows = utility_NJ[start : start + block]
+        values = np.subtract(rows, provisional_J, out=buffer[: len(rows)])
+        out = ids_NK[start : start + block]
+        out[:] = topk_ids(values, k)
+        provisional_J += np.bincount(out.ravel(), minlength=J)  # a contiguous view: no copy
     return ids_NK
 
 
