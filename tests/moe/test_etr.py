@@ -349,3 +349,13 @@ def test_single_phase_ablations():
         routing = expert_only(x)
         assert routing.capacity == cap and routing.top_k == 4
         assert torch.equal(routing.kept_TK, expert_choice(aff_TE, torch.ones_like(routing.kept_TK), cap))
+
+
+def test_external_routing_uses_the_etr_gate_and_leaves_the_schedule_alone():
+    router = make_router(capacity={"schedule": "annealed", "anneal_steps": 2})
+    x = torch.randn(12, 16)
+    ids = torch.randint(0, 4, (12, 1))
+    routing = router(x, expert_ids_TK=ids)
+    assert torch.equal(routing.expert_ids_TK, ids) and routing.kept_TK.all()
+    torch.testing.assert_close(routing.weights_TK, routing.scores_TE.gather(1, ids))
+    assert router.capacity_factor == 1.1
