@@ -80,7 +80,8 @@ class CompletionTracker:
         """Enqueue a chunk's assignments (token order, slots in order) and resolve what service in
         slots ``[0, upto)`` completed."""
         flat, kept = ids_NK.ravel(), kept_NK.ravel()
-        kept_ids = flat[kept]  # dropped assignments never enter a queue
+        all_kept = bool(kept.all())
+        kept_ids = flat if all_kept else flat[kept]  # dropped assignments never enter a queue
         rank = group_rank(kept_ids, self.J)
         counts_J = np.bincount(kept_ids, minlength=self.J)
         offsets = np.concatenate([[0], np.cumsum(counts_J)])
@@ -88,10 +89,14 @@ class CompletionTracker:
         for j in np.nonzero(counts_J)[0]:
             positions = self.arrived_J[j] + np.arange(counts_J[j])
             table[offsets[j] : offsets[j + 1]] = self._done_slot(j, positions, upto)
-        done = np.full(len(flat), -1, dtype=np.int64)
-        done[kept] = table[offsets[kept_ids] + rank]
-        idx = np.full(len(flat), -1, dtype=np.int64)
-        idx[kept] = self.arrived_J[kept_ids] + rank
+        position = self.arrived_J[kept_ids] + rank  # FIFO position on its server
+        if all_kept:
+            done, idx = table[offsets[kept_ids] + rank], position
+        else:
+            done = np.full(len(flat), -1, dtype=np.int64)
+            done[kept] = table[offsets[kept_ids] + rank]
+            idx = np.full(len(flat), -1, dtype=np.int64)
+            idx[kept] = position
         self.arrived_J += counts_J
         waiting = self._count(done.reshape(ids_NK.shape), upto)
         self.pool_ids.append(ids_NK[waiting].astype(np.int16))
