@@ -353,10 +353,11 @@ def run_synthetic(out: Path, quick: bool) -> dict:
 def plot_synthetic(out: Path, rows: list[dict], traces: dict, factors: list[float]) -> None:
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for factor in factors:
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(factors)))
+    for factor, color in zip(factors, colors):
         for arm, style in (("etr", "-"), ("token_choice", ":")):
             kept = np.convolve(traces[f"{arm}@{factor}"], np.ones(20) / 20, mode="valid")
-            ax1.plot(kept, style, label=f"{arm} cf {factor}")
+            ax1.plot(kept, style, color=color, label=f"{arm} cf {factor}")
     ax1.set_xlabel("training step")
     ax1.set_ylabel("discriminative token kept (20-step mean)")
     ax1.legend(fontsize=6, ncol=2)

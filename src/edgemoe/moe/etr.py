@@ -43,7 +43,7 @@ class CapacityConfig:
 
     - ``fixed``: ``factor`` throughout.
     - ``annealed``: from ``factor`` down to ``floor``; ``anneal_by="steps"`` moves linearly over
-      ``anneal_steps`` optimizer steps, ``anneal_by="settle"`` lowers the factor by ``settle_decrement``
+      ``anneal_steps`` training steps, ``anneal_by="settle"`` lowers the factor by ``settle_decrement``
       each time the moving average of the rearranged fraction has changed by less than ``settle_tol``
       over ``settle_window`` steps.
     - ``fpr``: estimated each step from the measured false-positive count (non-proposing tokens that
@@ -178,7 +178,7 @@ def slots_to_mask(expert_ids_TK: torch.Tensor, on_TK: torch.Tensor, num_experts:
 def expert_choice(affinity_TE: torch.Tensor, candidates_TE: torch.Tensor, capacity: int) -> torch.Tensor:
     """Boolean kept mask: each expert keeps its ``capacity`` candidates of highest affinity.
 
-    Tokens are along dim -2. Non-candidates are never kept; ties are broken by token order.
+    Tokens are along dim -2. Non-candidates are never kept; ties are broken as ``torch.topk`` does.
     """
     num_tokens = affinity_TE.shape[-2]
     c = min(max(int(capacity), 0), num_tokens)
