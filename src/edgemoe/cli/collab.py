@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _run_args(ev)
     ev.add_argument("--gap-steps", type=int, default=150, help="gate training steps per retrained subset")
     ev.add_argument("--gap-max-experts", type=int, default=8)
+    ev.add_argument(
+        "--gap-train-questions", type=int, default=1500, help="training questions per retrained gate"
+    )
     ev.set_defaults(func=cmd_eval)
 
     for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
@@ -236,11 +239,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import dataclasses
 
         idx = ws.index("select")
+        train = ws.index("train")[: args.gap_train_questions]
         cfg = dataclasses.replace(gate.cfg, steps=args.gap_steps)
-        full = fit(ws, cfg)
+        full = fit(ws, cfg, index=train)
         out["optimality_gap"] = optimality_gap(
             full,
-            lambda m: fit(ws, cfg, mask_N=m),
+            lambda m: fit(ws, cfg, mask_N=m, index=train),
             ws.emb_QD[idx],
             ws.questions.category_Q[idx],
             ws.cache.probs_QNO[idx],

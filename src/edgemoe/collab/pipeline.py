@@ -76,9 +76,11 @@ def simulated_cache(config: CollabConfig, questions: QuestionSet, seed: int = 0)
     return generate_cache(questions, config.experts, GeneratorConfig(seed=seed))
 
 
-def fit(ws: Workspace, gate_cfg: GateConfig, mask_N: np.ndarray | None = None) -> Gate:
-    """Train the gate on the training split (on the full expert set unless ``mask_N`` is given)."""
-    idx = ws.index("train")
+def fit(
+    ws: Workspace, gate_cfg: GateConfig, mask_N: np.ndarray | None = None, index: np.ndarray | None = None
+) -> Gate:
+    """Train the gate on the training split (or ``index``), on the full expert set unless ``mask_N``."""
+    idx = ws.index("train") if index is None else index
     return train_gate(
         ws.emb_QD[idx],
         ws.questions.category_Q[idx],

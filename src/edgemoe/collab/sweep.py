@@ -83,6 +83,7 @@ def _row(
         experts_per_request_test=tst["experts_per_request"],
         latency_max_test_s=max((v["max_s"] for v in tst["latency"].values()), default=0.0),
         within_budget=bool(fits(sel["energy_realised_j"], budget) and lat_ok),
+        energy_within_budget_test=bool(fits(tst["energy_realised_j"], budget)),
     )
     return row
 
@@ -123,6 +124,7 @@ def run_budgets(
         ):
             row[key] = float(np.mean([p[key] for p in parts]))
         row["within_budget"] = all(p["within_budget"] for p in parts)
+        row["energy_within_budget_test"] = all(p.get("energy_within_budget_test", True) for p in parts)
         row["latency_budget_s"] = (
             latency.default_latency_s if latency.default_latency_s is not None else float("inf")
         )
@@ -140,7 +142,7 @@ def summarise(rows: list[dict]) -> dict:
     by = {}
     for r in rows:
         by.setdefault((r.get("sweep", ""), r["energy_budget_j"], r["latency_budget_s"]), {})[r["method"]] = r
-    exact, dominates, within, margins, test_margins = [], [], [], [], []
+    exact, dominates, within, margins, test_margins, test_over = [], [], [], [], [], []
     for group in by.values():
         moe = group.get("dmo")
         if moe is None:
@@ -154,6 +156,7 @@ def summarise(rows: list[dict]) -> dict:
         others = [g for m, g in group.items() if m not in ("dmo", "exhaustive")]
         dominates.append(all(moe["select_accuracy"] >= o["select_accuracy"] - 1e-12 for o in others))
         within.append(all(g["within_budget"] for g in group.values()))
+        test_over.append(not moe.get("energy_within_budget_test", True))
         single = group.get("best_single")
         if single is not None and single["feasible"]:
             margins.append(moe["select_accuracy"] - single["select_accuracy"])
@@ -163,6 +166,7 @@ def summarise(rows: list[dict]) -> dict:
         "dmo_equals_exhaustive": all(exact) if exact else None,
         "dmo_at_or_above_every_baseline": all(dominates),
         "within_budget": all(within),
+        "moe2_budgets_over_energy_on_test_split": int(sum(test_over)),
         "margin_over_best_single_max": float(max(margins)) if margins else None,
         "margin_over_best_single_mean": float(np.mean(margins)) if margins else None,
         "test_margin_over_best_single_max": float(max(test_margins)) if test_margins else None,
