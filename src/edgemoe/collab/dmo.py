@@ -252,19 +252,21 @@ class _Node:
     tick: int
     mask: np.ndarray = field(compare=False)
     pos: int = field(compare=False)
-    cand: np.ndarray = field(compare=False)
     valid_bound: float = field(compare=False)
     mono_limit: float = field(compare=False, default=np.inf)
 
 
 class _Search:
-    """State of one DMO run (incumbent, counters, queue)."""
+    """State of one DMO run: expert order, incumbent, counters, queue and deferred nodes."""
 
-    def __init__(self, problem: SelectionProblem, budget: float, bound: str):
+    def __init__(self, problem: SelectionProblem, budget: float, bound: str, order: np.ndarray):
         self.p = problem
         self.budget = budget
         self.bound_kind = bound
         self.bounder = _Bounder(problem)
+        self.order = order
+        self.rank_N = np.full(problem.num_experts, -1)
+        self.rank_N[order] = np.arange(len(order))
         self.best_val = -np.inf
         self.best_mask: np.ndarray | None = None
         self.evals = self.bound_evals = self.nodes = 0
@@ -273,88 +275,88 @@ class _Search:
         self.deferred: list[_Node] = []
         self.tick = itertools.count()
 
-    def offer(self, values_B: np.ndarray, masks_BN: np.ndarray) -> None:
+    def offer(self, values_B: np.ndarray, masks_BN: np.ndarray, mono_limit: float = np.inf) -> None:
+        """Update the incumbent with freshly evaluated sets (and count superset-bound violations)."""
         j = int(np.argmax(values_B))
         if values_B[j] > self.best_val:
             self.best_val, self.best_mask = float(values_B[j]), masks_BN[j].copy()
+        self.violations += int(np.sum(values_B > mono_limit + 1e-12))
 
-    def expand(
-        self, node_mask: np.ndarray, pos: int, order: np.ndarray, mono_limit: float, fallback: bool
-    ) -> None:
-        """Evaluate all children of a node, bound them and queue the promising ones."""
+    def expand(self, node: _Node, fallback: bool) -> None:
+        """Evaluate all children of a node incrementally from its cached mixture, then queue them."""
         p, cost = self.p, self.p.cost_N
         self.nodes += 1
-        base_cost = float(cost @ node_mask)
-        later = order[pos + 1 :]
-        kids = later[fits(base_cost + cost[later], self.budget)]
+        later = self.order[node.pos + 1 :]
+        fit_later = fits(float(cost @ node.mask) + cost[later], self.budget)
+        kids = later[fit_later]
         if len(kids) == 0:
             return
-        masks_BN = np.repeat(node_mask[None], len(kids), axis=0)
+        masks_BN = np.repeat(node.mask[None], len(kids), axis=0)
         masks_BN[np.arange(len(kids)), kids] = True
         if p.top_k is None:
-            num_QO, den_Q = p.mixtures(node_mask[None])
-            num_BQO = num_QO + p.gp_NQO[kids]
-            den_BQ = den_Q + p.gate_NQ[kids]
+            num_QO, den_Q = p.mixtures(node.mask[None])
+            num_BQO, den_BQ = num_QO + p.gp_NQO[kids], den_Q + p.gate_NQ[kids]
         else:
             num_BQO, den_BQ = p.mixtures(masks_BN)
-        values_B = p.score(num_BQO, den_BQ).value_B
         self.evals += len(kids)
-        self.offer(values_B, masks_BN)
-        self.violations += int(np.sum(values_B > mono_limit + 1e-12))
-        # Candidates of each child: later in the order and still fitting on top of the child.
-        kid_pos = (
-            np.searchsorted(np.argsort(order), kids)
-            if False
-            else np.array([np.flatnonzero(order == k)[0] for k in kids])
+        self.offer(p.score(num_BQO, den_BQ).value_B, masks_BN, node.mono_limit)
+        self.queue(
+            masks_BN, node.pos + 1 + np.flatnonzero(fit_later), num_BQO, den_BQ, node.mono_limit, fallback
         )
-        kid_cost = base_cost + cost[kids]
-        later_BN = np.zeros((len(kids), p.num_experts), dtype=bool)
-        for i, kp in enumerate(kid_pos):
-            rest = order[kp + 1 :]
-            later_BN[i, rest] = True
-        cand_BN = later_BN & fits(kid_cost[:, None] + cost[None, :], self.budget)
-        has = cand_BN.any(axis=1)
-        if not has.any():
+
+    def queue(
+        self,
+        masks_BN: np.ndarray,
+        pos_B: np.ndarray,
+        num_BQO: np.ndarray,
+        den_BQ: np.ndarray,
+        mono_limit: float,
+        fallback: bool,
+    ) -> None:
+        """Bound evaluated sets over their reachable supersets and queue those that may beat the incumbent."""
+        cost = self.p.cost_N
+        set_cost_B = masks_BN @ cost
+        later_BN = self.rank_N[None, :] > pos_B[:, None]
+        cand_BN = later_BN & fits(set_cost_B[:, None] + cost[None, :], self.budget)
+        idx = np.flatnonzero(cand_BN.any(axis=1))
+        if len(idx) == 0:
             return
-        idx = np.flatnonzero(has)
-        room_B = self.budget - kid_cost[idx]
+        room_B = self.budget - set_cost_B[idx]
         valid_B = self.bounder.bound(num_BQO[idx], den_BQ[idx], masks_BN[idx], cand_BN[idx], room_B)
         self.bound_evals += len(idx)
-        mono_B = valid_B
+        bound_B = valid_B
         if self.bound_kind == "monotone" and not fallback:
-            mono_B = np.minimum(valid_B, p.evaluate(masks_BN[idx] | cand_BN[idx]).value_B)
+            bound_B = np.minimum(valid_B, self.p.evaluate(masks_BN[idx] | cand_BN[idx]).value_B)
             self.evals += len(idx)
         for j, i in enumerate(idx):
             node = _Node(
-                priority=-float(mono_B[j]),
+                priority=-float(bound_B[j]),
                 depth=-int(masks_BN[i].sum()),
                 tick=next(self.tick),
                 mask=masks_BN[i],
-                pos=int(kid_pos[i]),
-                cand=cand_BN[i],
+                pos=int(pos_B[i]),
                 valid_bound=float(valid_B[j]),
                 mono_limit=mono_limit,
             )
-            self.push(node, float(mono_B[j]))
+            if bound_B[j] > self.best_val:
+                heapq.heappush(self.heap, node)
+            else:
+                self.defer(node)
 
-    def push(self, node: _Node, bound: float) -> None:
-        if bound > self.best_val:
-            heapq.heappush(self.heap, node)
-        elif node.valid_bound > self.best_val:
+    def defer(self, node: _Node) -> None:
+        """A node pruned only by the superset bound is kept for the fallback search."""
+        if node.valid_bound > self.best_val:
             self.relied += 1
-            node.mono_limit = min(node.mono_limit, bound)
+            node.mono_limit = min(node.mono_limit, -node.priority)
             self.deferred.append(node)
 
-    def run(self, order: np.ndarray, fallback: bool) -> None:
+    def run(self, fallback: bool) -> None:
         while self.heap:
             node = heapq.heappop(self.heap)
-            if -node.priority <= self.best_val:
-                if node.valid_bound > self.best_val and not fallback:
-                    self.relied += 1
-                    node.mono_limit = min(node.mono_limit, -node.priority)
-                    self.deferred.append(node)
-                continue
-            self.expand(node.mask, node.pos, order, node.mono_limit, fallback)
+            if -node.priority > self.best_val:
+                self.expand(node, fallback)
+            elif not fallback:
+                self.defer(node)
 
 
 def dmo(problem: SelectionProblem, budget: float, bound: str = "valid") -> SelectionResult:
@@ -364,22 +366,19 @@ def dmo(problem: SelectionProblem, budget: float, bound: str = "valid") -> Selec
     reason = no_feasible_reason(problem, budget)
     if reason:
         return result_for(problem, f"dmo-{bound}", None, budget, reason, seconds=time.perf_counter() - t0)
-    s = _Search(problem, budget, bound)
-    n = problem.num_experts
     singles = np.flatnonzero(problem.usable_N & fits(problem.cost_N, budget))
-    single_masks = np.eye(n, dtype=bool)[singles]
-    single_vals = problem.evaluate(single_masks).value_B
-    s.evals += len(singles)
     # Expert order: most influential first (mean full-set gate weight), so the candidates left deep
     # in the tree carry little gate mass and the bounds there are tight.
     share_QN = problem.gate_QN / np.maximum(problem.gate_QN.sum(axis=1, keepdims=True), 1e-300)
-    key = -share_QN.mean(axis=0)[singles]
-    order = singles[np.argsort(key, kind="stable")]
-    root = np.zeros(n, dtype=bool)
-    s.offer(single_vals, single_masks)
-    # The root's children are the singletons (already evaluated); queue them with their bounds.
-    _queue_singletons(s, order, root)
-    s.run(order, fallback=False)
+    order = singles[np.argsort(-share_QN.mean(axis=0)[singles], kind="stable")]
+    s = _Search(problem, budget, bound, order)
+    # The root's children are the single experts.
+    masks_BN = np.eye(problem.num_experts, dtype=bool)[order]
+    num_BQO, den_BQ = problem.mixtures(masks_BN)
+    s.evals += len(order)
+    s.offer(problem.score(num_BQO, den_BQ).value_B, masks_BN)
+    s.queue(masks_BN, np.arange(len(order)), num_BQO, den_BQ, np.inf, fallback=False)
+    s.run(fallback=False)
     before = None if s.best_mask is None else s.best_mask.copy()
     changed = False
     if s.deferred:
@@ -387,7 +386,7 @@ def dmo(problem: SelectionProblem, budget: float, bound: str = "valid") -> Selec
             node.priority = -node.valid_bound
             heapq.heappush(s.heap, node)
         s.deferred = []
-        s.run(order, fallback=True)
+        s.run(fallback=True)
         changed = before is not None and not np.array_equal(before, s.best_mask)
     return result_for(
         problem,
@@ -402,27 +401,3 @@ def dmo(problem: SelectionProblem, budget: float, bound: str = "valid") -> Selec
         monotonicity_violations=s.violations,
         fallback_changed_answer=changed,
     )
-
-
-def _queue_singletons(s: _Search, order: np.ndarray, root: np.ndarray) -> None:
-    p, cost = s.p, s.p.cost_N
-    masks_BN = np.zeros((len(order), p.num_experts), dtype=bool)
-    masks_BN[np.arange(len(order)), order] = True
-    cand_BN = np.zeros_like(masks_BN)
-    for i in range(len(order)):
-        rest = order[i + 1 :]
-        cand_BN[i, rest[fits(cost[order[i]] + cost[rest], s.budget)]] = True
-    has = np.flatnonzero(cand_BN.any(axis=1))
-    if len(has) == 0:
-        return
-    num_BQO, den_BQ = p.mixtures(masks_BN[has])
-    room_B = s.budget - cost[order[has]]
-    valid_B = s.bounder.bound(num_BQO, den_BQ, masks_BN[has], cand_BN[has], room_B)
-    s.bound_evals += len(has)
-    mono_B = valid_B
-    if s.bound_kind == "monotone":
-        mono_B = np.minimum(valid_B, p.evaluate(masks_BN[has] | cand_BN[has]).value_B)
-        s.evals += len(has)
-    for j, i in enumerate(has):
-        node = _Node(-float(mono_B[j]), -1, next(s.tick), masks_BN[i], int(i), cand_BN[i], float(valid_B[j]))
-        s.push(node, float(mono_B[j]))
