@@ -158,17 +158,17 @@ def test_expert_killed_mid_request_degrades_and_says_so():
 
 def test_slow_expert_times_out_and_the_others_answer():
     run = Running(
-        {"quick": TinyOpenAIServer(1), "stuck": TinyOpenAIServer(2, delay_s=5.0)},
-        timeout_s=0.3,
+        {"quick": TinyOpenAIServer(1), "stuck": TinyOpenAIServer(2, delay_s=8.0)},
+        timeout_s=1.0,
     )
     try:
         t0 = time.perf_counter()
         r = run.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-        assert time.perf_counter() - t0 < 4.0  # the stuck expert would take 5 s
+        assert time.perf_counter() - t0 < 5.0  # the stuck expert would take 8 s
         block = r.json()["moe2"]
         assert r.status_code == 200 and block["failed"] == ["stuck"] and block["answered_by"] == "quick"
         stuck = next(e for e in block["experts"] if e["name"] == "stuck")
-        assert stuck["status"] == "timeout" and 0.3 <= stuck["latency_s"] < 3.0
+        assert stuck["status"] == "timeout" and 1.0 <= stuck["latency_s"] < 4.0
     finally:
         for s in run.servers.values():
             s.kill()

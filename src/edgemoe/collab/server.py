@@ -581,21 +581,44 @@ def _trim_to_energy(route: Route, energy: dict[str, float], budget_j: float) -> 
 # ---------------------------------------------------------------- HTTP layer
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a body over ``limit`` bytes, by Content-Length or as it streams in."""
+class _TooLarge(Exception):
+    pass
 
-    def __init__(self, app: Any, limit: int):
+
+class GatewayMiddleware:
+    """Pure ASGI middleware (cheaper than Starlette's ``BaseHTTPMiddleware``) doing, per request:
+    API-key check (all routes but ``/health``), body-size limit (by Content-Length or as the body
+    streams in: 413), ``x-request-id``, metrics and one structured log line.
+    """
+
+    def __init__(self, app: Any, gateway: Gateway, api_key: str | None):
         self.app = app
-        self.limit = limit
+        self.gateway = gateway
+        self.api_key = api_key.encode() if api_key else None
+        self.limit = gateway.config.serve.max_body_bytes
+        self.log = gateway.config.serve.log_requests
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for key, value in scope.get("headers", []):
-            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._reject(scope, receive, send)
-                return
+        path = scope["path"]
+        route = path if path in _ROUTES else "other"
+        headers = dict(scope.get("headers") or [])
+        metrics = self.gateway.metrics
+        if self.api_key is not None and path != "/health" and not self._authorised(headers):
+            err = RequestError(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+            metrics.request(route, 401, 0.0)
+            await JSONResponse(err.body(), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self._too_large(scope, receive, send, route)
+            return
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex[:16]
+        status = {"code": 500}
         seen = 0
 
         async def limited_receive() -> dict:
@@ -606,18 +629,37 @@ class BodyLimit:
                 raise _TooLarge
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._reject(scope, receive, send)
+        async def tagged_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
 
-    async def _reject(self, scope: dict, receive: Callable, send: Callable) -> None:
+        t0 = time.perf_counter()
+        metrics.in_flight += 1
+        try:
+            await self.app(scope, limited_receive, tagged_send)
+        except _TooLarge:
+            await self._too_large(scope, receive, send, route)
+            return
+        finally:
+            metrics.in_flight -= 1
+        seconds = time.perf_counter() - t0
+        metrics.request(route, status["code"], seconds)
+        if self.log and route != "/metrics":
+            fields = {"request_id": request_id, "route": route, "method": scope["method"],
+                      "status": status["code"], "latency_ms": round(seconds * 1e3, 3)}  # fmt: skip
+            LOG.info("request", extra={"fields": fields})
+
+    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        auth = headers.get(b"authorization", b"")
+        given = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+        return hmac.compare_digest(given, self.api_key)
+
+    async def _too_large(self, scope: dict, receive: Callable, send: Callable, route: str) -> None:
+        self.gateway.metrics.request(route, 413, 0.0)
         err = RequestError(413, f"request body exceeds {self.limit} bytes", code="body_too_large")
         await JSONResponse(err.body(), status_code=413)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -636,8 +678,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{field_ or 'body'}: {msg}{more}", field_
 
 
-def create_app(gateway: Gateway) -> FastAPI:
-    """The FastAPI application around ``gateway`` (auth, limits, errors, metrics, logs)."""
+def create_app(gateway: Gateway) -> GatewayMiddleware:
+    """The ASGI application: FastAPI routes around ``gateway``, wrapped in :class:`GatewayMiddleware`."""
     serve = gateway.config.serve
     api_key = os.environ.get(serve.api_key_env) if serve.api_key_env else None
     if serve.api_key_env and not api_key:
@@ -660,39 +702,6 @@ def create_app(gateway: Gateway) -> FastAPI:
         message, param = _validation_message(exc)
         return JSONResponse(RequestError(400, message, param, "invalid_request").body(), status_code=400)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable) -> Any:
-        path = request.url.path
-        if api_key is not None and path != "/health":
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                err = RequestError(
-                    401,
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                )
-                gateway.metrics.request(path, 401, 0.0)
-                return JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        t0 = time.perf_counter()
-        gateway.metrics.in_flight += 1
-        try:
-            response = await call_next(request)
-        finally:
-            gateway.metrics.in_flight -= 1
-        seconds = time.perf_counter() - t0
-        route = path if path in _ROUTES else "other"
-        gateway.metrics.request(route, response.status_code, seconds)
-        response.headers["x-request-id"] = request_id
-        if serve.log_requests and route != "/metrics":
-            LOG.info(
-                "request",
-                extra={"fields": {"request_id": request_id, "route": route, "method": request.method,
-                                  "status": response.status_code, "latency_ms": round(seconds * 1e3, 3)}},
-            )  # fmt: skip
-        return response
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
@@ -712,16 +721,16 @@ def create_app(gateway: Gateway) -> FastAPI:
         return {"object": "list", "data": [{"id": "edgemoe-moe2", "object": "model", "owned_by": "edgemoe"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> dict[str, Any]:
+    async def chat(req: ChatRequest) -> JSONResponse:
         out = await gateway.chat(req)
         _log_outcome("chat", out["moe2"])
-        return out
+        return JSONResponse(out)
 
     @app.post("/v1/moe2/answer")
-    async def answer(req: AnswerRequest) -> dict[str, Any]:
+    async def answer(req: AnswerRequest) -> JSONResponse:
         out = await gateway.answer(req)
         _log_outcome("answer", out["moe2"])
-        return out
+        return JSONResponse(out)
 
     def _log_outcome(kind: str, block: dict[str, Any]) -> None:
         if serve.log_requests:
@@ -731,7 +740,7 @@ def create_app(gateway: Gateway) -> FastAPI:
                 logging.WARNING if block["degraded"] else logging.INFO, "served", extra={"fields": fields}
             )
 
-    return BodyLimit(app, serve.max_body_bytes)  # type: ignore[return-value]
+    return GatewayMiddleware(app, gateway, api_key)
 
 
 _ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/moe2/answer")

@@ -77,14 +77,13 @@ class BackendConfig:
         if self.kind == "openai":
             ok = bool(self.url) and str(self.url).startswith(("http://", "https://"))
             require(ok, "url", f"an openai backend needs url: http(s)://host:port, got {self.url!r}")
-        if self.kind == "llama_cpp":
+        if self.kind in ("llama_cpp", "transformers"):
+            what = "a GGUF file" if self.kind == "llama_cpp" else "a local model directory"
             require(
                 bool(self.path) != bool(self.package),
                 "path",
-                "a llama_cpp backend needs exactly one of path or package",
+                f"a {self.kind} backend needs exactly one of path ({what}) or package (a model wheel)",
             )
-        if self.kind == "transformers":
-            require(bool(self.path), "path", "a transformers backend needs path: a local model directory")
         for letter, value in self.letter_bias.items():
             require(len(letter) == 1, f"letter_bias.{letter}", "keys must be single characters")
             require(math.isfinite(value), f"letter_bias.{letter}", f"must be finite, got {value}")
@@ -116,8 +115,13 @@ def build_backend(name: str, cfg: BackendConfig) -> ExpertBackend:
         path = str(model_file_from_package(cfg.package)) if cfg.package else str(cfg.path)
         return LlamaCppBackend(name, path=path, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, seed=cfg.seed)
     if cfg.kind == "transformers":
-        from edgemoe.collab.backends.local import TransformersBackend
+        from edgemoe.collab.backends.local import TransformersBackend, model_file_from_package
 
+        if cfg.package:  # a GGUF inside a wheel: transformers dequantises it to float32
+            gguf = model_file_from_package(cfg.package)
+            return TransformersBackend(
+                name, path=str(gguf.parent), gguf_file=gguf.name, n_threads=cfg.n_threads
+            )
         return TransformersBackend(name, path=str(cfg.path), gguf_file=cfg.gguf_file, n_threads=cfg.n_threads)
     from edgemoe.collab.backends.tiny import TinyBackend
 

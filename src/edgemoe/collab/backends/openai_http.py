@@ -8,7 +8,9 @@ the smallest listed probability (an upper bound on what they could have had, hal
 
 from __future__ import annotations
 
+import asyncio
 import math
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,6 +29,11 @@ from edgemoe.collab.backends.base import (
     option_letters,
     smoothed_one_hot,
 )
+from edgemoe.collab.backends.http_pool import AsyncHTTPPool, PoolError
+
+# Requests go out as two writes (headers, body): without TCP_NODELAY, Nagle's algorithm can hold
+# the body until the server's delayed ACK, tens of milliseconds per call.
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
 def first_token_top_logprobs(choice: dict[str, Any]) -> dict[str, float] | None:
@@ -91,20 +98,19 @@ class OpenAIBackend(ExpertBackend):
         base = self.url.rstrip("/")
         self.base_url = base[: -len("/v1")] if base.endswith("/v1") else base
         self._client: httpx.Client | None = None
-        self._aclient: httpx.AsyncClient | None = None
+        self._pool: AsyncHTTPPool | None = None
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _client_args(self) -> dict[str, Any]:
-        limits = httpx.Limits(
-            max_connections=self.max_connections, max_keepalive_connections=self.max_connections
-        )
+    def _client_args(self, transport: type) -> dict[str, Any]:
+        n = self.max_connections
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         return {
+            "transport": transport(limits=limits, socket_options=NODELAY),
             "base_url": self.base_url,
             "headers": self._headers(),
             "timeout": self.timeout_s,
-            "limits": limits,
             "trust_env": False,
         }
 
@@ -172,7 +178,7 @@ class OpenAIBackend(ExpertBackend):
 
     def _post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
         if self._client is None:
-            self._client = httpx.Client(**self._client_args())
+            self._client = httpx.Client(**self._client_args(httpx.HTTPTransport))
         with Stopwatch() as sw:
             try:
                 resp = self._client.post(path, json=body)
@@ -194,7 +200,7 @@ class OpenAIBackend(ExpertBackend):
     def load(self) -> float:
         """Time until the endpoint answers ``/v1/models`` (the model is loaded server-side)."""
         if self._client is None:
-            self._client = httpx.Client(**self._client_args())
+            self._client = httpx.Client(**self._client_args(httpx.HTTPTransport))
         with Stopwatch() as sw:
             try:
                 self._check(self._client.get("/v1/models"))
@@ -208,19 +214,22 @@ class OpenAIBackend(ExpertBackend):
             self._client = None
         super().close()
 
-    # -- async (the gateway's fan-out) --
+    # -- async (the gateway's fan-out): the lean pool of http_pool.py, not httpx (see there) --
 
     async def _apost(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
-        if self._aclient is None:
-            self._aclient = httpx.AsyncClient(**self._client_args())
+        if self._pool is None:
+            self._pool = AsyncHTTPPool(self.base_url, self._headers(), self.max_connections)
         with Stopwatch() as sw:
             try:
-                resp = await self._aclient.post(path, json=body)
-            except httpx.HTTPError as exc:
-                raise BackendError(
-                    f"expert {self.name!r} at {self.base_url}: {type(exc).__name__}: {exc}"
-                ) from exc
-            data = self._check(resp)
+                status, data = await asyncio.wait_for(self._pool.request("POST", path, body), self.timeout_s)
+            except PoolError as exc:
+                raise BackendError(f"expert {self.name!r} at {self.base_url}: {exc}") from exc
+            except asyncio.TimeoutError as exc:
+                raise BackendError(f"expert {self.name!r}: no reply within {self.timeout_s:g} s") from exc
+            if status >= 400:
+                raise BackendError(f"expert {self.name!r}: HTTP {status}: {str(data)[:200]}")
+            if not isinstance(data, dict):
+                raise BackendError(f"expert {self.name!r}: reply is not a JSON object")
         return data, sw.seconds
 
     async def ascore_choices(self, prompt: str, n_options: int) -> ChoiceScores:
@@ -234,7 +243,7 @@ class OpenAIBackend(ExpertBackend):
         return self._parse_chat(data, seconds)
 
     async def aclose(self) -> None:
-        if self._aclient is not None:
-            await self._aclient.aclose()
-            self._aclient = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
         self.close()

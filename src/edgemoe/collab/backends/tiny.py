@@ -13,6 +13,7 @@ Run one from a shell: ``python -m edgemoe.collab.backends.tiny --port 8101 --see
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import socket
 import string
@@ -217,12 +218,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(prompt, str):
             raise TypeError("prompt must be a string")
         max_tokens = int(body.get("max_tokens", 16))
-        ids = srv.model.generate(prompt, max_tokens, float(body.get("temperature", 0.0)), srv.seed)
+        k = int(body.get("logprobs") or 0) if srv.offer_logprobs else 0
+        ids, top = srv.decode(prompt, max_tokens, float(body.get("temperature", 0.0)), k)
         text = "".join(VOCAB[i] for i in ids)
         choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": "length", "logprobs": None}
-        k = body.get("logprobs")
-        if srv.offer_logprobs and k and ids:
-            top = srv.model.top_logprobs(prompt, int(k))
+        if top and ids:
             choice["logprobs"] = {
                 "tokens": [text[0]],
                 "token_logprobs": [top.get(text[0], min(top.values()))],
@@ -242,7 +242,8 @@ class _Handler(BaseHTTPRequestHandler):
         messages = [Message(str(m["role"]), str(m["content"])) for m in body["messages"]]
         prompt = chat_prompt(messages)
         max_tokens = int(body.get("max_tokens") or 16)
-        ids = srv.model.generate(prompt, max_tokens, float(body.get("temperature", 0.0)), srv.seed)
+        k = int(body.get("top_logprobs") or 1) if srv.offer_logprobs and body.get("logprobs") else 0
+        ids, top = srv.decode(prompt, max_tokens, float(body.get("temperature", 0.0)), k)
         text = "".join(VOCAB[i] for i in ids)
         choice: dict[str, Any] = {
             "index": 0,
@@ -250,8 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
             "finish_reason": "length",
             "logprobs": None,
         }
-        if srv.offer_logprobs and body.get("logprobs") and ids:
-            top = srv.model.top_logprobs(prompt, int(body.get("top_logprobs") or 1))
+        if top and ids:
             choice["logprobs"] = {
                 "content": [
                     {
@@ -291,9 +291,16 @@ class _TinyHTTPServer(ThreadingHTTPServer):
         self.offer_logprobs: bool = settings["offer_logprobs"]
         self.prompt_token_s: float = settings["prompt_token_s"]
         self.output_token_s: float = settings["output_token_s"]
+        self.decode = functools.lru_cache(maxsize=4096)(self._decode)
         self.killed = threading.Event()
         self.lock = threading.Lock()
         self.open_connections: set[socket.socket] = set()
+
+    def _decode(self, prompt: str, max_tokens: int, temperature: float, k: int) -> tuple[list[int], dict]:
+        """Generated ids and the top-``k`` first-token logprobs; memoised (the model is deterministic,
+        so a repeated request costs no compute, which keeps load tests about the HTTP path)."""
+        ids = self.model.generate(prompt, max_tokens, temperature, self.seed)
+        return ids, (self.model.top_logprobs(prompt, k) if k else {})
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hung up, or a connection dropped by :meth:`TinyOpenAIServer.kill`: not news."""
