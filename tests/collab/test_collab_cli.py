@@ -8,6 +8,7 @@ from edgemoe.cli import build_parser, main
 from edgemoe.collab.assumptions import optimality_gap
 from edgemoe.collab.data import synthetic_questions
 from edgemoe.collab.gate import GateConfig, train_gate
+from edgemoe.collab.pipeline import load_policy
 from edgemoe.collab.profiles import MMLU_CATEGORIES
 from edgemoe.collab.simulate import default_experts, generate_cache
 
@@ -30,6 +31,8 @@ def test_fit_select_sweep_eval(tmp_path):
     ]
     assert main(fit) == 0
     assert (run / "gate.pt").is_file() and (run / "cache.jsonl").is_file()
+    route = load_policy(run, enabled=["nano-1b-0", "orin-3b-1"]).route("Which organ filters blood?", "other")
+    assert set(route.experts) <= {"nano-1b-0", "orin-3b-1"} and route.served
     assert (
         main(
             [

@@ -108,8 +108,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         bar.update()
         gate = fit(ws, spec.gate)
         bar.update()
-        embedder = "hashing" if ws.emb_QD.shape[1] != 384 else "minilm"
-        save_run(out, spec, ws, gate, embedder)
+        save_run(out, spec, ws, gate)
         bar.update()
     from edgemoe.collab.pipeline import problem
 
@@ -121,7 +120,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "split_sizes": {s: int(len(ws.index(s))) for s in ("train", "select", "test")},
         "experts": ws.config.expert_names,
         "embedding_dim": int(ws.emb_QD.shape[1]),
-        "embedder": embedder,
+        "embedder": ws.embedder,
         "single_expert_select_accuracy": dict(zip(sel.names, singles.accuracy_B.round(4).tolist())),
         "energy_per_request_j": dict(zip(sel.names, sel.cost_N.round(4).tolist())),
     }

@@ -91,3 +91,14 @@ def make_embedder(kind: str = "auto", dim: int = 128) -> Embedder:
         if kind == "minilm":
             raise
         return HashingEmbedder(dim=dim)
+
+
+def embedder_from_name(name: str) -> Embedder:
+    """Rebuild the embedder a run recorded (``hashing-<dim>`` or ``all-MiniLM-L6-v2``)."""
+    if name.startswith("hashing-"):
+        return HashingEmbedder(dim=int(name.split("-", 1)[1]))
+    if name == "all-MiniLM-L6-v2":
+        return MiniLMEmbedder()
+    raise ConfigError(
+        "embedder", f"unknown embedder {name!r}; expected 'hashing-<dim>' or 'all-MiniLM-L6-v2'"
+    )

@@ -18,8 +18,9 @@ import yaml
 from edgemoe.collab.cache import AnswerCache, read_cache
 from edgemoe.collab.costs import estimate_prompt_tokens, latency_budget_Q, request_costs, with_measurements
 from edgemoe.collab.data import QuestionSet, load_mmlu, synthetic_questions
-from edgemoe.collab.embed import EMBEDDER_KINDS, Embedder, make_embedder
+from edgemoe.collab.embed import EMBEDDER_KINDS, Embedder, embedder_from_name, make_embedder
 from edgemoe.collab.gate import Gate, GateConfig, train_gate
+from edgemoe.collab.policy import MoE2Policy
 from edgemoe.collab.problem import SelectionProblem, build_problem
 from edgemoe.collab.profiles import MMLU_CATEGORIES, Budgets, CollabConfig, load_collab_config
 from edgemoe.collab.simulate import GeneratorConfig, default_experts, generate_cache
@@ -37,6 +38,7 @@ class Workspace:
     cache: AnswerCache
     emb_QD: np.ndarray
     split_Q: np.ndarray
+    embedder: str = "unknown"
 
     def index(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split_Q == SPLITS.index(split))
@@ -62,7 +64,7 @@ def workspace(
 ) -> Workspace:
     cache = cache.select(qids=questions.qid, experts=config.expert_names)
     emb = embedder.encode(questions.prompts())
-    return Workspace(config, questions, cache, emb, make_split(len(questions), seed=seed))
+    return Workspace(config, questions, cache, emb, make_split(len(questions), seed=seed), embedder.name)
 
 
 def simulated_config(num_experts: int, categories: list[str], seed: int = 0, **kw) -> CollabConfig:
@@ -198,12 +200,12 @@ def build_workspace(spec: RunSpec) -> Workspace:
     return workspace(spec.deployment, questions, cache, make_embedder(spec.embedder), seed=spec.seed)
 
 
-def save_run(folder: Path, spec: RunSpec, ws: Workspace, gate: Gate, embedder_name: str) -> None:
+def save_run(folder: Path, spec: RunSpec, ws: Workspace, gate: Gate) -> None:
     """Write what ``select``/``sweep``/``eval`` reload: config, cache, embeddings, split, gate."""
     folder.mkdir(parents=True, exist_ok=True)
     run = {
         "data": to_dict(spec.data),
-        "embedder": embedder_name,
+        "embedder": ws.embedder,
         "seed": spec.seed,
         **to_dict(spec.deployment),
     }
@@ -222,7 +224,7 @@ def load_run(folder: str | Path) -> tuple[Workspace, Gate]:
         raise ConfigError("--run", f"{folder} is not a 'collab fit' run folder (no run.yaml)")
     raw = yaml.safe_load((folder / "run.yaml").read_text())
     data = from_dict(DataSpec, raw.pop("data"), prefix="data")
-    raw.pop("embedder", None)
+    embedder = raw.pop("embedder", "unknown")
     raw.pop("seed", None)
     config = load_collab_config(raw)
     qids = json.loads((folder / "qids.json").read_text())
@@ -233,7 +235,13 @@ def load_run(folder: str | Path) -> tuple[Workspace, Gate]:
         raise ConfigError("data", f"question {missing[0]!r} of the run is not in the data any more")
     questions = questions.take(np.array([pos[q] for q in qids], dtype=np.int64))
     cache = read_cache(folder / "cache.jsonl", qids=qids, experts=config.expert_names)
-    ws = Workspace(
-        config, questions, cache, np.load(folder / "embeddings.npy"), np.load(folder / "split.npy")
-    )
+    emb, split = np.load(folder / "embeddings.npy"), np.load(folder / "split.npy")
+    ws = Workspace(config, questions, cache, emb, split, str(embedder))
     return ws, Gate.load(folder / "gate.pt")
+
+
+def load_policy(folder: str | Path, enabled: list[str] | None = None) -> MoE2Policy:
+    """A per-request policy from a ``collab fit`` run (all experts enabled unless ``enabled``)."""
+    ws, gate = load_run(folder)
+    names = enabled if enabled is not None else ws.config.expert_names
+    return MoE2Policy(ws.config, gate, embedder_from_name(ws.embedder), names)
