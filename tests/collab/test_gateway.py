@@ -318,3 +318,39 @@ def test_config_errors_name_the_field():
         load_gateway_config(
             {"experts": [{"name": "x", "backend": {"kind": "tiny"}}], "serve": {"max_body_bytes": 0}}
         )
+
+
+def test_fitted_gate_weights_the_experts(tmp_path):
+    """With a ``collab fit`` run the weights are the gate's softmax for the question, not uniform."""
+    import torch
+    import yaml
+
+    from edgemoe.collab.embed import HashingEmbedder
+    from edgemoe.collab.gate import Gate, GateConfig
+    from edgemoe.collab.server import gate_prompt
+
+    cats = ["stem", "humanities", "social_sciences", "other"]
+    gate = Gate(128, ["alpha", "beta"], cats, GateConfig(hidden=8))
+    with torch.no_grad():
+        gate.mlp[-1].bias.copy_(torch.tensor([0.0, 1.5]))  # beta favoured, by a known margin
+    run = tmp_path / "fit"
+    gate.save(run / "gate.pt")
+    (run / "run.yaml").write_text(yaml.safe_dump({"embedder": "hashing-128"}))
+    servers = {"alpha": TinyOpenAIServer(1), "beta": TinyOpenAIServer(2)}
+    run_gw = Running(servers, run=str(run))
+    try:
+        out = run_gw.client.post("/v1/moe2/answer", json={**QUESTION, "category": "humanities"}).json()
+        logits = gate.logits(
+            HashingEmbedder(128).encode([gate_prompt(QUESTION["question"], QUESTION["choices"])]), [1]
+        )[0]
+        expected = np.exp(logits) / np.exp(logits).sum()
+        weights = {e["name"]: e["weight"] for e in out["moe2"]["experts"]}
+        np.testing.assert_allclose([weights["alpha"], weights["beta"]], expected, atol=1e-6)
+        assert weights["beta"] > weights["alpha"]
+        top1 = run_gw.client.post("/v1/moe2/answer", json={**QUESTION, "top_k": 1}).json()["moe2"]["experts"]
+        assert [e["name"] for e in top1] == ["beta"]
+        assert run_gw.client.get("/health").json()["gate"] == "trained"
+    finally:
+        run_gw.close()
+    with pytest.raises(ConfigError, match="serve.run"):
+        Gateway(load_gateway_config(collab_dict(servers, run=str(tmp_path))))  # not a run folder

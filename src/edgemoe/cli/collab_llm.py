@@ -46,7 +46,14 @@ def register_collab(sub: argparse._SubParsersAction) -> None:
     cache.add_argument("--benchmark", choices=["mmlu"], default="mmlu")
     cache.add_argument("--data-dir", type=Path, default=None, help="MMLU folder (default: see docs/moe2.md)")
     cache.add_argument("--split", default="test")
-    cache.add_argument("--per-category", type=int, default=20, help="questions per category (stratified)")
+    draw = cache.add_mutually_exclusive_group()
+    draw.add_argument("--per-category", type=int, default=20, help="questions per category (seeded draw)")
+    draw.add_argument(
+        "--per-subject",
+        type=int,
+        default=None,
+        help="the first N questions of every subject instead (what 'collab fit' selects with data.limit_per_subject)",
+    )
     cache.add_argument("--subjects", nargs="+", default=None, help="restrict to these subjects")
     cache.add_argument("--seed", type=int, default=0, help="seed of the stratified draw")
     cache.add_argument("--only", nargs="+", metavar="NAME", help="run only these experts")
@@ -155,10 +162,14 @@ def run_build_cache(args: argparse.Namespace) -> int:
     from edgemoe.collab.data import load_mmlu
 
     require(args.per_category > 0, "--per-category", "must be > 0")
+    require(args.per_subject is None or args.per_subject > 0, "--per-subject", "must be > 0")
     collab, backends, chosen = _experts(args.experts, args.only)
-    questions = stratified_subset(
-        load_mmlu(args.data_dir, split=args.split, subjects=args.subjects), args.per_category, args.seed
-    )
+    if args.per_subject is not None:
+        questions = load_mmlu(args.data_dir, args.split, args.subjects, limit_per_subject=args.per_subject)
+    else:
+        questions = stratified_subset(
+            load_mmlu(args.data_dir, split=args.split, subjects=args.subjects), args.per_category, args.seed
+        )
     require(len(questions) > 0, "--subjects", "selects no questions")
     out = run_dir(args.out, "runs", "cache-mmlu")
     cache_path = out / "answers.jsonl"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -44,12 +46,12 @@ from edgemoe.collab.backends import (
     load_experts,
     mc_prompt,
 )
-from edgemoe.collab.costs import request_costs
+from edgemoe.collab.costs import estimate_prompt_tokens, request_costs
 from edgemoe.collab.data import SUBJECT_CATEGORY
-from edgemoe.collab.embed import make_embedder
+from edgemoe.collab.embed import embedder_from_name
 from edgemoe.collab.gate import Gate
 from edgemoe.collab.policy import Route, aggregate, route_request
-from edgemoe.collab.profiles import CollabConfig, RequestModel
+from edgemoe.collab.profiles import CollabConfig
 from edgemoe.config import ConfigError, check_choice, check_positive, from_dict, require
 
 LOG = logging.getLogger("edgemoe.gateway")
@@ -64,16 +66,15 @@ class ServeSettings:
     """The ``serve:`` section of collab.yaml (everything else is the MoE² core's CollabConfig).
 
     ``api_key_env`` names the environment variable holding the gateway's API key (unset: no key
-    needed). ``gate`` is a gate checkpoint saved by the MoE² core; without one every enabled expert
-    gets equal weight. ``enabled`` is the coarse-level expert set (default: all experts).
+    needed). ``run`` is a folder written by ``edgemoe collab fit`` on these experts: its gate and
+    embedder weight the experts per request; without one every enabled expert gets equal weight.
+    ``enabled`` is the coarse-level expert set chosen by ``edgemoe collab select`` (default: all).
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
     api_key_env: str | None = None
-    gate: str | None = None
-    embedder: Literal["auto", "minilm", "hashing"] = "hashing"
-    embed_dim: int = 128
+    run: str | None = None
     enabled: list[str] | None = None
     default_category: str | None = None
     top_k: int | None = None
@@ -123,6 +124,29 @@ def load_gateway_config(source: str | Path | dict[str, Any]) -> GatewayConfig:
     if serve.default_category is not None:
         check_choice(serve.default_category, "serve.default_category", collab.categories)
     return GatewayConfig(collab, serve, backends)
+
+
+def load_fitted_gate(run: Path, names: list[str]) -> tuple[Gate, Any]:
+    """The gate and embedder of a ``collab fit`` run folder, checked against the served experts."""
+    if not (run / "gate.pt").is_file() or not (run / "run.yaml").is_file():
+        raise ConfigError("serve.run", f"{run} is not a 'collab fit' run folder (needs gate.pt and run.yaml)")
+    gate = Gate.load(run / "gate.pt")
+    require(
+        gate.experts == names, "serve.run", f"the run's gate is for experts {gate.experts}, serving {names}"
+    )
+    embedder = embedder_from_name(str(yaml.safe_load((run / "run.yaml").read_text()).get("embedder", "")))
+    require(
+        embedder.dim == gate.embed_dim,
+        "serve.run",
+        f"embedder gives {embedder.dim}-d, gate wants {gate.embed_dim}",
+    )
+    return gate, embedder
+
+
+def gate_prompt(question: str, choices: list[str]) -> str:
+    """A question as the MoE² core embeds it for the gate (``QuestionSet.prompt``'s layout)."""
+    options = "\n".join(f"{letter}. {c}" for letter, c in zip("ABCDEFGHIJ", choices))
+    return f"{question}\n{options}\nAnswer:"
 
 
 # ---------------------------------------------------------------- request schema
@@ -352,19 +376,9 @@ class Gateway:
         self.default_category = serve.default_category or ("other" if "other" in cats else cats[0])
         self.gate: Gate | None = None
         self.embedder = None
-        if serve.gate:
-            self.gate = Gate.load(serve.gate)
-            require(
-                self.gate.experts == self.names,
-                "serve.gate",
-                f"gate experts {self.gate.experts} != {self.names}",
-            )
-            self.embedder = make_embedder(serve.embedder, dim=serve.embed_dim)
-            require(
-                self.embedder.dim == self.gate.embed_dim,
-                "serve.embedder",
-                f"gives {self.embedder.dim}-d vectors, the gate expects {self.gate.embed_dim}",
-            )
+        if serve.run:
+            self.gate, self.embedder = load_fitted_gate(Path(serve.run), self.names)
+        self._costs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, float]] = {}
         self.metrics = Metrics()
         self.started = time.time()
 
@@ -380,44 +394,55 @@ class Gateway:
             )
         return category
 
-    def gate_logits(self, prompt: str, category: str) -> np.ndarray:
+    def gate_logits(self, text: str, category: str) -> np.ndarray:
         if self.gate is None:
             return np.zeros(len(self.names))
         cat = np.array([self.config.collab.categories.index(category)])
-        return self.gate.logits(self.embedder.encode([prompt]), cat)[0]
+        return self.gate.logits(self.embedder.encode([text]), cat)[0]
 
-    def select(self, prompt: str, category: str, req: BudgetFields, output_tokens: int) -> Route:
-        """Fine-level routing plus the request's own energy budget; 422 when nothing fits."""
+    def predicted_costs(self, prompt_tokens: int, output_tokens: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Per-expert predicted delay (s), energy (J) and the aggregation time: the core's model, memoised."""
+        key = (prompt_tokens, output_tokens)
+        if key not in self._costs:
+            if len(self._costs) > 4096:
+                self._costs.clear()
+            request = dataclasses.replace(self.config.collab.request, output_tokens=output_tokens)
+            costs = request_costs(self.config.collab.experts, np.array([prompt_tokens]), request)
+            self._costs[key] = (costs.delay_QN[0], costs.energy_QN[0], costs.aggregation_s)
+        return self._costs[key]
+
+    def select(
+        self, prompt: str, category: str, req: BudgetFields, output_tokens: int, gate_text: str | None = None
+    ) -> Route:
+        """Fine-level routing plus the request's own energy budget; 422 when nothing fits.
+
+        ``gate_text`` is what the gate embeds (default ``prompt``); for multiple choice it is the
+        question in the form the gate was trained on.
+        """
         collab = self.config.collab
-        tokens = max(1, round(len(prompt) / 4))
-        request_model = RequestModel(
-            output_tokens=output_tokens,
-            bytes_per_token=collab.request.bytes_per_token,
-            response_bytes=collab.request.response_bytes,
-            aggregation_s=collab.request.aggregation_s,
+        delay_N, energy_N, aggregation_s = self.predicted_costs(
+            estimate_prompt_tokens([prompt])[0], output_tokens
         )
-        costs = request_costs(collab.experts, np.array([tokens]), request_model)
-        delay_N, energy_N = costs.delay_QN[0], costs.energy_QN[0]
         latency_budget = req.latency_budget_s or collab.budgets.latency_for(category)
         enabled_N = self.enabled_N.copy()
         if req.energy_budget_j is not None:
             enabled_N &= energy_N <= req.energy_budget_j
         k = req.top_k or self.top_k
         route = route_request(
-            self.names, self.gate_logits(prompt, category), enabled_N, delay_N, energy_N,
-            latency_budget, costs.aggregation_s, k,
+            self.names, self.gate_logits(gate_text or prompt, category), enabled_N, delay_N, energy_N,
+            latency_budget, aggregation_s, k,
         )  # fmt: skip
         if req.energy_budget_j is not None:
             route = _trim_to_energy(route, dict(zip(self.names, energy_N)), req.energy_budget_j)
         if not route.served:
             self.metrics.budget_rejections += 1
             on = self.enabled_N
-            latency_ok = bool((on & (delay_N + costs.aggregation_s <= latency_budget)).any())
+            latency_ok = bool((on & (delay_N + aggregation_s <= latency_budget)).any())
             raise RequestError(
                 422,
                 f"no expert set meets the budget (category {category!r}, latency <= {latency_budget:g} s"
                 + (f", energy <= {req.energy_budget_j:g} J" if req.energy_budget_j is not None else "")
-                + f"): the fastest enabled expert needs {float(delay_N[on].min() + costs.aggregation_s):.4g} s, "
+                + f"): the fastest enabled expert needs {float(delay_N[on].min() + aggregation_s):.4g} s, "
                 f"the most frugal {float(energy_N[on].min()):.4g} J",
                 "energy_budget_j" if latency_ok else "latency_budget_s",
                 "budget_infeasible",
@@ -493,7 +518,9 @@ class Gateway:
                 413, f"question and choices exceed {serve.max_prompt_chars} characters", "question"
             )
         category = self.category_of(req.category, req.subject)
-        route = self.select(prompt, category, req, output_tokens=1)
+        route = self.select(
+            prompt, category, req, output_tokens=1, gate_text=gate_prompt(req.question, req.choices)
+        )
         n = len(req.choices)
         outcomes = await self.fan_out(route, lambda b: b.ascore_choices(prompt, n))
         ok = self.survivors(outcomes)
