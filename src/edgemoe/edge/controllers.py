@@ -209,10 +209,29 @@ class StableMoE(Controller):
         return route_sequential(utility_NJ, state.backlog_J, self.k, block), None
 
 
+def water_fill_counts(backlog_J: np.ndarray, num_tokens: int, k: int) -> np.ndarray:
+    """Assignments per server when ``num_tokens`` identical tokens each join the K shortest provisional
+    queues in turn (raising each by one): the N*K cheapest "units", where server j's m-th unit costs
+    Q_j + m and a server takes at most one unit per token (m < N). Equal to the token-by-token rule
+    (tested), computed by one partition instead of a loop."""
+    J = len(backlog_J)
+    total = num_tokens * k
+    if total == J * num_tokens:
+        return np.full(J, num_tokens, dtype=np.int64)
+    costs_JN = backlog_J[:, None] + np.arange(num_tokens)[None, :]
+    threshold = np.partition(costs_JN.ravel(), total - 1)[total - 1]
+    counts = (costs_JN < threshold).sum(axis=1)
+    at_threshold = np.flatnonzero((costs_JN == threshold).any(axis=1))  # ties: lowest index first
+    counts[at_threshold[: total - counts.sum()]] += 1
+    return counts
+
+
 class JSQK(Controller):
     """Join-the-K-shortest-queues: ignores the gate. ``linear``: every token joins the K shortest queues
-    at the start of the slot; ``sequential``: water-filling, each assignment raises the provisional
-    queue by one. Frequency: the Lyapunov rule with V = 0."""
+    at the start of the slot; ``sequential``: token by token, each assignment raising the provisional
+    queue by one, computed exactly as water-filling (:func:`water_fill_counts`); listing the servers
+    with their counts and dealing the list out in K strides of N gives every token K distinct servers.
+    Frequency: the Lyapunov rule with V = 0."""
 
     name = "jsq-k"
 
@@ -220,14 +239,14 @@ class JSQK(Controller):
         super().__init__(spec, dataclasses.replace(cfg or spec.controller, V=0.0))
 
     def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
-        N, J = scores_NJ.shape
-        key_J = np.where(state.online_J, state.backlog_J, np.inf)
+        N = len(scores_NJ)
+        servers = np.flatnonzero(state.online_J)
         if self.cfg.mode == "linear":
-            best = np.argsort(key_J, kind="stable")[: self.k]
+            best = servers[np.argsort(state.backlog_J[servers], kind="stable")[: self.k]]
             return np.broadcast_to(best, (N, self.k)).copy(), None
-        zero_NJ = masked(np.zeros((N, J)), state.online_J)
-        block = auto_block(N, self.cfg.block)
-        return route_sequential(zero_NJ, state.backlog_J, self.k, block), None
+        counts = water_fill_counts(state.backlog_J[servers], N, self.k)
+        # Each server appears at most N times in a row, so entries i, i + N, ... are distinct.
+        return np.repeat(servers, counts).reshape(self.k, N).T.copy(), None
 
 
 class TopK(Controller):
