@@ -15,8 +15,8 @@ from edgemoe.collab.costs import request_costs
 from edgemoe.collab.profiles import ExpertProfile, RequestModel, load_collab_config
 from edgemoe.collab.profiling import profile_backend
 
-PROMPT_TOKEN_S = 1e-4  # 10,000 prompt tokens/s
-OUTPUT_TOKEN_S = 5e-3  # 200 output tokens/s
+PROMPT_TOKEN_S = 2e-4  # 5,000 prompt tokens/s
+OUTPUT_TOKEN_S = 1e-2  # 100 output tokens/s
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_profile_command_writes_a_profile_the_core_accepts(server, tmp_path):
     parser = argparse.ArgumentParser()
     register_collab(parser.add_subparsers())
     out = tmp_path / "run"
-    argv = ["profile", "--experts", str(path), "--out", str(out), "--decode-tokens", "16", "--repeats", "1"]
+    argv = ["profile", "--experts", str(path), "--out", str(out), "--decode-tokens", "16", "--repeats", "2"]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     for name in ("summary.json", "profile.csv", "profile.png", "experts.profiled.yaml"):
