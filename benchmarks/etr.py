@@ -684,17 +684,56 @@ def run_speed(out: Path, quick: bool) -> dict:
 PARTS = {"theory": run_theory, "synthetic": run_synthetic, "cifar10": run_cifar10, "speed": run_speed}
 
 
+def markdown_tables(out: Path) -> str:
+    """The CIFAR-10 and speed tables of docs/results.md and docs/benchmarks.md, from the JSON."""
+    lines = []
+    cifar = out / "cifar10.json"
+    if cifar.exists():
+        data = json.loads(cifar.read_text())
+        lines += [
+            "| arm | seeds | val acc | Δ vs top-1 (pts) | kept/expert mean | max | fewer than top-1: mean | max | drop rate | load max/mean | step time (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in data["summary"]:
+            lines.append(
+                f"| {r['arm']} | {len(r['seeds'])} | {r['val_accuracy']:.4f} | {r['val_accuracy_delta_points']:+.2f} "
+                f"| {r['kept_per_expert_mean']:.0f} | {r['kept_per_expert_max']:.0f} "
+                f"| {100 * r['fewer_tokens_per_expert_mean']:.1f} % | {100 * r['fewer_tokens_per_expert_max']:.1f} % "
+                f"| {r['drop_rate']:.3f} | {r['load_max_over_mean']:.2f} | {r['step_time_s_median']:.3f} |"
+            )
+    speed = out / "speed.json"
+    if speed.exists():
+        data = json.loads(speed.read_text())
+        lines += ["", "| d | top-k router (ms) | ETR router (ms) | ETR / top-k |", "|---|---|---|---|"]
+        for r in data["router_forward"]:
+            lines.append(
+                f"| {r['dim']} | {r['topk_ms']:.2f} | {r['etr_ms']:.2f} | {r['etr_over_topk']:.2f} |"
+            )
+        lines += ["", "| backend | cf 1.1 (ms) | cf 0.66 (ms) | 0.66 / 1.1 |", "|---|---|---|---|"]
+        for r in data["layer_fwd_bwd"]:
+            lines.append(
+                f"| {r['backend']} | {r['cf1.1_ms']:.1f} | {r['cf0.66_ms']:.1f} | {r['ratio_0.66_over_1.1']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "etr")
+    parser.add_argument(
+        "--tables", action="store_true", help="print the markdown tables of the results and exit"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
     parser.add_argument("--data-dir", type=Path, default=None, help="folder holding cifar10_jpeg.zip")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="cifar10 seeds")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ETR_THREADS", "2")))
     args = parser.parse_args(argv)
+    if args.tables:
+        print(markdown_tables(args.out))
+        return 0
     torch.set_num_threads(args.threads)
     parts = list(PARTS) if args.part == "all" else [args.part]
     for name in parts:

@@ -404,22 +404,31 @@ class ETRRouter(Router):
 
         "Rearranged" tokens are those with a token-choice proposal the expert side did not keep.
         """
-        num_tokens = max(proposed_TE.shape[0], 1)
-        rearranged = float((proposed_TE & ~kept_TE).any(-1).sum()) / num_tokens
+        num_tokens, num_experts = proposed_TE.shape
         fp_E = false_positive_counts(logits_TE, proposed_TE)
-        non_proposers = float((~proposed_TE).sum().clamp_min(1))
+        proposals = proposed_TE.sum()
+        counts = torch.stack(
+            [
+                (proposed_TE & ~kept_TE).any(-1).sum(),
+                fp_E.sum(),
+                proposals,
+                num_tokens * num_experts - proposals,
+            ]
+        ).tolist()
+        rearranged_n, false_positives, proposals_n, non_proposers = counts
+        rearranged = rearranged_n / max(num_tokens, 1)
         extras: dict[str, object] = {
             "capacity_factor": factor,
             "rearranged_fraction": rearranged,
-            "false_positive_rate": float(fp_E.sum()) / non_proposers,
-            "mean_proposals": float(proposed_TE.sum()) / num_tokens,
+            "false_positive_rate": false_positives / max(non_proposers, 1),
+            "mean_proposals": proposals_n / max(num_tokens, 1),
         }
         if self.training:
             self.schedule.observe(
                 CapacityObservation(
                     rearranged_fraction=rearranged,
-                    false_positives_per_expert=float(fp_E.float().mean()),
-                    tokens_per_expert=proposed_TE.shape[0] * self.l_max / self.num_experts,
+                    false_positives_per_expert=false_positives / num_experts,
+                    tokens_per_expert=num_tokens * self.l_max / num_experts,
                 )
             )
         return extras
