@@ -1,0 +1,420 @@
+"""MoE layer forward+backward throughput: every edgemoe backend against external anchors.
+
+Anchors, built with the same d, hidden, experts, k, tokens and weights (copied from ours where the
+anchor's layout allows, so outputs can be compared): Hugging Face transformers' Mixtral sparse
+block (``eager`` and ``grouped_mm`` experts), DeepSpeed-MoE (``ep_size=1``, dropless and with
+capacity factor 1), lucidrains' st-moe-pytorch (capacity factor 1; k >= 2 only), and the *dense
+floor*: the six plain GEMMs (forward, input- and weight-gradient of both projections) over T·k
+rows, i.e. the same active FLOPs with no routing, no dispatch and no activation.
+
+Every candidate runs ``(out * g).sum().backward()`` on a fixed ``x``/``g``; runs are interleaved
+(one run of each candidate per round, the order rotating each round) and the median over the
+measured rounds is reported, because the CPU may be shared. ``fraction_of_gemm_peak`` divides
+achieved FLOP/s by the FLOP/s of a 2048² fp32 matmul timed in the same rounds.
+
+    python benchmarks/moe_layer.py            # default shape + sweep, JSON to stdout and results/
+    python benchmarks/moe_layer.py --quick    # default shape and one E=64 shape, fewer rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgemoe.moe import MoEConfig, MoELayer, RouterConfig
+
+HERE = Path(__file__).resolve().parent
+CAPPED_FACTOR = 1.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    dim: int
+    hidden: int
+    num_experts: int
+    top_k: int
+    tokens: int
+
+    @property
+    def swiglu_hidden(self) -> int:
+        """2/3 of ``hidden`` rounded up to a multiple of 16 (the LLaMA/Mixtral convention)."""
+        return 16 * math.ceil(2 * self.hidden / 3 / 16)
+
+    def active_flops(self) -> float:
+        """Forward + backward FLOPs of the expert GEMMs over the T·k active rows."""
+        h = self.swiglu_hidden
+        return 3 * 2 * self.tokens * self.top_k * (self.dim * 2 * h + h * self.dim)
+
+    def label(self) -> str:
+        return f"E={self.num_experts} k={self.top_k} T={self.tokens}"
+
+
+@dataclass
+class Candidate:
+    name: str
+    kind: str  # "ours", "anchor", "floor", "peak"
+    dropless: bool
+    step: Callable[[], None]
+    forward: Callable[[], torch.Tensor] | None = None
+
+
+class SwiGLU(nn.Module):
+    """A bias-free SwiGLU expert for the anchors that take expert modules."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(nn.functional.silu(gate) * up)
+
+
+def copy_experts_into(modules: list[SwiGLU], ours: MoELayer) -> None:
+    with torch.no_grad():
+        for e, m in enumerate(modules):
+            m.w13.weight.copy_(ours.experts.w_in_EDF[e].t())
+            m.w2.weight.copy_(ours.experts.w_out_EHD[e].t())
+
+
+def fwd_bwd(module: nn.Module, x: torch.Tensor, g: torch.Tensor, unpack: Callable) -> Callable[[], None]:
+    """A closure running forward, ``(out*g).sum()`` and backward with fresh grads."""
+    params = list(module.parameters())
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        xx = x.detach().requires_grad_(True)
+        (unpack(module(xx)) * g).sum().backward()
+
+    return step
+
+
+def forward_of(module: nn.Module, x: torch.Tensor, unpack: Callable) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return unpack(module(x)).reshape(-1, x.shape[-1])
+
+    return run
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def build_ours(shape: Shape, backend: str, capacity_factor: float) -> MoELayer:
+    router = RouterConfig(name="topk", top_k=shape.top_k, capacity_factor=capacity_factor)
+    cfg = MoEConfig(
+        dim=shape.dim,
+        hidden_dim=shape.swiglu_hidden,
+        num_experts=shape.num_experts,
+        router=router,
+        backend=backend,
+    )
+    torch.manual_seed(0)
+    return MoELayer(cfg)
+
+
+def hf_mixtral(shape: Shape, ours: MoELayer, impl: str) -> nn.Module:
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(
+        hidden_size=shape.dim,
+        intermediate_size=shape.swiglu_hidden,
+        num_local_experts=shape.num_experts,
+        num_experts_per_tok=shape.top_k,
+        router_jitter_noise=0.0,
+    )
+    cfg._experts_implementation = impl
+    block = MixtralSparseMoeBlock(cfg)
+    with torch.no_grad():
+        block.gate.weight.copy_(ours.router.proj.weight)
+        block.experts.gate_up_proj.copy_(ours.experts.w_in_EDF.transpose(1, 2))
+        block.experts.down_proj.copy_(ours.experts.w_out_EHD.transpose(1, 2))
+    return block
+
+
+def deepspeed_moe(shape: Shape, ours: MoELayer, dropless: bool) -> nn.Module:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from deepspeed.moe.layer import MoE
+    layer = MoE(
+        hidden_size=shape.dim,
+        expert=SwiGLU(shape.dim, shape.swiglu_hidden),
+        num_experts=shape.num_experts,
+        ep_size=1,
+        k=shape.top_k,
+        capacity_factor=CAPPED_FACTOR,
+        min_capacity=1,
+        drop_tokens=not dropless,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    )
+    copy_experts_into(list(layer.deepspeed_moe.experts.deepspeed_experts), ours)
+    with torch.no_grad():
+        layer.deepspeed_moe.gate.wg.weight.copy_(ours.router.proj.weight)
+    return layer
+
+
+def st_moe(shape: Shape, ours: MoELayer) -> nn.Module:
+    from st_moe_pytorch import MoE
+
+    experts = [SwiGLU(shape.dim, shape.swiglu_hidden) for _ in range(shape.num_experts)]
+    copy_experts_into(experts, ours)
+    # st-moe's capacity is cf·T/E for all k choices together; k·cf gives the same C as ours.
+    layer = MoE(
+        dim=shape.dim,
+        num_experts=shape.num_experts,
+        gating_top_n=shape.top_k,
+        threshold_train=1e-9,
+        threshold_eval=1e-9,
+        capacity_factor_train=shape.top_k * CAPPED_FACTOR,
+        capacity_factor_eval=shape.top_k * CAPPED_FACTOR,
+        experts=nn.ModuleList(experts),
+    )
+    with torch.no_grad():
+        layer.gate.to_gates.weight.copy_(ours.router.proj.weight)
+    return layer
+
+
+def dense_floor(shape: Shape) -> Callable[[], None]:
+    """The six GEMMs of the two projections' forward and backward over T·k rows."""
+    rows, d, h = shape.tokens * shape.top_k, shape.dim, shape.swiglu_hidden
+    x, w1 = torch.randn(rows, d), torch.randn(d, 2 * h) * 0.02
+    a, w2 = torch.randn(rows, h), torch.randn(h, d) * 0.02
+    gy, dh = torch.randn(rows, d), torch.randn(rows, 2 * h)
+    bufs = {
+        "h": torch.empty(rows, 2 * h),
+        "y": torch.empty(rows, d),
+        "da": torch.empty(rows, h),
+        "dw2": torch.empty(h, d),
+        "dx": torch.empty(rows, d),
+        "dw1": torch.empty(d, 2 * h),
+    }
+
+    def step() -> None:
+        torch.mm(x, w1, out=bufs["h"])
+        torch.mm(a, w2, out=bufs["y"])
+        torch.mm(gy, w2.t(), out=bufs["da"])
+        torch.mm(a.t(), gy, out=bufs["dw2"])
+        torch.mm(dh, w1.t(), out=bufs["dx"])
+        torch.mm(x.t(), dh, out=bufs["dw1"])
+
+    return step
+
+
+def gemm_peak(n: int = 2048) -> tuple[Callable[[], None], float]:
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    return (lambda: torch.mm(a, b, out=c)), 2.0 * n**3
+
+
+def candidates(shape: Shape, our_backends: list[str]) -> tuple[list[Candidate], list[str]]:
+    """All runnable candidates for ``shape`` plus notes on the ones that cannot run."""
+    torch.manual_seed(1)
+    x = torch.randn(1, shape.tokens, shape.dim)
+    g = torch.randn(1, shape.tokens, shape.dim)
+    notes: list[str] = []
+    out: list[Candidate] = []
+    ref = build_ours(shape, "sorted", 0.0)
+    for backend in our_backends:
+        layer = build_ours(shape, backend, 0.0)
+        out.append(
+            Candidate(
+                f"edgemoe/{backend}", "ours", True, fwd_bwd(layer, x, g, first), forward_of(layer, x, first)
+            )
+        )
+    capped = build_ours(shape, "sorted", CAPPED_FACTOR)
+    out.append(
+        Candidate(
+            "edgemoe/sorted cf=1", "ours", False, fwd_bwd(capped, x, g, first), forward_of(capped, x, first)
+        )
+    )
+    builders: list[tuple[str, bool, Callable[[], nn.Module]]] = [
+        ("hf-mixtral/eager", True, lambda: hf_mixtral(shape, ref, "eager")),
+        ("hf-mixtral/grouped_mm", True, lambda: hf_mixtral(shape, ref, "grouped_mm")),
+        ("deepspeed/dropless", True, lambda: deepspeed_moe(shape, ref, True)),
+        ("deepspeed/cf=1", False, lambda: deepspeed_moe(shape, ref, False)),
+        ("st-moe/cf=1", False, lambda: st_moe(shape, ref)),
+    ]
+    for name, dropless, build in builders:
+        if name.startswith("st-moe") and shape.top_k < 2:
+            notes.append(f"{name}: not run, st-moe-pytorch supports only k >= 2")
+            continue
+        try:
+            module = build()
+        except ImportError as exc:
+            notes.append(f"{name}: not installed ({exc.name}); pip install -e '.[bench]'")
+            continue
+        out.append(
+            Candidate(name, "anchor", dropless, fwd_bwd(module, x, g, first), forward_of(module, x, first))
+        )
+    out.append(Candidate("dense-floor", "floor", True, dense_floor(shape)))
+    return out, notes
+
+
+def measure(
+    cands: list[Candidate], peak_step: Callable[[], None], warmup: int, rounds: int
+) -> dict[str, list[float]]:
+    """Interleaved timing: each round runs every candidate once, in an order rotated per round."""
+    runs = [*[(c.name, c.step) for c in cands], ("gemm-peak", peak_step)]
+    times: dict[str, list[float]] = {name: [] for name, _ in runs}
+    for r in range(warmup + rounds):
+        shift = r % len(runs)
+        for name, step in runs[shift:] + runs[:shift]:
+            t0 = time.perf_counter()
+            step()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    return times
+
+
+def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int) -> dict:
+    cands, notes = candidates(shape, our_backends)
+    ref_out = cands[0].forward()
+    diffs = {}
+    for c in cands:
+        if c.forward is not None and c.dropless:
+            diffs[c.name] = float((c.forward() - ref_out).abs().max())
+    peak_step, peak_flops = gemm_peak()
+    times = measure(cands, peak_step, warmup, rounds)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    peak = peak_flops / med.pop("gemm-peak")
+    ours_dropless = med["edgemoe/sorted"]
+    ours_capped = med["edgemoe/sorted cf=1"]
+    results = {}
+    anchor_ratios = {}
+    for c in cands:
+        t = med[c.name]
+        entry = {
+            "median_ms": round(1000 * t, 2),
+            "min_ms": round(1000 * min(times[c.name]), 2),
+            "tokens_per_s": round(shape.tokens / t, 1),
+            "dropless": c.dropless,
+        }
+        if c.kind == "anchor":
+            mine = ours_dropless if c.dropless else ours_capped
+            entry["ours_speedup"] = round(t / mine, 3)
+            anchor_ratios[c.name] = t / mine
+        results[c.name] = entry
+    best_anchor = min(anchor_ratios, key=anchor_ratios.get) if anchor_ratios else None
+    return {
+        "shape": {**asdict(shape), "swiglu_hidden": shape.swiglu_hidden},
+        "results": results,
+        "best_anchor": best_anchor,
+        "speedup_vs_best_anchor": round(anchor_ratios[best_anchor], 3) if best_anchor else None,
+        "speedup_vs_fastest_anchor_any_semantics": round(
+            min(med[c.name] for c in cands if c.kind == "anchor") / ours_dropless, 3
+        )
+        if anchor_ratios
+        else None,
+        "fraction_of_dense_floor": round(med["dense-floor"] / ours_dropless, 3),
+        "fraction_of_gemm_peak": round(shape.active_flops() / ours_dropless / peak, 3),
+        "gemm_peak_gflops": round(peak / 1e9, 1),
+        "ours_gflops": round(shape.active_flops() / ours_dropless / 1e9, 1),
+        "max_abs_diff_vs_ours": diffs,
+        "notes": notes,
+    }
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("transformers", "deepspeed", "st_moe_pytorch"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name.replace("_", "-"))
+        except Exception:
+            out[name] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="default shape + E=64 only, 5 rounds")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (>= 5)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-sweep", action="store_true", help="default shape only")
+    parser.add_argument("--backends", default="sorted,padded,loop", help="our backends to time")
+    parser.add_argument("--out", type=Path, default=None, help="default results/moe_layer[_quick].json")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    rounds = max(5, args.rounds or (5 if args.quick else 7))
+    out_path = args.out or HERE / "results" / ("moe_layer_quick.json" if args.quick else "moe_layer.json")
+    default = Shape(512, 1024, 8, 2, 4096)
+    shapes = [default]
+    if args.quick:
+        shapes.append(Shape(512, 1024, 64, 2, 1024))
+    elif not args.no_sweep:
+        shapes += [Shape(512, 1024, e, k, t) for e in (4, 8, 16, 64) for k in (1, 2) for t in (1024, 8192)]
+    our_backends = [b for b in args.backends.split(",") if b]
+    if "sorted" not in our_backends:
+        our_backends.insert(0, "sorted")
+    report = {
+        "benchmark": "moe_layer",
+        "command": "python benchmarks/moe_layer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "threads": args.threads,
+        "rounds": rounds,
+        "warmup": args.warmup,
+        "dtype": "float32",
+        "loss": "(out * g).sum()",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "versions": versions(),
+        "shapes": [],
+    }
+    for shape in shapes:
+        print(f"# {shape.label()}", file=sys.stderr, flush=True)
+        row = evaluate(shape, our_backends, args.warmup, rounds)
+        report["shapes"].append(row)
+        for name, entry in row["results"].items():
+            extra = f"  ours x{entry['ours_speedup']}" if "ours_speedup" in entry else ""
+            print(f"  {name:24s} {entry['median_ms']:9.1f} ms{extra}", file=sys.stderr, flush=True)
+        print(
+            f"  speedup_vs_best_anchor={row['speedup_vs_best_anchor']} ({row['best_anchor']}), "
+            f"fraction_of_dense_floor={row['fraction_of_dense_floor']}, "
+            f"fraction_of_gemm_peak={row['fraction_of_gemm_peak']}",
+            file=sys.stderr,
+            flush=True,
+        )
+    sweep = report["shapes"][1:] if len(report["shapes"]) > 1 else report["shapes"]
+    speedups = [r["speedup_vs_best_anchor"] for r in sweep if r["speedup_vs_best_anchor"] is not None]
+    e64 = [r["speedup_vs_best_anchor"] for r in sweep if r["shape"]["num_experts"] == 64]
+    report["summary"] = {
+        "default_speedup_vs_best_anchor": report["shapes"][0]["speedup_vs_best_anchor"],
+        "default_target_1_15x_met": (report["shapes"][0]["speedup_vs_best_anchor"] or 0) >= 1.15,
+        "sweep_min_speedup": min(speedups) if speedups else None,
+        "sweep_never_slower": bool(speedups) and min(speedups) >= 1.0,
+        "e64_min_speedup": min(e64) if e64 else None,
+        "e64_target_2x_met": bool(e64) and min(e64) >= 2.0,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
