@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from edgemoe.cli import main
-from edgemoe.edge import Workload, load_scenario, save_score_trace
+from edgemoe.edge import ALL_POLICIES, Workload, load_scenario, save_score_trace
 from edgemoe.edge.simulator import CompletionTracker, PolicySpec, simulate, slope, summarize
 
 SUMMARY_KEYS = {
@@ -209,3 +209,13 @@ def test_workload_resumes_exactly():
     again = w2.next_chunk(9)
     np.testing.assert_array_equal(again.offsets, ahead.offsets)
     np.testing.assert_array_equal(again.scores, ahead.scores)
+
+
+@pytest.mark.parametrize("scenario", ["large", "bursty", "homogeneous"])
+def test_every_policy_runs_on_every_scenario(scenario):
+    spec = load_scenario(scenario)
+    policies = [PolicySpec(n, n) for n in ALL_POLICIES]
+    runs = simulate(spec, policies, 4, seed=1)
+    for r in runs.values():
+        assert r["backlog"].shape == (4, spec.num_servers)
+        np.testing.assert_allclose(r["served"].sum() + r["backlog"][-1].sum(), r["arrived"].sum(), rtol=1e-9)

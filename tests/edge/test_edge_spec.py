@@ -111,9 +111,16 @@ def test_yaml_spec_with_csv_trace(tmp_path):
         make_arrivals(load_spec(tmp_path / "bad.yaml").arrivals)
 
 
-@pytest.mark.parametrize("kind", ["poisson", "mmpp"])
-def test_arrivals_mean_and_exact_resume(kind):
-    spec = ArrivalSpec(kind=kind, rate=50.0, rates=[20.0, 80.0], switch_probs=[0.05, 0.1])
+@pytest.mark.parametrize(
+    ("kind", "rates", "probs"),
+    [
+        ("poisson", [], []),
+        ("mmpp", [20.0, 80.0], [0.05, 0.1]),
+        ("mmpp", [10.0, 40.0, 90.0], [0.2, 0.1, 0.05]),
+    ],
+)
+def test_arrivals_mean_and_exact_resume(kind, rates, probs):
+    spec = ArrivalSpec(kind=kind, rate=50.0, rates=rates, switch_probs=probs)
     proc = make_arrivals(spec, seed=3)
     counts = proc.sample(20000)
     assert counts.mean() == pytest.approx(spec.mean_rate(), rel=0.05)
