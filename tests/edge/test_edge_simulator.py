@@ -219,3 +219,15 @@ def test_every_policy_runs_on_every_scenario(scenario):
     for r in runs.values():
         assert r["backlog"].shape == (4, spec.num_servers)
         np.testing.assert_allclose(r["served"].sum() + r["backlog"][-1].sum(), r["arrived"].sum(), rtol=1e-9)
+
+
+def test_cli_jobs_do_not_change_results(tmp_path):
+    args = ["simulate", "--scenario", "paper", "--slots", "40", "--seeds", "2", "--no-plots"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--jobs", "2"]) == 0
+    a, b = (json.loads((tmp_path / x / "summary.json").read_text()) for x in "ab")
+    a.pop("run"), b.pop("run")
+    assert a == b
+    assert (tmp_path / "b" / "traces" / "jsq-k_seed1.csv").read_text() == (
+        tmp_path / "a" / "traces" / "jsq-k_seed1.csv"
+    ).read_text()

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing as mp
+import queue as queue_module
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", default=None, metavar="PARAM=v1,v2,...", help="sweep a controller parameter")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/simulate-<time>)")
     p.add_argument("--chunk", type=int, default=250, help="slots generated per workload chunk")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="worker processes, one seed each (results do not depend on it)"
+    )
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=run)
 
@@ -177,10 +184,45 @@ def sweep_points(
     return {**sweep, "points": points, "backlog_linear_fit": fit}
 
 
+def _simulate_seed(
+    spec: NetworkSpec, policies: list[PolicySpec], slots: int, seed: int, chunk: int, queue: Any
+) -> dict[str, RunTrace]:
+    """One seed in a worker process; progress goes back through ``queue``."""
+    return simulate(spec, policies, slots, seed=seed, chunk=chunk, progress=queue.put)
+
+
+def run_seeds(
+    spec: NetworkSpec, policies: list[PolicySpec], args: argparse.Namespace, progress: Callable[[int], None]
+) -> list[dict[str, RunTrace]]:
+    """Simulate seeds 0..seeds-1, in ``--jobs`` worker processes (seeds are independent; results are
+    identical to a serial run)."""
+    jobs = min(args.jobs, args.seeds)
+    if jobs <= 1:
+        return [
+            simulate(spec, policies, args.slots, seed=s, chunk=args.chunk, progress=progress)
+            for s in range(args.seeds)
+        ]
+    with mp.Manager() as manager, ProcessPoolExecutor(max_workers=jobs) as pool:
+        queue = manager.Queue()
+        futures = [
+            pool.submit(_simulate_seed, spec, policies, args.slots, s, args.chunk, queue)
+            for s in range(args.seeds)
+        ]
+        while not all(f.done() for f in futures):
+            try:
+                progress(queue.get(timeout=0.2))
+            except queue_module.Empty:
+                continue
+        while not queue.empty():
+            progress(queue.get())
+        return [f.result() for f in futures]
+
+
 def run(args: argparse.Namespace) -> int:
     require(args.slots >= 1, "--slots", f"must be >= 1, got {args.slots}")
     require(args.seeds >= 1, "--seeds", f"must be >= 1, got {args.seeds}")
     require(args.chunk >= 1, "--chunk", f"must be >= 1, got {args.chunk}")
+    require(args.jobs >= 1, "--jobs", f"must be >= 1, got {args.jobs}")
     spec = build_spec(args)
     policies, sweep = build_policies(args)
     out = run_dir(args.out, "runs", f"simulate-{spec.name}")
@@ -188,12 +230,10 @@ def run(args: argparse.Namespace) -> int:
 
     total = args.slots * len(policies) * args.seeds
     started = time.perf_counter()
-    runs_by_seed = []
     with tqdm(total=total, desc=f"simulate {spec.name}", unit="slot", mininterval=1.0) as bar:
-        for seed in range(args.seeds):
-            runs = simulate(spec, policies, args.slots, seed=seed, chunk=args.chunk, progress=bar.update)
-            runs_by_seed.append(runs)
-            write_traces(runs, out / "traces", seed)
+        runs_by_seed = run_seeds(spec, policies, args, bar.update)
+    for seed, runs in enumerate(runs_by_seed):
+        write_traces(runs, out / "traces", seed)
     elapsed = time.perf_counter() - started
 
     summary = summarize(runs_by_seed, spec, policies)
