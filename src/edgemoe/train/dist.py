@@ -102,11 +102,10 @@ def worker_loop() -> None:
 def worker_main(backend: str = "gloo", timeout_s: float = 120.0) -> None:
     """Entry point of a server process: join the group from the environment, serve, leave."""
     _init_group(backend, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), timeout_s, None, None)
-    try:
-        worker_loop()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    worker_loop()
+    # No destroy_process_group(): with dead peers it can block; exiting closes the sockets.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def free_port() -> int:
@@ -218,9 +217,10 @@ class DistTransport(Transport):
         self._call({j: ("stop", None) for j in range(self.num_servers)})
         for proc in self.procs:
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         dist.destroy_process_group()
 
 
