@@ -38,9 +38,6 @@ class RequestCosts:
         mask_QN = np.broadcast_to(mask_QN, self.energy_QN.shape)
         return np.where(mask_QN, self.energy_QN, 0.0).sum(axis=1)
 
-    def subset(self, index: np.ndarray) -> RequestCosts:
-        return RequestCosts(self.delay_QN[index], self.energy_QN[index], self.aggregation_s)
-
 
 def expert_rates(experts: list[ExpertProfile]) -> dict[str, np.ndarray]:
     """Per-expert constants of the delay/energy model, as arrays of shape (N,)."""

@@ -7,12 +7,14 @@ child A∪{c} is evaluated incrementally from A's cached per-question mixture, t
 over all of its reachable supersets. Two bounds:
 
 - ``valid`` (default, never assumes monotonicity). For accuracy, question q can be right in some
-  superset only if, for every wrong option o, ``num_A(y) − num_A(o) + Σ_{n∈C} g_qn·max(p_qn(y) − p_qn(o), 0)``
-  is ≥ 0 (adding experts can raise the correct option's margin by at most their positive parts) and,
-  when no member of A serves q, some candidate ranks y at least as high as o. For
-  the log-likelihood, ``p_S(y) ≤ min(1, (num_A(y) + Σ_{n∈C} g_qn p_qn(y)) / den_A, max(p_A(y),
-  max_{n∈C} p_qn(y)))``. Each is a matrix product or a masked max for a whole batch of children. With a fine-level top-k, only experts ranked above
-  the k-th member of A can be routed, and the mixture is bounded by its best member.
+  superset only if, for every wrong option o,
+  ``num_A(y) − num_A(o) + Σ_{n∈C} g_qn·max(p_qn(y) − p_qn(o), 0) ≥ 0`` (adding experts raises the
+  correct option's margin by at most their positive parts) and, when no member of A serves q, some
+  candidate ranks y at least as high as o. For the log-likelihood,
+  ``p_S(y) ≤ min(1, (num_A(y) + Σ_{n∈C} g_qn p_qn(y)) / den_A, max(p_A(y), max_{n∈C} p_qn(y)))``.
+  Each is a matrix product or a masked max for a whole batch of children. With a fine-level top-k,
+  only experts ranked above the k-th member of A can be routed, and a mixture is at most its best
+  member.
 - ``monotone`` (the paper's superset bound): f(A ∪ C), exact only if adding experts never hurts.
   Whenever a prune relied on it (the valid bound would not have pruned), the node is deferred; after
   the search the deferred nodes are re-searched with the valid bound, sets that beat their superset
@@ -21,6 +23,7 @@ over all of its reachable supersets. Two bounds:
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import time
@@ -32,8 +35,6 @@ from edgemoe.collab.problem import TIE_EPS, SelectionProblem
 from edgemoe.config import check_choice
 
 BOUNDS = ("valid", "monotone")
-# Multipliers of the knapsack-dual bound (gate weights are scaled to at most 1, energies are in J).
-LAMBDAS = (0.0, 1e-3, 1e-2, 1e-1)
 
 
 def fits(cost: np.ndarray | float, budget: float) -> np.ndarray | bool:
@@ -153,7 +154,7 @@ def exhaustive(problem: SelectionProblem, budget: float, chunk: int = 512) -> Se
 class _Bounder:
     """Upper bounds on the objective over all supersets reachable from a batch of nodes."""
 
-    def __init__(self, problem: SelectionProblem, lambdas: tuple[float, ...] = LAMBDAS):
+    def __init__(self, problem: SelectionProblem):
         self.p = problem
         q, n, o = problem.probs_QNO.shape
         rows = np.arange(q)
@@ -165,11 +166,8 @@ class _Bounder:
             .reshape(n, q * o)
         )
         gpy_NQ = (problem.gate_QN * py_QN).T
-        # Knapsack dual: max_{T ⊆ C, cost(T) ≤ R} Σ_T x_n ≤ λR + Σ_{n∈C} max(x_n − λ cost_n, 0) for every λ ≥ 0.
-        self.lambdas = np.asarray(lambdas)
-        cost_N1 = problem.cost_N[:, None]
-        self.gain_KNX = np.stack([np.maximum(gain_NX - lam * cost_N1, 0.0) for lam in self.lambdas])
-        self.gpy_KNQ = np.stack([np.maximum(gpy_NQ - lam * cost_N1, 0.0) for lam in self.lambdas])
+        self.gain_NX = np.ascontiguousarray(gain_NX)
+        self.gpy_NQ = np.ascontiguousarray(gpy_NQ)
         # Which eligible experts rank the correct option at least as high as option o.
         at_least_QNO = (py_QN[:, :, None] >= problem.probs_QNO) & problem.eligible_QN[:, :, None]
         self.ind_NX = (
@@ -182,33 +180,23 @@ class _Bounder:
             py_QN[:, :, None] - problem.probs_QNO, order[:, :, None], 1
         )
 
-    def _dual(self, c_BN: np.ndarray, room_B: np.ndarray, table_KNX: np.ndarray) -> np.ndarray:
-        """min over λ of λ·room + Σ_{n∈C} max(x_n − λ cost_n, 0): the most the candidates can add."""
-        best = None
-        for lam, table_NX in zip(self.lambdas, table_KNX):
-            val = c_BN @ table_NX + lam * room_B[:, None]
-            best = val if best is None else np.minimum(best, val)
-        return best
-
     def bound(
         self,
         num_BQO: np.ndarray,
         den_BQ: np.ndarray,
         members_BN: np.ndarray,
         cand_BN: np.ndarray,
-        room_B: np.ndarray,
     ) -> np.ndarray:
-        """Upper bound of the objective over the supersets; ``room_B`` is the energy left to spend."""
+        """Upper bound of the objective over every superset A ∪ T, T ⊆ C."""
         p = self.p
         if p.top_k is not None:
             return self._bound_top_k(members_BN, cand_BN)
         b, q, o = num_BQO.shape
         c = cand_BN.astype(np.float64)
-        room_B = np.maximum(room_B, 0.0)
         served_BQ = den_BQ > 0
         num_y_BQ = num_BQO[:, self.rows, p.answer_Q]
         if p.objective == "accuracy":
-            gain_BQO = self._dual(c, room_B, self.gain_KNX).reshape(b, q, o)
+            gain_BQO = (c @ self.gain_NX).reshape(b, q, o)
             # Without an enabled member, some candidate must rank y at least as high as each o.
             reach_BQO = served_BQ[:, :, None] | ((c @ self.ind_NX).reshape(b, q, o) > 0)
             ok_BQ = (((num_y_BQ[:, :, None] - num_BQO + gain_BQO) >= 0) & reach_BQO).all(axis=2)
@@ -216,7 +204,7 @@ class _Bounder:
         # p_S(y) is at most the ratio with every candidate's gain and no extra weight, and at most
         # the best of A's mixture and the candidates (a mixture never beats its best component).
         den_safe_BQ = np.where(served_BQ, den_BQ, 1.0)
-        ratio_BQ = (num_y_BQ + self._dual(c, room_B, self.gpy_KNQ)) / den_safe_BQ
+        ratio_BQ = (num_y_BQ + c @ self.gpy_NQ) / den_safe_BQ
         best_cand_BQ = (cand_BN[:, None, :] * self.py_elig_QN[None]).max(axis=2)
         mix_BQ = np.maximum(num_y_BQ / den_safe_BQ, best_cand_BQ)
         p_bound_BQ = np.where(
@@ -321,8 +309,7 @@ class _Search:
         idx = np.flatnonzero(cand_BN.any(axis=1))
         if len(idx) == 0:
             return
-        room_B = self.budget - set_cost_B[idx]
-        valid_B = self.bounder.bound(num_BQO[idx], den_BQ[idx], masks_BN[idx], cand_BN[idx], room_B)
+        valid_B = self.bounder.bound(num_BQO[idx], den_BQ[idx], masks_BN[idx], cand_BN[idx])
         self.bound_evals += len(idx)
         bound_B = valid_B
         if self.bound_kind == "monotone" and not fallback:
@@ -360,8 +347,25 @@ class _Search:
 
 
 def dmo(problem: SelectionProblem, budget: float, bound: str = "valid") -> SelectionResult:
-    """Exact coarse-level selection by best-first branch and bound (see module doc)."""
+    """Exact coarse-level selection by best-first branch and bound (see module doc).
+
+    Runs with single-threaded BLAS: its products are small (a node's children), where thread
+    start-up costs more than it saves.
+    """
     check_choice(bound, "bound", BOUNDS)
+    with _single_thread_blas():
+        return _dmo(problem, budget, bound)
+
+
+def _single_thread_blas():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn brings it; without it, keep the defaults
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _dmo(problem: SelectionProblem, budget: float, bound: str) -> SelectionResult:
     t0 = time.perf_counter()
     reason = no_feasible_reason(problem, budget)
     if reason:

@@ -182,22 +182,6 @@ class SelectionProblem:
             "latency": lat,
         }
 
-    def subset_questions(self, index: np.ndarray) -> SelectionProblem:
-        """The same instance on a subset of the questions (e.g. a held-out split)."""
-        return SelectionProblem(
-            names=self.names,
-            probs_QNO=self.probs_QNO[index],
-            answer_Q=self.answer_Q[index],
-            logits_QN=self.logits_QN[index],
-            eligible_QN=self.eligible_QN[index],
-            energy_QN=self.energy_QN[index],
-            delay_QN=self.delay_QN[index],
-            category_Q=self.category_Q[index],
-            aggregation_s=self.aggregation_s,
-            top_k=self.top_k,
-            objective=self.objective,
-        )
-
 
 def build_problem(
     cache: AnswerCache,

@@ -8,7 +8,6 @@ overridden per expert. The ``skill`` block only feeds the profile-driven answer 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,8 +244,3 @@ def load_collab_config(source: str | Path | Mapping[str, Any]) -> CollabConfig:
             raise _prefixed(exc, f"experts[{i}]") from None
     rest = {k: v for k, v in data.items() if k != "experts"}
     return from_dict(CollabConfig, {**rest, "experts": parsed})
-
-
-def replace_budgets(cfg: CollabConfig, **changes: Any) -> CollabConfig:
-    """A copy of ``cfg`` with new budget values (validated)."""
-    return dataclasses.replace(cfg, budgets=dataclasses.replace(cfg.budgets, **changes))
