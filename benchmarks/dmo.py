@@ -8,7 +8,7 @@ Reports per N: objective evaluations and seconds (summed over the budgets), whet
 exhaustive search on every budget, and MoE² against the baselines.
 
     python benchmarks/dmo.py --quick      # N = 8, 12, 16, 20
-    python benchmarks/dmo.py              # N = 8..24
+    python benchmarks/dmo.py              # N = 6..24
 """
 
 from __future__ import annotations
@@ -95,14 +95,15 @@ def main() -> int:
     )
     ap.add_argument("--bound", default="valid", choices=("valid", "monotone"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(HERE / "results" / "dmo.json"))
+    ap.add_argument("--out", default=None, help="JSON report (default benchmarks/results/dmo[_quick].json)")
     args, _ = ap.parse_known_args()
     torch.set_num_threads(1)
     ns = (
         [int(x) for x in args.ns.split(",")]
         if args.ns
-        else ([8, 12, 16, 20] if args.quick else [8, 12, 16, 20, 24])
+        else ([8, 12, 16, 20] if args.quick else [6, 8, 12, 16, 20, 24])
     )
+    out = Path(args.out or HERE / "results" / ("dmo_quick.json" if args.quick else "dmo.json"))
     limit = args.limit_per_subject or (40 if args.quick else 80)
     fractions = [float(x) for x in args.fractions.split(",")]
     questions = load_mmlu(limit_per_subject=limit)
@@ -130,12 +131,12 @@ def main() -> int:
         "wall_seconds": time.perf_counter() - t0,
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     try:
         from edgemoe.report.collab import plot_dmo
 
-        plot_dmo(results, Path(args.out).with_suffix(".png"))
+        plot_dmo(results, out.with_suffix(".png"))
     except ImportError:
         pass
     return 0 if all(r["exact"] for r in results) else 1
