@@ -117,3 +117,36 @@ def test_batch_shape_is_preserved_and_auto_backend_runs():
     assert out.shape == x.shape
     assert routing.expert_ids_TK.shape == (12, 2)
     assert routing.stats.as_dict()["kept"] == 24.0
+
+
+@pytest.mark.parametrize("strategy", ["grid", "split"])
+@pytest.mark.parametrize("cf", [0.0, 1.0])
+def test_sorted_backend_grid_and_split_layouts_match_loop(strategy, cf):
+    from edgemoe.moe.backends import LoopBackend, SortedBackend
+
+    layer = make_layer(num_experts=6, top_k=2, cf=cf).float()
+    x = torch.randn(50, 12)
+    g = torch.randn(50, 12)
+    results = []
+    for backend in (LoopBackend(), SortedBackend(strategy)):
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        routing = layer.router(xx)
+        out = backend(layer.experts, xx, routing)
+        (out * g).sum().backward()
+        results.append([out.detach(), xx.grad] + [p.grad for p in layer.parameters()])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_layout_choice_follows_padding_waste():
+    from edgemoe.moe.dispatch import SortedPlan
+    from edgemoe.moe.grouped import choose_layout
+
+    def plan(counts):
+        n = sum(counts)
+        ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        return SortedPlan(torch.arange(n), ids, torch.arange(n), torch.arange(n).view(n, 1), counts, n)
+
+    assert choose_layout(plan([10, 10, 9, 11])).grid == (4, 11)
+    assert choose_layout(plan([40, 1, 1, 1])).grid is None

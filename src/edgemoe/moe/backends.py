@@ -6,10 +6,12 @@ the tokens and a :class:`~edgemoe.moe.routing.Routing`:
 - ``loop``: sort by expert, one reference expert forward per expert (plain autograd).
 - ``padded``: scatter into an ``[E, C, D]`` grid (C = the routing's capacity, or the largest load
   when dropless) and run two batched matmuls; padding rows cost FLOPs.
-- ``sorted``: dropless grouped GEMMs on the expert-sorted buffer, no padding, with a hand-written
-  backward (:mod:`edgemoe.moe.grouped`) that saves only what the gradients need.
+- ``sorted``: dropless grouped GEMMs on the expert-sorted rows with a hand-written backward
+  (:mod:`edgemoe.moe.grouped`) that saves only what the gradients need; the GEMMs run as one
+  batched matmul over an ``[E, C_max]`` grid or per expert on padding-free slices, whichever
+  wastes less (see :func:`edgemoe.moe.grouped.choose_layout`).
 
-``auto`` resolves to ``sorted`` (fastest on CPU and the only padding-free path).
+``auto`` resolves to ``sorted`` (the fastest on CPU in ``benchmarks/moe_layer.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,16 @@ import torch
 from torch import Tensor
 
 from edgemoe.config import ConfigError
-from edgemoe.moe.dispatch import combine, gather_rows, padded_positions, sort_by_expert
+from edgemoe.moe.dispatch import (
+    combine,
+    gather_rows,
+    grid_layout,
+    padded_positions,
+    sort_by_expert,
+    split_layout,
+)
 from edgemoe.moe.experts import GroupedExperts
+from edgemoe.moe.grouped import choose_layout, grouped_experts_combine
 from edgemoe.moe.routing import Routing
 
 _BACKENDS: dict[str, type[ExpertBackend]] = {}
@@ -102,10 +112,23 @@ class PaddedBackend(ExpertBackend):
 
 @register_backend("sorted")
 class SortedBackend(ExpertBackend):
-    """Padding-free grouped GEMMs on the expert-sorted buffer with a fused custom backward."""
+    """Dropless grouped GEMMs on the expert-sorted rows with a fused custom backward.
+
+    ``strategy``: ``auto`` (batched ``[E, C_max]`` grid GEMMs unless padding would waste more than
+    35 %, else per-expert GEMMs), ``grid`` or ``split`` to force one.
+    """
+
+    def __init__(self, strategy: str = "auto"):
+        if strategy not in ("auto", "grid", "split"):
+            raise ConfigError("strategy", f"must be 'auto', 'grid' or 'split', got {strategy!r}")
+        self.strategy = strategy
 
     def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
-        from edgemoe.moe.grouped import grouped_experts_combine
-
         plan = sort_by_expert(routing)
-        return grouped_experts_combine(experts, x_TD, plan, routing.weights_TK)
+        if self.strategy == "grid":
+            layout = grid_layout(plan, max(max(plan.counts, default=0), 1))
+        elif self.strategy == "split":
+            layout = split_layout(plan)
+        else:
+            layout = choose_layout(plan)
+        return grouped_experts_combine(experts, x_TD, plan, routing.weights_TK, layout)

@@ -63,19 +63,59 @@ def gather_rows(x_TD: Tensor, plan: SortedPlan) -> Tensor:
     return x_TD.index_select(0, plan.token_ids_N)
 
 
-def combine_rows(y_RD: Tensor, plan: SortedPlan, weights_TK: Tensor | None = None) -> Tensor:
-    """``out[t] = Σ_j w_tj · y[pos_tj]``; ``y_RD`` has ``N + 1`` rows, the last one zero."""
-    return F.embedding_bag(plan.pos_TK, y_RD, per_sample_weights=weights_TK, mode="sum")
-
-
-def with_zero_row(y_ND: Tensor) -> Tensor:
-    """Append the zero row that unkept slots point at."""
-    return torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[-1])])
+def combine_rows(y_RD: Tensor, pos_TK: Tensor, weights_TK: Tensor | None = None) -> Tensor:
+    """``out[t] = Σ_j w_tj · y[pos_tj]`` in one fused gather-reduce; unkept slots point at a zero row."""
+    return F.embedding_bag(pos_TK, y_RD, per_sample_weights=weights_TK, mode="sum")
 
 
 def combine(y_ND: Tensor, plan: SortedPlan, weights_TK: Tensor) -> Tensor:
     """Differentiable combine of sorted expert outputs ``y_ND`` with the routing's weights."""
-    return combine_rows(with_zero_row(y_ND), plan, weights_TK.to(y_ND.dtype))
+    y_RD = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[-1])])
+    return combine_rows(y_RD, plan.pos_TK, weights_TK.to(y_ND.dtype))
+
+
+@dataclass
+class RowLayout:
+    """Where each expert's rows live in the buffer the expert GEMMs run on.
+
+    Either ``split`` (the sorted rows, expert e owning ``ranges``; padding-free, one GEMM per
+    expert) or ``grid`` (an ``[E, C]`` grid, C = the largest load, padding rows inert; one batched
+    GEMM for all experts). ``token_ids_R`` gives the token of every row (0 for padding rows),
+    ``slot_ids_R`` its flattened slot ``t·K + j`` (``T·K`` for padding: a zero weight),
+    ``pos_TK`` the row of every slot (``rows`` for an unkept slot: the appended zero row).
+    """
+
+    token_ids_R: Tensor
+    slot_ids_R: Tensor
+    pos_TK: Tensor
+    rows: int
+    ranges: list[tuple[int, int, int]] | None = None
+    grid: tuple[int, int] | None = None
+
+
+def split_layout(plan: SortedPlan) -> RowLayout:
+    """Padding-free layout: the sorted rows, one contiguous range per expert."""
+    ranges, start = [], 0
+    for e, c in enumerate(plan.counts):
+        if c:
+            ranges.append((e, start, start + c))
+        start += c
+    return RowLayout(plan.token_ids_N, plan.order_N, plan.pos_TK, plan.num_rows, ranges=ranges)
+
+
+def grid_layout(plan: SortedPlan, capacity: int) -> RowLayout:
+    """``[E, capacity]`` layout (capacity >= every count): expert e's rows start at e·capacity."""
+    num_experts = len(plan.counts)
+    rows = num_experts * capacity
+    rows_N = padded_positions(plan, capacity)
+    device = plan.token_ids_N.device
+    token_ids_R = torch.zeros(rows, dtype=torch.long, device=device).index_copy_(0, rows_N, plan.token_ids_N)
+    num_slots = plan.pos_TK.numel()
+    slot_ids_R = torch.full((rows,), num_slots, dtype=torch.long, device=device).index_copy_(
+        0, rows_N, plan.order_N
+    )
+    pos = torch.full((num_slots,), rows, dtype=torch.long, device=device).index_copy_(0, plan.order_N, rows_N)
+    return RowLayout(token_ids_R, slot_ids_R, pos.view_as(plan.pos_TK), rows, grid=(num_experts, capacity))
 
 
 def padded_positions(plan: SortedPlan, capacity: int) -> Tensor:

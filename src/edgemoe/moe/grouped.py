@@ -1,11 +1,17 @@
 """The ``sorted`` backend's kernel: grouped expert GEMMs + combine with a hand-written backward.
 
-Forward on the expert-sorted buffer ``xs_ND`` (expert e owns a contiguous row range, no padding):
+Forward on a row buffer holding every kept assignment once (:class:`~edgemoe.moe.dispatch.RowLayout`):
 ``h = xs W_in[e]`` (one GEMM, gate|up fused), ``a = act(h)``, ``y = a W_out[e]``,
 ``out[t] = Σ_j w_tj · y[pos_tj]`` (one fused gather-reduce). Backward reuses the saved ``xs``,
-``h``, ``silu(gate)``, ``a`` and ``y`` so nothing is recomputed, writes every per-expert GEMM
-result straight into its slice of one preallocated buffer, folds the combine weights into the
-output gradient once, and reduces the input gradient with the same gather-reduce (no scatter-add).
+``h``, ``silu(gate)``, ``a`` and ``y`` so nothing is recomputed, writes every GEMM result straight
+into one preallocated buffer, folds the combine weights into the output gradient once, and reduces
+the input gradient with the same gather-reduce (no scatter-add).
+
+The expert GEMMs run either as one batched matmul over an ``[E, C_max]`` grid (padding rows are
+inert: their output gradient is zero) or as one GEMM per expert on padding-free slices.
+:func:`choose_layout` picks the grid unless padding would waste more than ``max_grid_waste``:
+on CPU a single batched matmul parallelises across experts, avoiding one thread barrier per expert
+GEMM, which outweighs a modest amount of padding.
 """
 
 from __future__ import annotations
@@ -14,111 +20,117 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from edgemoe.moe.dispatch import SortedPlan, combine_rows, gather_rows
+from edgemoe.moe.dispatch import RowLayout, SortedPlan, combine_rows, grid_layout, split_layout
 from edgemoe.moe.experts import GroupedExperts
 
-Ranges = list[tuple[int, int, int]]
+MAX_GRID_WASTE = 0.35
 
 
-def _ranges(counts: list[int]) -> Ranges:
-    """``(expert, start, stop)`` of every non-empty expert slice."""
-    out, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            out.append((e, start, start + c))
-        start += c
-    return out
+def choose_layout(plan: SortedPlan, max_grid_waste: float = MAX_GRID_WASTE) -> RowLayout:
+    """Grid (batched GEMM) when ``E·C_max`` exceeds the kept rows by at most ``max_grid_waste``."""
+    capacity = max(max(plan.counts, default=0), 1)
+    if len(plan.counts) * capacity <= (1.0 + max_grid_waste) * max(plan.num_rows, 1):
+        return grid_layout(plan, capacity)
+    return split_layout(plan)
 
 
-def _grouped_mm(
-    a_NK: Tensor, w_EKM: Tensor, ranges: Ranges, *, transpose_w: bool, extra_rows: int = 0
-) -> Tensor:
-    """Rows ``[s:t]`` of ``a`` times ``w[e]`` (or ``w[e]ᵀ``), written into one ``[N + extra, M]`` buffer.
+def _gemm(a_RK: Tensor, w_EKM: Tensor, layout: RowLayout, *, transpose_w: bool, extra_rows: int = 0) -> Tensor:
+    """Each expert's rows of ``a`` times ``w[e]`` (or ``w[e]ᵀ``) into one ``[rows + extra, M]`` buffer.
 
     ``extra_rows`` trailing rows are zeroed (the combine's zero row).
     """
-    width = w_EKM.shape[1] if transpose_w else w_EKM.shape[2]
-    rows = a_NK.shape[0]
-    out_NM = a_NK.new_empty(rows + extra_rows, width)
-    for e, s, t in ranges:
-        w = w_EKM[e].t() if transpose_w else w_EKM[e]
-        torch.mm(a_NK[s:t], w, out=out_NM[s:t])
+    w = w_EKM.transpose(1, 2) if transpose_w else w_EKM
+    rows = layout.rows
+    out_RM = a_RK.new_empty(rows + extra_rows, w.shape[2])
+    if layout.grid is not None:
+        num_experts, cap = layout.grid
+        torch.bmm(a_RK.view(num_experts, cap, -1), w, out=out_RM[:rows].view(num_experts, cap, -1))
+    else:
+        for e, s, t in layout.ranges:
+            torch.mm(a_RK[s:t], w[e], out=out_RM[s:t])
     if extra_rows:
-        out_NM[rows:].zero_()
-    return out_NM
+        out_RM[rows:].zero_()
+    return out_RM
 
 
-def _grouped_wgrad(a_NK: Tensor, g_NM: Tensor, ranges: Ranges, shape: torch.Size) -> Tensor:
-    """Per-expert weight gradient ``a[s:t]ᵀ g[s:t]``; experts with no tokens get zeros."""
-    out = a_NK.new_zeros(shape) if len(ranges) < shape[0] else a_NK.new_empty(shape)
-    for e, s, t in ranges:
-        torch.mm(a_NK[s:t].t(), g_NM[s:t], out=out[e])
+def _wgrad(a_RK: Tensor, g_RM: Tensor, layout: RowLayout, shape: torch.Size) -> Tensor:
+    """Per-expert weight gradient ``a_eᵀ g_e``; experts with no rows get zeros."""
+    if layout.grid is not None:
+        num_experts, cap = layout.grid
+        a_ECK = a_RK.view(num_experts, cap, -1)
+        return torch.bmm(a_ECK.transpose(1, 2), g_RM.view(num_experts, cap, -1))
+    out = a_RK.new_zeros(shape) if len(layout.ranges) < shape[0] else a_RK.new_empty(shape)
+    for e, s, t in layout.ranges:
+        torch.mm(a_RK[s:t].t(), g_RM[s:t], out=out[e])
     return out
 
 
-def _act_forward(h_NF: Tensor, kind: str) -> tuple[Tensor, Tensor | None]:
+def _act_forward(h_RF: Tensor, kind: str) -> tuple[Tensor, Tensor | None]:
     """``(a, silu(gate))`` for SwiGLU, ``(gelu(h), None)`` for the MLP."""
     if kind != "swiglu":
-        return F.gelu(h_NF), None
-    gate_NH, up_NH = h_NF.chunk(2, dim=-1)
-    s_NH = F.silu(gate_NH)
-    return s_NH * up_NH, s_NH
+        return F.gelu(h_RF), None
+    gate_RH, up_RH = h_RF.chunk(2, dim=-1)
+    s_RH = F.silu(gate_RH)
+    return s_RH * up_RH, s_RH
 
 
-def _act_backward(da_NH: Tensor, h_NF: Tensor, s_NH: Tensor | None, kind: str) -> Tensor:
+def _act_backward(da_RH: Tensor, h_RF: Tensor, s_RH: Tensor | None, kind: str) -> Tensor:
     """``dh`` from ``da`` (``da`` is overwritten). Three elementwise passes for SwiGLU."""
-    dh_NF = torch.empty_like(h_NF)
+    dh_RF = torch.empty_like(h_RF)
     if kind != "swiglu":
-        return torch.ops.aten.gelu_backward.grad_input(da_NH, h_NF, grad_input=dh_NF)
-    gate_NH, up_NH = h_NF.chunk(2, dim=-1)
-    dgate_NH, dup_NH = dh_NF.chunk(2, dim=-1)
-    torch.mul(da_NH, s_NH, out=dup_NH)
-    da_NH.mul_(up_NH)
-    torch.ops.aten.silu_backward.grad_input(da_NH, gate_NH, grad_input=dgate_NH)
-    return dh_NF
+        return torch.ops.aten.gelu_backward.grad_input(da_RH, h_RF, grad_input=dh_RF)
+    gate_RH, up_RH = h_RF.chunk(2, dim=-1)
+    dgate_RH, dup_RH = dh_RF.chunk(2, dim=-1)
+    torch.mul(da_RH, s_RH, out=dup_RH)
+    da_RH.mul_(up_RH)
+    torch.ops.aten.silu_backward.grad_input(da_RH, gate_RH, grad_input=dgate_RH)
+    return dh_RF
 
 
 class _GroupedExpertsCombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w_in_EDF, w_out_EHD, weights_TK, plan: SortedPlan, kind: str):
-        ranges = _ranges(plan.counts)
-        xs_ND = gather_rows(x_TD, plan)
-        h_NF = _grouped_mm(xs_ND, w_in_EDF, ranges, transpose_w=False)
-        a_NH, s_NH = _act_forward(h_NF, kind)
-        y_RD = _grouped_mm(a_NH, w_out_EHD, ranges, transpose_w=False, extra_rows=1)
-        out_TD = combine_rows(y_RD, plan, weights_TK)
-        ctx.save_for_backward(xs_ND, h_NF, s_NH, a_NH, y_RD, w_in_EDF, w_out_EHD, weights_TK)
-        ctx.plan, ctx.ranges, ctx.kind = plan, ranges, kind
+    def forward(ctx, x_TD, w_in_EDF, w_out_EHD, weights_TK, layout: RowLayout, kind: str):
+        xs_RD = x_TD.index_select(0, layout.token_ids_R)
+        h_RF = _gemm(xs_RD, w_in_EDF, layout, transpose_w=False)
+        a_RH, s_RH = _act_forward(h_RF, kind)
+        y_RD = _gemm(a_RH, w_out_EHD, layout, transpose_w=False, extra_rows=1)
+        out_TD = combine_rows(y_RD, layout.pos_TK, weights_TK)
+        ctx.save_for_backward(xs_RD, h_RF, s_RH, a_RH, y_RD, w_in_EDF, w_out_EHD, weights_TK)
+        ctx.layout, ctx.kind = layout, kind
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_TD):
-        xs_ND, h_NF, s_NH, a_NH, y_RD, w_in_EDF, w_out_EHD, weights_TK = ctx.saved_tensors
-        plan, ranges = ctx.plan, ctx.ranges
-        grad_TD = grad_TD.contiguous()
-        rows = plan.num_rows
-        gy_ND = gather_rows(grad_TD, plan)
+        xs_RD, h_RF, s_RH, a_RH, y_RD, w_in_EDF, w_out_EHD, weights_TK = ctx.saved_tensors
+        layout = ctx.layout
+        gy_RD = grad_TD.contiguous().index_select(0, layout.token_ids_R)
         grad_w_TK = None
         if ctx.needs_input_grad[3]:
-            grad_w_N = torch.linalg.vecdot(gy_ND, y_RD[:rows])
-            grad_w_TK = grad_w_N.new_zeros(weights_TK.numel()).index_copy_(0, plan.order_N, grad_w_N)
-            grad_w_TK = grad_w_TK.view_as(weights_TK)
-        gy_ND.mul_(weights_TK.reshape(-1).index_select(0, plan.order_N).unsqueeze(-1))
-        grad_w_out = _grouped_wgrad(a_NH, gy_ND, ranges, w_out_EHD.shape) if ctx.needs_input_grad[2] else None
-        da_NH = _grouped_mm(gy_ND, w_out_EHD, ranges, transpose_w=True)
-        dh_NF = _act_backward(da_NH, h_NF, s_NH, ctx.kind)
-        grad_w_in = _grouped_wgrad(xs_ND, dh_NF, ranges, w_in_EDF.shape) if ctx.needs_input_grad[1] else None
+            dots_R = torch.linalg.vecdot(gy_RD, y_RD[: layout.rows])
+            dots_R = torch.cat([dots_R, dots_R.new_zeros(1)])
+            grad_w_TK = dots_R.index_select(0, layout.pos_TK.reshape(-1)).view_as(weights_TK)
+        w_slots = torch.cat([weights_TK.reshape(-1), weights_TK.new_zeros(1)])
+        gy_RD.mul_(w_slots.index_select(0, layout.slot_ids_R).unsqueeze(-1))
+        grad_w_out = _wgrad(a_RH, gy_RD, layout, w_out_EHD.shape) if ctx.needs_input_grad[2] else None
+        da_RH = _gemm(gy_RD, w_out_EHD, layout, transpose_w=True)
+        dh_RF = _act_backward(da_RH, h_RF, s_RH, ctx.kind)
+        grad_w_in = _wgrad(xs_RD, dh_RF, layout, w_in_EDF.shape) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            dxs_RD = _grouped_mm(dh_NF, w_in_EDF, ranges, transpose_w=True, extra_rows=1)
-            grad_x = combine_rows(dxs_RD, plan)
+            dxs_RD = _gemm(dh_RF, w_in_EDF, layout, transpose_w=True, extra_rows=1)
+            grad_x = combine_rows(dxs_RD, layout.pos_TK)
         return grad_x, grad_w_in, grad_w_out, grad_w_TK, None, None
 
 
 def grouped_experts_combine(
-    experts: GroupedExperts, x_TD: Tensor, plan: SortedPlan, weights_TK: Tensor
+    experts: GroupedExperts, x_TD: Tensor, plan: SortedPlan, weights_TK: Tensor, layout: RowLayout | None = None
 ) -> Tensor:
     """``out[t] = Σ_j w_tj · expert_{e_tj}(x_t)`` over the kept slots of ``plan``."""
     return _GroupedExpertsCombine.apply(
-        x_TD, experts.w_in_EDF, experts.w_out_EHD, weights_TK.to(x_TD.dtype), plan, experts.kind
+        x_TD,
+        experts.w_in_EDF,
+        experts.w_out_EHD,
+        weights_TK.to(x_TD.dtype),
+        layout or choose_layout(plan),
+        experts.kind,
     )
