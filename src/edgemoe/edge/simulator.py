@@ -56,12 +56,12 @@ class CompletionTracker:
 
     Assignment n (0-based) on server j is done in the first slot whose cumulative service reaches
     n + 1. A chunk's new assignments on server j are a contiguous range of n, so they are resolved with
-    one ``searchsorted`` per server. Tokens still waiting join a pool that is re-examined only when it
-    has doubled in size, so a policy whose queues grow without bound does not rescan its stuck tokens
-    every chunk.
+    one ``searchsorted`` per server. Tokens still waiting join a pool that is re-examined only at the
+    end of the run, or when it has doubled beyond ``MIN_POOL`` tokens (10 bytes per assignment), so a
+    policy whose queues grow without bound does not keep rescanning its stuck tokens.
     """
 
-    MIN_POOL = 1 << 16
+    MIN_POOL = 1 << 22
 
     def __init__(self, num_servers: int, slots: int):
         self.J = num_servers
@@ -117,17 +117,22 @@ class CompletionTracker:
 
     def finish(self, upto: int) -> None:
         """Resolve every waiting token against service in slots ``[0, upto)``."""
-        if not self.pool_ids:
+        if not self.pool_ids or upto == 0:
             return
         ids_PK, idx_PK = np.concatenate(self.pool_ids), np.concatenate(self.pool_idx)
-        flat_ids, flat_idx = ids_PK.ravel(), idx_PK.ravel()
+        # Position n on server j is served by now iff n < floor(cumulative service); only tokens whose
+        # every assignment is served need their completion slots looked up.
+        served_J = np.floor(self.cum_served_JT[:, upto - 1] + 1e-9)
+        ready = ((idx_PK < 0) | (idx_PK < served_J[ids_PK])).all(axis=1)
+        ready_ids, ready_idx = ids_PK[ready], idx_PK[ready]
+        flat_ids, flat_idx = ready_ids.ravel(), ready_idx.ravel()
         done = np.where(flat_idx < 0, -1, upto)
         for j in range(self.J):
             sel = np.nonzero((flat_ids == j) & (flat_idx >= 0))[0]
             done[sel] = self._done_slot(j, flat_idx[sel], upto)
-        waiting = self._count(done.reshape(ids_PK.shape), upto)
-        self.pool_ids, self.pool_idx = [ids_PK[waiting]], [idx_PK[waiting]]
-        self.pool_size = int(waiting.sum())
+        self._count(done.reshape(ready_ids.shape), upto)  # every ready token completes
+        self.pool_ids, self.pool_idx = [ids_PK[~ready]], [idx_PK[~ready]]
+        self.pool_size = int((~ready).sum())
 
 
 def chunk_gate_stats(trace: ScoreTrace, k: int) -> tuple[np.ndarray, np.ndarray]:
