@@ -62,7 +62,6 @@ class SelectionResult:
     relied_on_monotonicity: int = 0
     monotonicity_violations: int = 0
     fallback_changed_answer: bool = False
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
