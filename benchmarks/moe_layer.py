@@ -270,23 +270,38 @@ def candidates(shape: Shape, our_backends: list[str]) -> tuple[list[Candidate], 
 
 
 def measure(
-    cands: list[Candidate], peak_step: Callable[[], None], warmup: int, rounds: int
-) -> dict[str, list[float]]:
-    """Interleaved timing: each round runs every candidate once, in an order rotated per round."""
+    cands: list[Candidate], peak_step: Callable[[], None], warmup: int, rounds: int, slow_factor: float
+) -> tuple[dict[str, list[float]], list[str]]:
+    """Interleaved timing: each round runs every candidate once, in an order rotated per round.
+
+    A candidate whose last warm-up run took more than ``slow_factor`` times ours (and over 5 s) is
+    not re-run: its warm-up time is kept as its only sample and it is listed as ``too_slow``. Such a
+    candidate cannot be the fastest anchor, so the speedup figures do not depend on it.
+    """
     runs = [*[(c.name, c.step) for c in cands], ("gemm-peak", peak_step)]
     times: dict[str, list[float]] = {name: [] for name, _ in runs}
+    last: dict[str, float] = {}
+    too_slow: list[str] = []
     for r in range(warmup + rounds):
+        if r == warmup and slow_factor > 0:
+            ours = last["edgemoe/sorted"]
+            too_slow = [n for n, t in last.items() if t > max(slow_factor * ours, 5.0) and n != "gemm-peak"]
+            for n in too_slow:
+                times[n].append(last[n])
         shift = r % len(runs)
         for name, step in runs[shift:] + runs[:shift]:
+            if r >= warmup and name in too_slow:
+                continue
             t0 = time.perf_counter()
             step()
             dt = time.perf_counter() - t0
+            last[name] = dt
             if r >= warmup:
                 times[name].append(dt)
-    return times
+    return times, too_slow
 
 
-def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int) -> dict:
+def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int, slow_factor: float) -> dict:
     cands, notes = candidates(shape, our_backends)
     ref_out = cands[0].forward()
     diffs = {}
@@ -294,7 +309,7 @@ def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int) ->
         if c.forward is not None and c.dropless:
             diffs[c.name] = float((c.forward() - ref_out).abs().max())
     peak_step, peak_flops = gemm_peak()
-    times = measure(cands, peak_step, warmup, rounds)
+    times, too_slow = measure(cands, peak_step, warmup, rounds, slow_factor)
     med = {name: statistics.median(v) for name, v in times.items()}
     peak = peak_flops / med.pop("gemm-peak")
     ours_dropless = med["edgemoe/sorted"]
@@ -308,7 +323,10 @@ def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int) ->
             "min_ms": round(1000 * min(times[c.name]), 2),
             "tokens_per_s": round(shape.tokens / t, 1),
             "dropless": c.dropless,
+            "runs": len(times[c.name]),
         }
+        if c.name in too_slow:
+            entry["too_slow"] = True
         if c.kind == "anchor":
             mine = ours_dropless if c.dropless else ours_capped
             entry["ours_speedup"] = round(t / mine, 3)
@@ -351,7 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="default shape + E=64 only, 5 rounds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds (>= 5)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--slow-factor",
+        type=float,
+        default=8.0,
+        help="time a candidate only once if its warm-up took this many times ours (0 = never)",
+    )
     parser.add_argument("--no-sweep", action="store_true", help="default shape only")
     parser.add_argument("--backends", default="sorted,padded,loop", help="our backends to time")
     parser.add_argument("--out", type=Path, default=None, help="default results/moe_layer[_quick].json")
@@ -378,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "rounds": rounds,
         "warmup": args.warmup,
+        "slow_factor": args.slow_factor,
         "dtype": "float32",
         "loss": "(out * g).sum()",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
@@ -386,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for shape in shapes:
         print(f"# {shape.label()}", file=sys.stderr, flush=True)
-        row = evaluate(shape, our_backends, args.warmup, rounds)
+        row = evaluate(shape, our_backends, args.warmup, rounds, args.slow_factor)
         report["shapes"].append(row)
         for name, entry in row["results"].items():
             extra = f"  ours x{entry['ours_speedup']}" if "ours_speedup" in entry else ""

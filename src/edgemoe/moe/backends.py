@@ -115,7 +115,7 @@ class SortedBackend(ExpertBackend):
     """Dropless grouped GEMMs on the expert-sorted rows with a fused custom backward.
 
     ``strategy``: ``auto`` (batched ``[E, C_max]`` grid GEMMs unless padding would waste more than
-    35 %, else per-expert GEMMs), ``grid`` or ``split`` to force one.
+    100 %, else per-expert GEMMs), ``grid`` or ``split`` to force one.
     """
 
     def __init__(self, strategy: str = "auto"):

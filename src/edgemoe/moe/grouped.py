@@ -23,7 +23,7 @@ from torch import Tensor
 from edgemoe.moe.dispatch import RowLayout, SortedPlan, combine_rows, grid_layout, split_layout
 from edgemoe.moe.experts import GroupedExperts
 
-MAX_GRID_WASTE = 0.35
+MAX_GRID_WASTE = 1.0
 
 
 def choose_layout(plan: SortedPlan, max_grid_waste: float = MAX_GRID_WASTE) -> RowLayout:
