@@ -413,8 +413,12 @@ class Trainer:
         return float(loss.detach())
 
     @torch.no_grad()
-    def evaluate(self, chunk: int = 2048) -> float:
-        """Test accuracy with the gate's top-K over live servers (inference is not queued)."""
+    def evaluate(self, chunk: int = 2048, *, use_experts: bool = True) -> float:
+        """Test accuracy with the gate's top-K over live servers (inference is not queued).
+
+        ``use_experts=False`` zeroes every expert output: an ablation that shows how much of the
+        accuracy the experts (and hence routing) carry.
+        """
         self.model.eval()
         live = [int(j) for j in self._live()]
         correct = 0
@@ -425,7 +429,7 @@ class Trainer:
             masked = torch.full_like(scores_NE, -1.0)
             masked[:, live] = scores_NE[:, live]
             ids_NK = masked.topk(self.k, dim=-1).indices
-            outs = self.transport.infer(h_ND, live)
+            outs = self.transport.infer(h_ND, live) if use_experts else {}
             y_JND = torch.zeros(self.num_servers, *h_ND.shape)
             for j, y in outs.items():
                 if y is not None:
