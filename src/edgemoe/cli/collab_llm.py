@@ -64,6 +64,23 @@ def register_collab(sub: argparse._SubParsersAction) -> None:
     cache.add_argument("--no-progress", action="store_true")
     cache.set_defaults(func=run_build_cache)
 
+    comp = sub.add_parser(
+        "compare",
+        help="each single expert vs the uniform ensemble vs MoE² on a fitted run's held-out questions",
+        description="Accuracy, energy and latency per request on the test split of a 'collab fit' run.",
+    )
+    comp.add_argument("--run", type=Path, required=True, help="folder written by 'edgemoe collab fit'")
+    comp.add_argument("--split", default="test", choices=("train", "select", "test"))
+    comp.add_argument(
+        "--energy-fraction",
+        type=float,
+        action="append",
+        default=None,
+        help="also MoE² under an energy budget of this fraction of all experts' energy (repeatable)",
+    )
+    comp.add_argument("--out", type=Path, default=None, help="results folder (default RUN/compare)")
+    comp.set_defaults(func=run_compare)
+
 
 def _experts(path: Path, only: list[str] | None):
     from edgemoe.collab.backends import load_experts
@@ -241,3 +258,68 @@ def _accuracy_table(cache, questions) -> dict[str, dict[str, float]]:
             row[f"accuracy_{cat}"] = float(correct_QN[mask, j].mean()) if mask.any() else math.nan
         table[name] = row
     return table
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from edgemoe.collab.baselines import uniform_gate
+    from edgemoe.collab.costs import RequestCosts
+    from edgemoe.collab.pipeline import load_run, problem
+    from edgemoe.collab.sweep import solve
+
+    ws, gate = load_run(args.run)
+    test = problem(ws, gate, args.split)
+    names = test.names
+    every = np.ones(len(names), dtype=bool)
+
+    def row(label: str, prob, mask: np.ndarray) -> dict:
+        real = prob.realised(mask, list(ws.config.categories))
+        routed_QN = prob.routed_QN(mask)
+        delay_Q = RequestCosts(prob.delay_QN, prob.energy_QN, prob.aggregation_s).set_delay(routed_QN)
+        return {
+            "method": label,
+            "experts": " ".join(n for n, on in zip(names, mask) if on),
+            "accuracy": real["accuracy"],
+            "log_likelihood": real["log_likelihood"],
+            "energy_j_per_request": real["energy_realised_j"],
+            "latency_mean_s": float(delay_Q.mean()),
+            "latency_max_s": float(delay_Q.max()),
+            "experts_per_request": real["experts_per_request"],
+        }
+
+    rows = [row(f"single: {n}", test, np.eye(len(names), dtype=bool)[i]) for i, n in enumerate(names)]
+    rows.append(row("uniform ensemble", uniform_gate(test), every))
+    rows.append(row("MoE² (gate, all enabled)", test, every))
+    select = problem(ws, gate, "select")
+    total = float(select.cost_N[select.usable_N].sum())
+    for frac in args.energy_fraction or []:
+        res = solve(select, frac * total, "dmo")
+        label = f"MoE² (DMO, energy <= {frac:g} x all = {frac * total:.1f} J)"
+        if res.feasible:
+            rows.append(row(label, test, np.asarray(res.mask, dtype=bool)))
+        else:
+            rows.append({"method": label, "experts": "", "reason": res.reason})
+    out = args.out or Path(args.run) / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "compare.json", {"split": args.split, "questions": test.num_questions, "rows": rows})
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with (out / "compare.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"| method ({test.num_questions} {args.split} questions) | experts | accuracy | energy / request (J) "
+        "| latency mean (s) | latency max (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "accuracy" not in r:
+            lines.append(f"| {r['method']} | — | infeasible | | | |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['experts']} | {r['accuracy']:.3f} | {r['energy_j_per_request']:.1f} "
+            f"| {r['latency_mean_s']:.2f} | {r['latency_max_s']:.2f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (out / "compare.md").write_text(table)
+    print(table)
+    return 0
