@@ -8,7 +8,9 @@ request's latency budget and renormalises (:func:`route_weights`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,23 +119,22 @@ def train_gate(
     (each expert dropped with that probability, per question), so that the gate restricted to any
     subset stays well ranked; it is still one gate trained once.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a small MLP: extra threads only add contention (40x slower on 2 busy cores)
-    try:
+    with _one_torch_thread():
         return _fit(emb_QD, category_Q, correct_QN, experts, categories, cfg, mask_N)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """A small MLP: extra threads only add contention (40x slower on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit(
-    emb_QD: np.ndarray,
-    category_Q: np.ndarray,
-    correct_QN: np.ndarray,
-    experts: list[str],
-    categories: list[str],
-    cfg: GateConfig,
-    mask_N: np.ndarray | None,
-) -> Gate:
+def _fit(emb_QD, category_Q, correct_QN, experts, categories, cfg: GateConfig, mask_N) -> Gate:
     torch.manual_seed(cfg.seed)
     gate = Gate(emb_QD.shape[1], experts, categories, cfg)
     x = torch.as_tensor(np.asarray(emb_QD, dtype=np.float32))
