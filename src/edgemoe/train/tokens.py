@@ -132,14 +132,15 @@ class TokenTable:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        names = ("ids_P", "samples_P", "arrival_P", "experts_PK", "status_PK", "h_PD", "y_PKD")
-        return {
-            n: getattr(self, n).copy()
-            if isinstance(getattr(self, n), np.ndarray)
-            else getattr(self, n).clone()
-            for n in names
-        }
+        return {name: _copy(getattr(self, name)) for name in _FIELDS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value.copy() if isinstance(value, np.ndarray) else value.clone())
+        for name in _FIELDS:
+            setattr(self, name, _copy(state[name]))
+
+
+_FIELDS = ("ids_P", "samples_P", "arrival_P", "experts_PK", "status_PK", "h_PD", "y_PKD")
+
+
+def _copy(value: np.ndarray | Tensor) -> np.ndarray | Tensor:
+    return value.copy() if isinstance(value, np.ndarray) else value.clone()
