@@ -422,7 +422,11 @@ class PatchViT(nn.Module):
 
 
 def cifar_arms(anneal_steps: int) -> dict[str, RouterConfig]:
-    """The issue's five arms plus a 0.6 floor; 'annealed' moves linearly over ``anneal_steps``."""
+    """The issue's five arms, plus a 0.6 floor and the settle-triggered schedule.
+
+    'annealed' moves linearly over ``anneal_steps``; 'settle' lowers the factor by 0.04 whenever
+    the rearranged fraction's EMA moved less than 0.01 over 20 steps.
+    """
     annealed = {"schedule": "annealed", "factor": 1.1, "floor": 0.66, "anneal_steps": anneal_steps}
     return {
         "top1_linear_cf1.1": top1_router(1.1),
@@ -431,6 +435,7 @@ def cifar_arms(anneal_steps: int) -> dict[str, RouterConfig]:
         "etr_annealed_1.1_to_0.66": etr_router("bidirectional", annealed),
         "etr_fixed_0.66": etr_router("bidirectional", {"factor": 0.66}),
         "etr_annealed_1.1_to_0.6": etr_router("bidirectional", {**annealed, "floor": 0.6}),
+        "etr_settle_1.1_to_0.66": etr_router("bidirectional", {**annealed, "anneal_by": "settle"}),
     }
 
 
@@ -558,10 +563,18 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
-def run_cifar10(out: Path, quick: bool, data_dir: Path | None = None, seeds: tuple[int, ...] = (0,)) -> dict:
-    """The CIFAR-10 patch-token comparison (the issue's five arms plus a 0.6 floor), per seed.
+def run_cifar10(
+    out: Path,
+    quick: bool,
+    data_dir: Path | None = None,
+    seeds: tuple[int, ...] = (0,),
+    only: tuple[str, ...] = (),
+) -> dict:
+    """The CIFAR-10 patch-token comparison (the issue's five arms plus two ETR variants), per seed.
 
-    The JSON is rewritten after every arm so a long run leaves usable partial results.
+    ``only`` runs a subset of the arms and merges them into the existing ``cifar10.json`` (same
+    arm and seed replaced). The JSON is rewritten after every arm, so a long run leaves usable
+    partial results.
     """
     c = dict(CIFAR)
     if quick:
@@ -574,15 +587,24 @@ def run_cifar10(out: Path, quick: bool, data_dir: Path | None = None, seeds: tup
         "tokens_per_step": 64 * c["batch"],
         "threads": torch.get_num_threads(),
     }
-    results: list[dict] = []
+    arms = cifar_arms(max(1, steps // 2))
+    unknown = sorted(set(only) - set(arms))
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; choose from {sorted(arms)}")
+    path = out / "cifar10.json"
+    results: list[dict] = json.loads(path.read_text())["arms"] if only and path.exists() else []
     result: dict = {}
     for seed in seeds:
-        for name, router in cifar_arms(max(1, steps // 2)).items():
+        for name, router in arms.items():
+            if only and name not in only:
+                continue
+            results = [r for r in results if (r["arm"], r["seed"]) != (name, seed)]
             results.append(train_cifar_arm(name, router, data, c, seed))
+            results.sort(key=lambda r: (r["seed"], list(arms).index(r["arm"])))
             compare_to_top1(results)
             result = {"setup": setup, "summary": summarise(results), "arms": results}
-            _write_json(out / "cifar10.json", result)
-    plot_cifar(out, [r for r in results if r["seed"] == seeds[0]])
+            _write_json(path, result)
+    plot_cifar(out, [r for r in results if r["seed"] == min(r["seed"] for r in results)])
     return result
 
 
@@ -691,12 +713,14 @@ def markdown_tables(out: Path) -> str:
     if cifar.exists():
         data = json.loads(cifar.read_text())
         lines += [
-            "| arm | seeds | val acc | Δ vs top-1 (pts) | kept/expert mean | max | fewer than top-1: mean | max | drop rate | load max/mean | step time (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| arm | seeds | val acc | Δ vs top-1 (pts) | Δ vs dropless top-1 (pts) | kept/expert mean | max "
+            "| fewer than top-1: mean | max | drop rate | load max/mean | step time (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in data["summary"]:
             lines.append(
                 f"| {r['arm']} | {len(r['seeds'])} | {r['val_accuracy']:.4f} | {r['val_accuracy_delta_points']:+.2f} "
+                f"| {r['val_accuracy_delta_points_vs_dropless_top1']:+.2f} "
                 f"| {r['kept_per_expert_mean']:.0f} | {r['kept_per_expert_max']:.0f} "
                 f"| {100 * r['fewer_tokens_per_expert_mean']:.1f} % | {100 * r['fewer_tokens_per_expert_max']:.1f} % "
                 f"| {r['drop_rate']:.3f} | {r['load_max_over_mean']:.2f} | {r['step_time_s_median']:.3f} |"
@@ -728,6 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
     parser.add_argument("--data-dir", type=Path, default=None, help="folder holding cifar10_jpeg.zip")
+    parser.add_argument(
+        "--arms", nargs="+", default=[], help="cifar10: run only these arms, merged into the JSON"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="cifar10 seeds")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ETR_THREADS", "2")))
     args = parser.parse_args(argv)
@@ -739,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in parts:
         t0 = time.perf_counter()
         if name == "cifar10":
-            run_cifar10(args.out, args.quick, args.data_dir, tuple(args.seeds))
+            run_cifar10(args.out, args.quick, args.data_dir, tuple(args.seeds), tuple(args.arms))
         else:
             PARTS[name](args.out, args.quick)
         print(f"etr {name}: done in {time.perf_counter() - t0:.1f}s -> {args.out}", flush=True)
