@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from edgemoe.cli.common import add_config_args, run_dir, write_json
-from edgemoe.cli.train import build_config
+from edgemoe.cli.train import add_network_args, build_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,9 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(p)
-    p.add_argument("--transport", help="inproc (default) or dist")
-    p.add_argument("--workers", type=int, help="dist: number of server processes (= number of servers)")
-    p.add_argument("--scenario", help="edge network scenario (paper, homogeneous, bursty, large)")
+    add_network_args(p)
     p.add_argument("--tokens", type=int, default=256, help="tokens per timed batch")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process")

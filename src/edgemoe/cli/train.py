@@ -60,7 +60,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-subset", type=int, help="class-balanced training subset size")
     p.add_argument("--test-subset", type=int, help="class-balanced test subset size")
     p.add_argument("--policy", help="controller: stable-moe, topk, jsq-k, random-k, topk-capacity, ...")
-    p.add_argument("--scenario", help="edge network scenario (paper, homogeneous, bursty, large)")
     p.add_argument("--scale", type=float, help="scale arrivals and capacities (e.g. 0.25 for small CPUs)")
     p.add_argument("--slots", type=int)
     p.add_argument("--seed", type=int)
@@ -70,8 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", help="cnn or vit")
     p.add_argument("--eval-every", type=int)
     p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--transport", help="inproc (default) or dist")
-    p.add_argument("--workers", type=int, help="dist: number of server processes (= number of servers)")
+    add_network_args(p)
     p.add_argument("--time-scale", type=float, help="dist: wall seconds per simulated second of service")
     p.add_argument(
         "--deadline", type=float, help="wall seconds a server may take per slot before it is offline"
@@ -81,6 +79,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in the router process")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=run)
+
+
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    """``--scenario``, ``--transport`` and ``--workers`` (shared by ``train`` and ``profile``)."""
+    p.add_argument("--scenario", help="edge network scenario (paper, homogeneous, bursty, large)")
+    p.add_argument("--transport", help="inproc (default) or dist")
+    p.add_argument("--workers", type=int, help="dist: number of server processes (= number of servers)")
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
