@@ -359,3 +359,13 @@ def test_external_routing_uses_the_etr_gate_and_leaves_the_schedule_alone():
     assert torch.equal(routing.expert_ids_TK, ids) and routing.kept_TK.all()
     torch.testing.assert_close(routing.weights_TK, routing.scores_TE.gather(1, ids))
     assert router.capacity_factor == 1.1
+
+
+def test_schedule_progress_survives_a_state_dict_round_trip():
+    options = {"capacity": {"schedule": "annealed", "anneal_by": "settle", "settle_window": 2}}
+    router = make_router(**options)
+    for _ in range(9):
+        router(torch.randn(32, 16))
+    fresh = make_router(**options)
+    fresh.load_state_dict(router.state_dict())
+    assert vars(fresh.schedule) == vars(router.schedule) and fresh.capacity_factor == router.capacity_factor

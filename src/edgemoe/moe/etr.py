@@ -348,6 +348,13 @@ class ETRRouter(Router):
             persistent=False,
         )
 
+    def get_extra_state(self) -> dict[str, object]:
+        """The schedule's progress, so a resumed run continues the anneal where it stopped."""
+        return {k: v for k, v in vars(self.schedule).items() if k != "cfg"}
+
+    def set_extra_state(self, state: dict[str, object]) -> None:
+        vars(self.schedule).update(state)
+
     @property
     def capacity_factor(self) -> float:
         """The factor the next training step will use."""
