@@ -373,11 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--slow-factor",
         type=float,
-        default=8.0,
+        default=2.5,
         help="time a candidate only once if its warm-up took this many times ours (0 = never)",
     )
     parser.add_argument("--no-sweep", action="store_true", help="default shape only")
-    parser.add_argument("--backends", default="sorted,padded,loop", help="our backends to time")
+    parser.add_argument(
+        "--backends", default="sorted,padded,loop", help="our backends timed at the default shape"
+    )
+    parser.add_argument("--sweep-backends", default="sorted", help="our backends timed in the sweep")
     parser.add_argument("--out", type=Path, default=None, help="default results/moe_layer[_quick].json")
     args = parser.parse_args(argv)
 
@@ -393,9 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         shapes.append(Shape(512, 1024, 64, 2, 1024))
     elif not args.no_sweep:
         shapes += [Shape(512, 1024, e, k, t) for e in (4, 8, 16, 64) for k in (1, 2) for t in (1024, 8192)]
-    our_backends = [b for b in args.backends.split(",") if b]
-    if "sorted" not in our_backends:
-        our_backends.insert(0, "sorted")
+
+    def backend_list(text: str) -> list[str]:
+        names = [b for b in text.split(",") if b]
+        return names if "sorted" in names else ["sorted", *names]
+
     report = {
         "benchmark": "moe_layer",
         "command": "python benchmarks/moe_layer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -411,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for shape in shapes:
         print(f"# {shape.label()}", file=sys.stderr, flush=True)
-        row = evaluate(shape, our_backends, args.warmup, rounds, args.slow_factor)
+        backends = backend_list(args.backends if shape == default else args.sweep_backends)
+        row = evaluate(shape, backends, args.warmup, rounds, args.slow_factor)
         report["shapes"].append(row)
         for name, entry in row["results"].items():
             extra = f"  ours x{entry['ours_speedup']}" if "ours_speedup" in entry else ""
