@@ -118,6 +118,31 @@ class Router(nn.Module, ABC):
             "z_loss": z_loss(logits_TE),
         }
 
+    def finish(
+        self,
+        expert_ids_TK: Tensor,
+        gate_TK: Tensor,
+        kept_TK: Tensor,
+        proposed_TK: Tensor,
+        logits_TE: Tensor,
+        scores_TE: Tensor,
+        capacity: int | None = None,
+        extras: dict[str, object] | None = None,
+    ) -> Routing:
+        """:func:`make_routing` with this router's renormalisation and aux losses."""
+        return make_routing(
+            expert_ids_TK,
+            gate_TK,
+            kept_TK,
+            scores_TE,
+            renormalize=self.cfg.renormalize,
+            aux_losses=self.aux_losses(logits_TE, scores_TE, expert_ids_TK, proposed_TK),
+            logits_TE=logits_TE,
+            proposed_TK=proposed_TK,
+            capacity=capacity,
+            extras=extras,
+        )
+
     def route_external(self, expert_ids_TK: Tensor, logits_TE: Tensor, scores_TE: Tensor) -> Routing:
         """Routing decided outside the model (e.g. the Stable-MoE controller).
 
@@ -144,17 +169,8 @@ class Router(nn.Module, ABC):
         proposed_TK = ids >= 0
         ids = ids.clamp_min(0)
         gate_TK = scores_TE.gather(1, ids)
-        return make_routing(
-            ids,
-            gate_TK,
-            proposed_TK.clone(),
-            scores_TE,
-            renormalize=self.cfg.renormalize,
-            aux_losses=self.aux_losses(logits_TE, scores_TE, ids, proposed_TK),
-            logits_TE=logits_TE,
-            proposed_TK=proposed_TK,
-            capacity=None,
-            extras={"external": True},
+        return self.finish(
+            ids, gate_TK, proposed_TK, proposed_TK, logits_TE, scores_TE, extras={"external": True}
         )
 
     def forward(self, x_TD: Tensor, expert_ids_TK: Tensor | None = None) -> Routing:
@@ -216,17 +232,7 @@ class TopKRouter(LinearGateRouter):
             self.cfg.drop_priority,
             self.num_experts,
         )
-        return make_routing(
-            expert_ids_TK,
-            gate_TK,
-            kept_TK,
-            scores_TE,
-            renormalize=self.cfg.renormalize,
-            aux_losses=self.aux_losses(logits_TE, scores_TE, expert_ids_TK, proposed_TK),
-            logits_TE=logits_TE,
-            proposed_TK=proposed_TK,
-            capacity=capacity,
-        )
+        return self.finish(expert_ids_TK, gate_TK, kept_TK, proposed_TK, logits_TE, scores_TE, capacity)
 
 
 @register_router("expert_choice")
@@ -258,14 +264,4 @@ class ExpertChoiceRouter(LinearGateRouter):
         )
         kept_TE[token_ids_EC, expert_idx_EC] = True
         expert_ids_TE = torch.arange(self.num_experts, device=scores_TE.device).expand(num_tokens, -1)
-        return make_routing(
-            expert_ids_TE.contiguous(),
-            scores_TE,
-            kept_TE,
-            scores_TE,
-            renormalize=self.cfg.renormalize,
-            aux_losses=self.aux_losses(logits_TE, scores_TE, expert_ids_TE, kept_TE),
-            logits_TE=logits_TE,
-            proposed_TK=kept_TE,
-            capacity=cap,
-        )
+        return self.finish(expert_ids_TE.contiguous(), scores_TE, kept_TE, kept_TE, logits_TE, scores_TE, cap)
