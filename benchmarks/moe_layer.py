@@ -352,6 +352,34 @@ def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int, sl
     }
 
 
+def markdown_table(report: dict) -> str:
+    """The docs/benchmarks.md table of a results JSON (median ms per candidate, ratios)."""
+    names = []
+    for row in report["shapes"]:
+        for name in row["results"]:
+            if name not in names:
+                names.append(name)
+    lines = [
+        "| shape | " + " | ".join(names) + " | speedup vs best anchor | of dense floor | of GEMM peak |",
+        "|---" * (len(names) + 4) + "|",
+    ]
+    for row in report["shapes"]:
+        shape = row["shape"]
+        label = f"E={shape['num_experts']} k={shape['top_k']} T={shape['tokens']}"
+        cells = []
+        for name in names:
+            entry = row["results"].get(name)
+            if entry is None:
+                cells.append("n/a")
+                continue
+            mark = "¹" if entry.get("too_slow") else ""
+            cells.append(f"{entry['median_ms']:.0f}{mark}")
+        best = f"**{row['speedup_vs_best_anchor']:.2f}x** ({row['best_anchor']})"
+        frac = f"{row['fraction_of_dense_floor']:.2f} | {row['fraction_of_gemm_peak']:.2f}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {best} | {frac} |")
+    return "\n".join(lines)
+
+
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"torch": torch.__version__, "python": platform.python_version()}
     for name in ("transformers", "deepspeed", "st_moe_pytorch"):
@@ -382,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sweep-backends", default="sorted", help="our backends timed in the sweep")
     parser.add_argument("--out", type=Path, default=None, help="default results/moe_layer[_quick].json")
+    parser.add_argument("--table", type=Path, default=None, help="print the markdown table of a results JSON")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
