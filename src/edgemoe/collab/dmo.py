@@ -189,7 +189,7 @@ class _Bounder:
         """Upper bound of the objective over every superset A ∪ T, T ⊆ C."""
         p = self.p
         if p.top_k is not None:
-            return self._bound_top_k(members_BN, cand_BN)
+            return self._bound_top_k(num_BQO, den_BQ, members_BN, cand_BN)
         b, q, o = num_BQO.shape
         c = cand_BN.astype(np.float64)
         served_BQ = den_BQ > 0
@@ -212,23 +212,34 @@ class _Bounder:
         ll_bound_B = np.log(np.maximum(p_bound_BQ, 1e-300)).mean(axis=1)
         return acc_bound_B + TIE_EPS * ll_bound_B if p.objective == "accuracy" else ll_bound_B
 
-    def _bound_top_k(self, members_BN: np.ndarray, cand_BN: np.ndarray) -> np.ndarray:
-        """Only experts ranked above the k-th enabled member can be routed; a mixture ≤ its best member."""
+    def _bound_top_k(
+        self, num_BQO: np.ndarray, den_BQ: np.ndarray, members_BN: np.ndarray, cand_BN: np.ndarray
+    ) -> np.ndarray:
+        """Top-k fine level: a question no candidate can enter keeps A's exact score; otherwise only
+        experts ranked above A's k-th member can be routed, and a mixture is at most its best member."""
         p = self.p
         order = p.rank_order_QN
         elig = p.eligible_sorted_QN[None]
         mem_BQN = members_BN[:, order] & elig
         above_BQN = np.cumsum(mem_BQN, axis=2) - mem_BQN
-        allowed_BQN = (mem_BQN | (cand_BN[:, order] & elig)) & (above_BQN < p.top_k)
+        entering_BQN = cand_BN[:, order] & elig & (above_BQN < p.top_k)
+        fixed_BQ = ~entering_BQN.any(axis=2)
+        allowed_BQN = (mem_BQN & (above_BQN < p.top_k)) | entering_BQN
         any_BQ = allowed_BQN.any(axis=2)
         unserved = np.log(1.0 / p.num_options)
         best_py_BQ = np.where(allowed_BQN, self.py_sorted_QN[None], 0.0).max(axis=2)
         ll_BQ = np.where(any_BQ, np.log(np.maximum(best_py_BQ, 1e-300)), unserved)
         ll_BQ = np.where(mem_BQN.any(axis=2), ll_BQ, np.maximum(ll_BQ, unserved))
+        served_BQ = den_BQ > 0
+        py_BQ = num_BQO[:, self.rows, p.answer_Q] / np.where(served_BQ, den_BQ, 1.0)
+        exact_ll_BQ = np.where(served_BQ, np.log(np.maximum(py_BQ, 1e-300)), unserved)
+        ll_BQ = np.where(fixed_BQ, exact_ll_BQ, ll_BQ)
         if p.objective != "accuracy":
             return ll_BQ.mean(axis=1)
         best_margin_BQO = np.where(allowed_BQN[..., None], self.margin_sorted_QNO[None], -np.inf).max(axis=2)
         ok_BQ = (best_margin_BQO >= 0).all(axis=2) & any_BQ
+        exact_ok_BQ = (num_BQO.argmax(axis=2) == p.answer_Q[None, :]) & served_BQ
+        ok_BQ = np.where(fixed_BQ, exact_ok_BQ, ok_BQ)
         return ok_BQ.mean(axis=1) + TIE_EPS * ll_BQ.mean(axis=1)
 
 
