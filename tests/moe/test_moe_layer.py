@@ -150,3 +150,15 @@ def test_layout_choice_follows_padding_waste():
 
     assert choose_layout(plan([10, 10, 9, 11])).grid == (4, 11)
     assert choose_layout(plan([40, 1, 1, 1])).grid is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_kept_slot_and_no_tokens_give_zeros(backend):
+    layer = make_layer(num_experts=4)
+    x = torch.randn(5, 12, dtype=torch.double, requires_grad=True)
+    out, routing = layer(x, expert_ids_TK=torch.full((5, 2), -1), backend=backend)
+    out.sum().backward()
+    assert not out.any() and not x.grad.any()
+    assert float(routing.stats.unrouted_fraction) == 1.0
+    empty, _ = layer(torch.randn(0, 12, dtype=torch.double), backend=backend)
+    assert empty.shape == (0, 12)
