@@ -584,6 +584,23 @@ class Gateway:
             "moe2": block,
         }
 
+    async def load(self) -> None:
+        """Load local models (and check remote endpoints) before serving, concurrently.
+
+        An expert that cannot load is logged and left to fail per request (the gateway degrades
+        instead of refusing to start: an edge server may come up later).
+        """
+        loop = asyncio.get_running_loop()
+
+        async def one(name: str, backend: ExpertBackend) -> None:
+            try:
+                seconds = await loop.run_in_executor(None, backend.load)
+                LOG.info("expert ready", extra={"fields": {"expert": name, "load_s": round(seconds, 3)}})
+            except (BackendError, ConfigError) as exc:
+                LOG.warning("expert not ready", extra={"fields": {"expert": name, "error": str(exc)}})
+
+        await asyncio.gather(*(one(n, b) for n, b in self.backends.items()))
+
     async def aclose(self) -> None:
         for backend in self.backends.values():
             await backend.aclose()
@@ -714,6 +731,7 @@ def create_app(gateway: Gateway) -> GatewayMiddleware:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        await gateway.load()
         yield
         await gateway.aclose()
 
