@@ -75,7 +75,7 @@ def test_fit_select_sweep_eval(tmp_path):
     ev = ["collab", "eval", "--run", str(run), "--gap-steps", "5", "--out", str(tmp_path / "ev")]
     assert main(ev) == 0
     out = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert all(c["exact"] for c in out["dmo_monotone_vs_exhaustive"])
+    assert all(c["exact"] for c in out["dmo_monotone_check"])
     assert out["optimality_gap"]["subsets"] == 15 and (tmp_path / "ev" / "optimality_gap.png").is_file()
 
 

@@ -99,3 +99,9 @@ def test_monotonicity_counts_match_brute_force():
     assert got["pairs"] == len(drops)
     assert got["violation_rate"] == pytest.approx(np.mean(np.array(drops) > 1e-12))
     assert got["max_drop"] == pytest.approx(max(drops))
+
+
+def test_sampled_monotonicity_for_many_experts():
+    got = monotonicity(instance(6, n=6), max_exhaustive=3, samples=400)
+    assert not got["exhaustive"] and 0 < got["pairs"] <= 400
+    assert 0.0 <= got["violation_rate"] <= 1.0
