@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edgemoe.collab.problem import TIE_EPS, SelectionProblem
+from edgemoe.collab.problem import P_FLOOR, TIE_EPS, SelectionProblem
 from edgemoe.config import check_choice
 
 BOUNDS = ("valid", "monotone")
@@ -209,7 +209,7 @@ class _Bounder:
         p_bound_BQ = np.where(
             served_BQ, np.minimum(np.minimum(ratio_BQ, mix_BQ), 1.0), np.maximum(best_cand_BQ, 1.0 / o)
         )
-        ll_bound_B = np.log(np.maximum(p_bound_BQ, 1e-300)).mean(axis=1)
+        ll_bound_B = np.log(np.maximum(p_bound_BQ, P_FLOOR)).mean(axis=1)
         return acc_bound_B + TIE_EPS * ll_bound_B if p.objective == "accuracy" else ll_bound_B
 
     def _bound_top_k(
@@ -228,11 +228,11 @@ class _Bounder:
         any_BQ = allowed_BQN.any(axis=2)
         unserved = np.log(1.0 / p.num_options)
         best_py_BQ = np.where(allowed_BQN, self.py_sorted_QN[None], 0.0).max(axis=2)
-        ll_BQ = np.where(any_BQ, np.log(np.maximum(best_py_BQ, 1e-300)), unserved)
+        ll_BQ = np.where(any_BQ, np.log(np.maximum(best_py_BQ, P_FLOOR)), unserved)
         ll_BQ = np.where(mem_BQN.any(axis=2), ll_BQ, np.maximum(ll_BQ, unserved))
         served_BQ = den_BQ > 0
         py_BQ = num_BQO[:, self.rows, p.answer_Q] / np.where(served_BQ, den_BQ, 1.0)
-        exact_ll_BQ = np.where(served_BQ, np.log(np.maximum(py_BQ, 1e-300)), unserved)
+        exact_ll_BQ = np.where(served_BQ, np.log(np.maximum(py_BQ, P_FLOOR)), unserved)
         ll_BQ = np.where(fixed_BQ, exact_ll_BQ, ll_BQ)
         if p.objective != "accuracy":
             return ll_BQ.mean(axis=1)

@@ -5,7 +5,8 @@ that fit q's latency budget (all of them when k is None), combined with the gate
 to R_q(S). The objective is the mean over questions of
 
 - ``accuracy``: 1[argmax of the mixture = correct option], with a 1e-7 × log-likelihood tie-break,
-- ``log_likelihood``: log of the mixture's probability of the correct option (= −cross-entropy).
+- ``log_likelihood``: log of the mixture's probability of the correct option (= −cross-entropy),
+  floored at log 1e-13 per question.
 
 A request no enabled expert can serve in time counts as wrong with likelihood 1/O.
 
@@ -26,6 +27,9 @@ from edgemoe.collab.costs import RequestCosts, eligible_QN
 from edgemoe.config import ConfigError, check_choice
 
 TIE_EPS = 1e-7
+# Per-question likelihoods are floored so that TIE_EPS × |log-likelihood| ≤ 3e-6 stays below one
+# question's worth of accuracy for up to 300 000 questions (the tie-break never outranks accuracy).
+P_FLOOR = 1e-13
 OBJECTIVES = ("accuracy", "log_likelihood")
 
 
@@ -139,7 +143,7 @@ class SelectionProblem:
         correct_BQ = (num_BQO.argmax(axis=2) == self.answer_Q[None, :]) & served_BQ
         p_y_BQ = num_BQO[:, rows, self.answer_Q] / np.where(served_BQ, den_BQ, 1.0)
         p_y_BQ = np.where(served_BQ, p_y_BQ, 1.0 / self.num_options)
-        ll_B = np.log(np.maximum(p_y_BQ, 1e-300)).mean(axis=1)
+        ll_B = np.log(np.maximum(p_y_BQ, P_FLOOR)).mean(axis=1)
         acc_B = correct_BQ.mean(axis=1)
         value_B = acc_B + TIE_EPS * ll_B if self.objective == "accuracy" else ll_B
         return Evaluation(value_B, acc_B, ll_B)
