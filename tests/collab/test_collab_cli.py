@@ -30,7 +30,7 @@ def test_fit_select_sweep_eval(tmp_path):
         str(run),
     ]
     assert main(fit) == 0
-    assert (run / "gate.pt").is_file() and (run / "cache.jsonl").is_file()
+    assert (run / "gate.pt").is_file() and (run / "cache.jsonl").is_file() and (run / "experts.csv").is_file()
     route = load_policy(run, enabled=["nano-1b-0", "orin-3b-1"]).route("Which organ filters blood?", "other")
     assert set(route.experts) <= {"nano-1b-0", "orin-3b-1"} and route.served
     assert (

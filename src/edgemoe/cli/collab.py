@@ -90,7 +90,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from edgemoe.collab.pipeline import build_workspace, fit, load_run_spec, save_run
+    from edgemoe.collab.pipeline import build_workspace, fit, load_run_spec, problem, save_run
 
     data = load_config_dict(args)
     if args.experts is not None:
@@ -117,8 +117,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
         bar.update()
         save_run(out, spec, ws, gate)
         bar.update()
-    from edgemoe.collab.pipeline import problem
-
     sel = problem(ws, gate, "select")
     singles = sel.evaluate(np.eye(sel.num_experts, dtype=bool))
     summary = {
@@ -132,6 +130,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "energy_per_request_j": dict(zip(sel.names, sel.cost_N.round(4).tolist())),
     }
     write_json(out / "summary.json", summary)
+    rows = [
+        {
+            "expert": e.name,
+            "hardware": e.hardware,
+            "params_b": e.params_b,
+            "power_w": e.power,
+            "energy_per_request_j": float(sel.cost_N[i]),
+            "mean_delay_s": float(sel.delay_QN[:, i].mean()),
+            "select_accuracy": float(singles.accuracy_B[i]),
+        }
+        for i, e in enumerate(ws.config.experts)
+    ]
+    _write_csv(out / "experts.csv", rows)
     print(json.dumps(summary, indent=2))
     return 0
 
