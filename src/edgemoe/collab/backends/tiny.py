@@ -229,13 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "top_logprobs": [top],
                 "text_offset": [len(prompt)],
             }
-        return 200, {
-            "id": f"cmpl-{time.monotonic_ns()}",
-            "object": "text_completion",
-            "model": srv.model_name,
-            "choices": [choice],
-            "usage": _usage(len(prompt), len(ids)),
-        }
+        return 200, _reply("text_completion", srv.model_name, choice, len(prompt), len(ids))
 
     def _chat(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         srv = self.server
@@ -261,20 +255,21 @@ class _Handler(BaseHTTPRequestHandler):
                     }
                 ]
             }
-        return 200, {
-            "id": f"chatcmpl-{time.monotonic_ns()}",
-            "object": "chat.completion",
-            "model": srv.model_name,
-            "choices": [choice],
-            "usage": _usage(len(prompt), len(ids)),
-        }
+        return 200, _reply("chat.completion", srv.model_name, choice, len(prompt), len(ids))
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _reply(obj: str, model: str, choice: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> dict:
+    """An OpenAI response envelope with one choice and its token usage."""
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "id": f"{'cmpl' if obj == 'text_completion' else 'chatcmpl'}-{time.monotonic_ns()}",
+        "object": obj,
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 
