@@ -233,11 +233,9 @@ class _Histogram:
 
 
 def _labels(**kv: str) -> str:
-    inner = ",".join(
-        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in kv.items()
-    )
-    return "{" + inner + "}"
+    """Prometheus label set; values escaped as the text format requires (backslash, quote, newline)."""
+    table = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
+    return "{" + ",".join(f'{k}="{str(v).translate(table)}"' for k, v in kv.items()) + "}"
 
 
 class Metrics:
