@@ -691,7 +691,15 @@ class GatewayMiddleware:
         if self.log and route != "/metrics":
             fields = {"request_id": request_id, "route": route, "method": scope["method"],
                       "status": status["code"], "latency_ms": round(seconds * 1e3, 3)}  # fmt: skip
-            LOG.info("request", extra={"fields": fields})
+            block = (scope.get("state") or {}).get("moe2")
+            if block is not None:
+                fields |= {"category": block["category"], "experts": [e["name"] for e in block["experts"]],
+                           "failed": block["failed"], "energy_j": block["energy_j"]}  # fmt: skip
+            LOG.log(
+                logging.WARNING if block and block["degraded"] else logging.INFO,
+                "request",
+                extra={"fields": fields},
+            )
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
         auth = headers.get(b"authorization", b"")
@@ -764,24 +772,16 @@ def create_app(gateway: Gateway) -> GatewayMiddleware:
         return {"object": "list", "data": [{"id": "edgemoe-moe2", "object": "model", "owned_by": "edgemoe"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> JSONResponse:
+    async def chat(req: ChatRequest, request: Request) -> JSONResponse:
         out = await gateway.chat(req)
-        _log_outcome("chat", out["moe2"])
+        request.state.moe2 = out["moe2"]  # the middleware's log line reports it
         return JSONResponse(out)
 
     @app.post("/v1/moe2/answer")
-    async def answer(req: AnswerRequest) -> JSONResponse:
+    async def answer(req: AnswerRequest, request: Request) -> JSONResponse:
         out = await gateway.answer(req)
-        _log_outcome("answer", out["moe2"])
+        request.state.moe2 = out["moe2"]
         return JSONResponse(out)
-
-    def _log_outcome(kind: str, block: dict[str, Any]) -> None:
-        if serve.log_requests:
-            fields = {"kind": kind, "experts": [e["name"] for e in block["experts"]], "failed": block["failed"],
-                      "energy_j": block["energy_j"], "category": block["category"]}  # fmt: skip
-            LOG.log(
-                logging.WARNING if block["degraded"] else logging.INFO, "served", extra={"fields": fields}
-            )
 
     return GatewayMiddleware(app, gateway, api_key)
 
