@@ -67,6 +67,7 @@ class BackendConfig:
     n_ctx: int = 2048
     n_threads: int = 1
     seed: int = 0
+    extra_buffers: bool = True
     letter_bias: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -113,7 +114,14 @@ def build_backend(name: str, cfg: BackendConfig) -> ExpertBackend:
         from edgemoe.collab.backends.local import LlamaCppBackend, model_file_from_package
 
         path = str(model_file_from_package(cfg.package)) if cfg.package else str(cfg.path)
-        return LlamaCppBackend(name, path=path, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, seed=cfg.seed)
+        return LlamaCppBackend(
+            name,
+            path=path,
+            n_ctx=cfg.n_ctx,
+            n_threads=cfg.n_threads,
+            seed=cfg.seed,
+            extra_buffers=cfg.extra_buffers,
+        )
     if cfg.kind == "transformers":
         from edgemoe.collab.backends.local import TransformersBackend, model_file_from_package
 

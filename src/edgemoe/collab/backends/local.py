@@ -9,9 +9,11 @@ letters.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,14 +80,46 @@ def letters_from_logits(logits_V: np.ndarray, ids_per_letter: list[list[int]]) -
     return log_softmax(raw)
 
 
+_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_extra_buffers(llama_cpp: Any):
+    """Load with ``use_extra_bufts = False``: no repacked/AMX weight buffers.
+
+    ``llama_cpp.Llama`` offers no argument for it, so the default-parameter factory its module uses
+    is swapped for the duration of one load (under a lock, then restored).
+    """
+    module = llama_cpp.llama_cpp
+    original = module.llama_model_default_params
+
+    def patched():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    with _LOAD_LOCK:
+        module.llama_model_default_params = patched
+        try:
+            yield
+        finally:
+            module.llama_model_default_params = original
+
+
 @dataclass
 class LlamaCppBackend(ExpertBackend):
-    """A GGUF model through ``llama_cpp.Llama`` (CPU, ``n_threads`` threads)."""
+    """A GGUF model through ``llama_cpp.Llama`` (CPU, ``n_threads`` threads).
+
+    ``extra_buffers=False`` keeps llama.cpp from repacking weights into extra buffer types (AMX
+    among them): on CPUs that list AMX inside virtual machines, the AMX kernels of a native build
+    crash (docs/serving.md, "Install").
+    """
 
     path: str = ""
     n_ctx: int = 2048
     n_threads: int = 1
     seed: int = 0
+    extra_buffers: bool = True
 
     def __post_init__(self) -> None:
         self._llm: Any = None
@@ -97,7 +131,8 @@ class LlamaCppBackend(ExpertBackend):
         llama_cpp = _import("llama_cpp")
         if not Path(self.path).is_file():
             raise ConfigError("backend.path", f"GGUF file {self.path!r} does not exist")
-        with Stopwatch() as sw:
+        loading = contextlib.nullcontext() if self.extra_buffers else _without_extra_buffers(llama_cpp)
+        with Stopwatch() as sw, loading:
             self._llm = llama_cpp.Llama(
                 model_path=self.path,
                 n_ctx=self.n_ctx,
@@ -121,7 +156,11 @@ class LlamaCppBackend(ExpertBackend):
                 raise BackendError(f"prompt of {len(tokens)} tokens exceeds n_ctx={self.n_ctx}")
             self._llm.reset()
             self._llm.eval(tokens)
-            logits_V = np.array(self._llm.scores[self._llm.n_tokens - 1])
+            # Without logits_all the Python wrapper keeps no scores; the context holds the logits
+            # of the batch's last token (index -1).
+            llama_cpp = _import("llama_cpp")
+            last = llama_cpp.llama_get_logits_ith(self._llm.ctx, -1)
+            logits_V = np.ctypeslib.as_array(last, shape=(self._llm.n_vocab(),)).copy()
         return ChoiceScores(
             letters_from_logits(logits_V, self._letter_ids[n_options]), "logits", sw.seconds, len(tokens)
         )
