@@ -29,7 +29,7 @@ import torch
 from edgemoe.config import ConfigError, check_choice, check_positive, check_range, from_dict, require
 from edgemoe.moe.config import RouterConfig
 from edgemoe.moe.router import Router, register_router
-from edgemoe.moe.routing import Routing, apply_capacity, make_routing
+from edgemoe.moe.routing import Routing, apply_capacity
 
 _EPS = 1e-12
 
@@ -391,17 +391,9 @@ class ETRRouter(Router):
             kept_TK = expert_choice(logits_TE, proposed_TE, capacity).gather(-1, expert_ids_TK) & proposed_TK
         kept_TE = slots_to_mask(expert_ids_TK, kept_TK, self.num_experts)
         extras = self._telemetry(logits_TE, proposed_TE, kept_TE, factor)
-        return make_routing(
-            expert_ids_TK,
-            scores_TE.gather(-1, expert_ids_TK),
-            kept_TK,
-            scores_TE,
-            renormalize=self.cfg.renormalize,
-            aux_losses=self.aux_losses(logits_TE, scores_TE, expert_ids_TK, proposed_TK),
-            logits_TE=logits_TE,
-            proposed_TK=proposed_TK,
-            capacity=capacity,
-            extras=extras,
+        gate_TK = scores_TE.gather(-1, expert_ids_TK)
+        return self.finish(
+            expert_ids_TK, gate_TK, kept_TK, proposed_TK, logits_TE, scores_TE, capacity, extras
         )
 
     def _telemetry(
