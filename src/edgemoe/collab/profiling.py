@@ -3,8 +3,9 @@
 - load time: ``backend.load()`` from cold (for an HTTP expert: until ``/v1/models`` answers);
 - prefill: the latency of scoring a long multiple-choice prompt (one forward over the prompt,
   no decoding), median of ``repeats``; rate = prompt tokens / latency;
-- decode: two generations from the same prompt, 1 token and ``decode_tokens`` tokens; rate =
-  extra tokens / extra time, so prompt processing and network overhead cancel out.
+- decode: two raw continuations of the same prompt (no chat template, so chat models that would end
+  their turn at once keep going), 1 token and ``decode_tokens`` tokens; rate = extra tokens / extra
+  time, so prompt processing and network overhead cancel out.
 
 The measured per-token latencies are written into the expert's profile
 (``latency_per_prompt_token_s``, ``latency_per_output_token_s``), which the MoE² core's delay model
@@ -18,14 +19,15 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edgemoe.collab.backends import ExpertBackend, Message, mc_prompt
+from edgemoe.collab.backends import ExpertBackend, mc_prompt
 from edgemoe.collab.profiles import ExpertProfile
 
 _FILLER = (
     "Edge servers differ in memory, compute and power; a request routed to a slow server waits longer, "
     "and one routed to a power-hungry server costs more energy. "
 )
-DECODE_PROMPT = "Count from one to two hundred in words, separated by commas, without stopping."
+# A raw continuation every model keeps going with (chat models may stop at once on a chat turn).
+DECODE_PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
 
 
 @dataclass
@@ -71,9 +73,8 @@ def profile_backend(
     runs = [backend.score_choices(prompt, 4) for _ in range(repeats)]
     prefill_s = statistics.median(r.latency_s for r in runs)
     prompt_tokens = runs[0].prompt_tokens or max(1, len(prompt) // 4)
-    messages = [Message("user", DECODE_PROMPT)]
-    short = [backend.generate(messages, 1) for _ in range(repeats)]
-    long = [backend.generate(messages, decode_tokens) for _ in range(repeats)]
+    short = [backend.complete(DECODE_PROMPT, 1) for _ in range(repeats)]
+    long = [backend.complete(DECODE_PROMPT, decode_tokens) for _ in range(repeats)]
     extra_tokens = statistics.median(g.completion_tokens for g in long) - statistics.median(
         g.completion_tokens for g in short
     )

@@ -133,6 +133,10 @@ class ExpertBackend(abc.ABC):
     def generate(self, messages: Sequence[Message], max_tokens: int, temperature: float = 0.0) -> Generation:
         """Chat completion."""
 
+    @abc.abstractmethod
+    def complete(self, prompt: str, max_tokens: int) -> Generation:
+        """Greedy raw-text continuation of ``prompt`` (no chat template): what decode rates are timed on."""
+
     def load(self) -> float:
         """Load weights / open connections; returns the seconds it took (0 if nothing to load)."""
         return 0.0

@@ -174,14 +174,24 @@ class LlamaCppBackend(ExpertBackend):
                 temperature=temperature,
                 seed=self.seed,
             )
-        choice, usage = out["choices"][0], out.get("usage") or {}
-        return Generation(
-            str(choice["message"].get("content") or ""),
-            int(usage.get("prompt_tokens", 0)),
-            int(usage.get("completion_tokens", 0)),
-            sw.seconds,
-            str(choice.get("finish_reason") or "stop"),
-        )
+        return _generation(out, str(out["choices"][0]["message"].get("content") or ""), sw.seconds)
+
+    def complete(self, prompt: str, max_tokens: int) -> Generation:
+        self.load()
+        with Stopwatch() as sw:
+            out = self._llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, seed=self.seed)
+        return _generation(out, str(out["choices"][0].get("text") or ""), sw.seconds)
+
+
+def _generation(out: dict[str, Any], text: str, seconds: float) -> Generation:
+    usage = out.get("usage") or {}
+    return Generation(
+        text,
+        int(usage.get("prompt_tokens", 0)),
+        int(usage.get("completion_tokens", 0)),
+        seconds,
+        str(out["choices"][0].get("finish_reason") or "stop"),
+    )
 
 
 @dataclass
@@ -243,12 +253,10 @@ class TransformersBackend(ExpertBackend):
 
         return list(self._tok.encode(chat_prompt(messages)))
 
-    def generate(self, messages: Sequence[Message], max_tokens: int, temperature: float = 0.0) -> Generation:
+    def _generate_ids(self, ids: list[int], max_tokens: int, temperature: float) -> Generation:
         import torch
 
-        self.load()
         with Stopwatch() as sw:
-            ids = self._chat_ids(messages)
             sampling = (
                 {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
             )
@@ -264,3 +272,11 @@ class TransformersBackend(ExpertBackend):
         return Generation(
             self._tok.decode(new, skip_special_tokens=True), len(ids), len(new), sw.seconds, finish
         )
+
+    def generate(self, messages: Sequence[Message], max_tokens: int, temperature: float = 0.0) -> Generation:
+        self.load()
+        return self._generate_ids(self._chat_ids(messages), max_tokens, temperature)
+
+    def complete(self, prompt: str, max_tokens: int) -> Generation:
+        self.load()
+        return self._generate_ids(list(self._tok.encode(prompt)), max_tokens, 0.0)

@@ -197,6 +197,11 @@ class OpenAIBackend(ExpertBackend):
         data, seconds = self._post(*self._chat_request(messages, max_tokens, temperature))
         return self._parse_chat(data, seconds)
 
+    def complete(self, prompt: str, max_tokens: int) -> Generation:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+        data, seconds = self._post("/v1/completions", body)
+        return self._parse_chat(data, seconds)
+
     def load(self) -> float:
         """Time until the endpoint answers ``/v1/models`` (the model is loaded server-side)."""
         if self._client is None:

@@ -126,7 +126,12 @@ class TinyBackend(ExpertBackend):
         return ChoiceScores(logprobs, "logits", sw.seconds, len(prompt))
 
     def generate(self, messages: Sequence[Message], max_tokens: int, temperature: float = 0.0) -> Generation:
-        prompt = chat_prompt(messages)
+        return self._continue(chat_prompt(messages), max_tokens, temperature)
+
+    def complete(self, prompt: str, max_tokens: int) -> Generation:
+        return self._continue(prompt, max_tokens, 0.0)
+
+    def _continue(self, prompt: str, max_tokens: int, temperature: float) -> Generation:
         with Stopwatch() as sw:
             ids = self.model.generate(prompt, max_tokens, temperature, self.seed)
         return Generation("".join(VOCAB[i] for i in ids), len(prompt), len(ids), sw.seconds, "length")
