@@ -1,8 +1,10 @@
-"""ETR router experiments: theory check, synthetic task, CIFAR-10 patch tokens.
+"""ETR router experiments: theory check, synthetic task, CIFAR-10 patch tokens, speed.
 
-    python benchmarks/etr.py                   # all three parts
+    python benchmarks/etr.py                   # every part (about an hour on 2 shared cores)
     python benchmarks/etr.py --part theory     # one part (theory | synthetic | cifar10 | speed)
+    python benchmarks/etr.py --part cifar10 --seeds 0 --arms etr_fixed_0.66   # one arm, merged
     python benchmarks/etr.py --quick           # tiny sizes, for a smoke run
+    python benchmarks/etr.py --tables          # markdown tables of the stored results
 
 Each part writes ``<out>/<part>.json`` plus PNG plots (default ``benchmarks/results/etr``).
 """
