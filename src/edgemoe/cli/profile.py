@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-import yaml
-
 from edgemoe.cli.common import add_config_args, run_dir, write_json
 from edgemoe.cli.train import add_network_args, build_config
 
@@ -39,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
     from edgemoe.config import require
     from edgemoe.train.trainer import make_transport
 

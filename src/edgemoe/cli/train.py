@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from edgemoe.cli.common import add_config_args, load_config_dict, run_dir, write_json
 from edgemoe.config import to_dict
-from edgemoe.train.config import TrainConfig, train_config_from_dict
+
+if TYPE_CHECKING:  # the CLI builds its parser without importing torch
+    from edgemoe.train.config import TrainConfig
 
 # flag -> dotted config field
 FLAGS = {
@@ -90,6 +90,8 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Config file, then ``--set`` overrides, then the explicit flags."""
+    from edgemoe.train.config import train_config_from_dict
+
     data: dict[str, Any] = load_config_dict(args)
     for flag, dotted in FLAGS.items():
         value = getattr(args, flag, None)
@@ -123,6 +125,7 @@ def write_run(out: Path, trainer: Any, *, plots: bool = True) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from tqdm import tqdm
 
     from edgemoe.train.dist import under_torchrun, worker_main
 
