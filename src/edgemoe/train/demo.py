@@ -2,8 +2,8 @@
 
 The paper network (8 servers at 1-3 GHz, K=2, energy budgets binding on the fast servers, gate
 popularity skewed toward the slow servers) scaled to a quarter of its token rate, a fixed budget of
-40 slots, three seeds, identical arrivals and samples for every policy within a seed. Prints a comparison table and
-writes ``summary.json`` (policy -> ``throughput_mean``, ``test_accuracy``, ``backlog_mean``,
+40 slots, three seeds, identical arrivals and samples for every policy within a seed. Prints a
+comparison table and writes ``summary.json`` (policy -> ``throughput_mean``, ``test_accuracy``, ``backlog_mean``,
 ``energy_over_budget_max``, ``gc_norm_mean``, ...), ``comparison.csv``, traces and ``curves.png``.
 """
 
@@ -13,13 +13,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from edgemoe.config import require
-from edgemoe.edge.controllers import expand_policies
-from edgemoe.report.train import format_table
-from edgemoe.train.compare import claim_lines, run_comparison, spread
 
+# Heavy modules (torch, the trainer, matplotlib) are imported in main() so that building the
+# ``edgemoe`` parser stays fast.
 DEMO_POLICIES = "stable-moe,topk,jsq-k"
 
 
@@ -47,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo from parsed arguments and print the table."""
+    import torch
+
+    from edgemoe.edge.controllers import expand_policies
+    from edgemoe.report.train import format_table
+    from edgemoe.train.compare import claim_lines, run_comparison, spread
+
     torch.set_num_threads(args.threads)
     policies = expand_policies(args.policies)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
