@@ -173,7 +173,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def run_build_cache(args: argparse.Namespace) -> int:
-    from edgemoe.collab.backends import build_backend
+    from edgemoe.collab.backends import BackendError, build_backend
     from edgemoe.collab.build_cache import build_cache, stratified_subset
     from edgemoe.collab.cache import read_cache
     from edgemoe.collab.data import load_mmlu
@@ -193,9 +193,15 @@ def run_build_cache(args: argparse.Namespace) -> int:
     _check_same_questions(out / "questions.csv", questions)
     _write_questions(out / "questions.csv", questions)
     factories = [(p, functools.partial(build_backend, p.name, backends[p.name])) for p in chosen]
-    stats = build_cache(
-        factories, questions, cache_path, progress=not args.no_progress, max_answers=args.max_answers
-    )
+    try:
+        stats = build_cache(
+            factories, questions, cache_path, progress=not args.no_progress, max_answers=args.max_answers
+        )
+    except BackendError as exc:
+        print(
+            f"an expert failed: {exc}\nanswers so far are kept in {cache_path}; rerun the same command to resume"
+        )
+        return 1
     summary = {
         "cache": str(cache_path),
         "questions": len(questions),
