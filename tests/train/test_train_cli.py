@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from edgemoe.cli import main
-from edgemoe.train import demo
 
 TINY = ["--set", "model.dim=16", "--set", "model.expert_hidden=16", "--set", "model.channels=4"]
 
@@ -50,10 +48,8 @@ def test_profile_reports_every_server(tmp_path):
 
 
 def test_demo_summary_maps_each_policy(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    args = parser.parse_args(["--slots", "3", "--scale", "0.05", "--seeds", "0", "--out", str(tmp_path)])
-    assert demo.main(args) == 0
+    args = ["demo", "--slots", "3", "--scale", "0.05", "--seeds", "0", "--out", str(tmp_path)]
+    assert main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary) == ["stable-moe", "topk", "jsq-k"]
     for metrics in summary.values():
