@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edgemoe.config import ConfigError
-from edgemoe.edge import load_score_trace
+from edgemoe.edge import Workload, load_score_trace, spec_from_dict
 from edgemoe.edge.controllers import CONTROLLER_NAMES
 from edgemoe.train.checkpoint import CheckpointError
 from edgemoe.train.config import train_config_from_dict
@@ -137,6 +137,11 @@ def test_records_gate_scores_for_replay(digits, tmp_path):
     trace = load_score_trace(tmp_path / "scores.npz")
     assert trace.num_slots == 3 and trace.scores.shape == (tr.next_id, 4)
     np.testing.assert_allclose(trace.scores.sum(axis=1), 1.0, atol=1e-5)
+    # the simulator replays the recording slot by slot
+    spec = tr.spec.to_dict()
+    spec["scores"] = {"kind": "replay", "trace": str(tmp_path / "scores.npz")}
+    chunk = Workload(spec_from_dict(spec)).next_chunk(3)
+    assert np.array_equal(chunk.offsets, trace.offsets) and np.array_equal(chunk.scores, trace.scores)
 
 
 def test_resume_continues_exactly(digits, tmp_path):
