@@ -162,3 +162,35 @@ def test_no_kept_slot_and_no_tokens_give_zeros(backend):
     assert float(routing.stats.unrouted_fraction) == 1.0
     empty, _ = layer(torch.randn(0, 12, dtype=torch.double), backend=backend)
     assert empty.shape == (0, 12)
+
+
+def test_sorted_backend_refuses_a_second_backward_through_one_forward():
+    layer = make_layer()
+    out, _ = layer(torch.randn(7, 12, dtype=torch.double), backend="sorted")
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.sum().backward()
+
+
+def test_sorted_backend_buffer_reuse_across_steps_stays_exact():
+    layer = make_layer(num_experts=4, top_k=2).float()
+    for num_tokens in (40, 37, 52, 40):
+        x = torch.randn(num_tokens, 12)
+        g = torch.randn(num_tokens, 12)
+        ref = run(layer, x, g, backend="loop")
+        got = run(layer, x, g, backend="sorted")
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(got[1], ref[1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Two forwards before their backwards (gradient accumulation order) are independent.
+    x1, x2 = torch.randn(30, 12, requires_grad=True), torch.randn(30, 12, requires_grad=True)
+    out1, _ = layer(x1, backend="sorted")
+    out2, _ = layer(x2, backend="sorted")
+    out1.sum().backward()
+    out2.sum().backward()
+    ref1, ref2 = layer(x1, backend="loop")[0], layer(x2, backend="loop")[0]
+    torch.testing.assert_close(out1, ref1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out2, ref2, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(ref1.sum() + ref2.sum(), [x1, x2])
+    torch.testing.assert_close(x1.grad, grads[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x2.grad, grads[1], rtol=1e-5, atol=1e-5)

@@ -32,6 +32,10 @@ class GroupedExperts(nn.Module):
         self.w_in_EDF = nn.Parameter(torch.empty(num_experts, dim, in_width))
         self.w_out_EHD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters(init_std)
+        from edgemoe.moe.grouped import Workspace
+
+        # Activation buffers of finished steps, reused by the ``sorted`` backend (not state).
+        self.workspace = Workspace()
 
     def reset_parameters(self, init_std: float = 0.02) -> None:
         nn.init.normal_(self.w_in_EDF, std=init_std)
