@@ -4,8 +4,10 @@ Forward on a row buffer holding every kept assignment once (:class:`~edgemoe.moe
 ``h = xs W_in[e]`` (one GEMM, gate|up fused), ``a = act(h)``, ``y = a W_out[e]``,
 ``out[t] = Σ_j w_tj · y[pos_tj]`` (one fused gather-reduce). Backward reuses the saved ``xs``,
 ``h``, ``silu(gate)``, ``a`` and ``y`` so nothing is recomputed, writes every GEMM result straight
-into one preallocated buffer, folds the combine weights into the output gradient once, and reduces
-the input gradient with the same gather-reduce (no scatter-add).
+into one preallocated buffer (in backward, over saved buffers that are no longer needed), folds the
+combine weights into the output gradient once, and reduces the input gradient with the same
+gather-reduce (no scatter-add). Finished steps return their buffers to a :class:`Workspace` that the
+next forward reuses; hence one backward per forward.
 
 The expert GEMMs run either as one batched matmul over an ``[E, C_max]`` grid (padding rows are
 inert: their output gradient is zero) or as one GEMM per expert on padding-free slices.
