@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from edgemoe.config import apply_overrides, load_yaml
+from edgemoe.files import write_json
+
+__all__ = ["add_config_args", "load_config_dict", "run_dir", "write_json"]
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -29,10 +31,3 @@ def run_dir(out: str | Path | None, default_root: str, name: str) -> Path:
     path = Path(out) if out else Path(default_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file then rename) so a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=float) + "\n")
-    tmp.replace(path)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from edgemoe.files import atomic_write_bytes
 
 MAGIC = b"EDGEMOE-CKPT-v1\n"
 _HEADER = struct.Struct(">32sQ")
@@ -27,25 +28,11 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as fh:
-        fh.write(MAGIC)
-        fh.write(_HEADER.pack(hashlib.sha256(payload).digest(), len(payload)))
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    header = _HEADER.pack(hashlib.sha256(payload).digest(), len(payload))
+    return atomic_write_bytes(path, MAGIC + header + payload)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edgemoe.cli.common import write_json
 from edgemoe.config import apply_overrides
 from edgemoe.edge.controllers import expand_policies
+from edgemoe.files import write_json
 from edgemoe.report.train import format_table, markdown_table, plot_comparison, plot_servers, write_rows
 from edgemoe.train.config import TrainConfig, train_config_from_dict
 from edgemoe.train.data import load_dataset
