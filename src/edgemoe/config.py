@@ -16,15 +16,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from edgemoe.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. ``field`` is the dotted path of the bad field."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
 
 
 def require(cond: bool, field: str, message: str) -> None:

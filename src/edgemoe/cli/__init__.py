@@ -2,7 +2,7 @@
 
 Every module in this package that defines ``register(subparsers)`` contributes subcommands; a
 subcommand sets ``func`` (called with the parsed args, returns an exit code). Errors a user can fix
-(:class:`edgemoe.config.ConfigError`, missing files) are printed as one clear line with exit code 2.
+(any :class:`edgemoe.errors.EdgeMoEError`, missing files) are printed as one clear line with exit code 2.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pkgutil
 import sys
 
 from edgemoe import __version__
-from edgemoe.config import ConfigError
+from edgemoe.errors import EdgeMoEError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (EdgeMoEError, FileNotFoundError) as exc:
         print(f"edgemoe {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -5,7 +5,7 @@
 
 Prints a comparison table and writes ``runs/demo/summary.json`` (policy -> throughput_mean,
 test_accuracy, backlog_mean, energy_over_budget_max, gc_norm_mean, ...), ``comparison.csv``,
-per-slot traces and PNG plots. See :mod:`edgemoe.train.demo`.
+per-slot traces and PNG plots. See :mod:`edgemoe.experiments.demo`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from edgemoe.train import demo
+    from edgemoe.experiments import demo
 
     p = subparsers.add_parser(
         "demo",
@@ -27,6 +27,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgemoe.train import demo
+    from edgemoe.experiments import demo
 
     return demo.main(args)

@@ -6,7 +6,6 @@
 - :mod:`edgemoe.train.trainer`: the slot-driven trainer; :mod:`edgemoe.train.transport` /
   :mod:`edgemoe.train.dist`: the ``inproc`` and ``dist`` transports;
 - :mod:`edgemoe.train.checkpoint`: atomic, verified checkpoints;
-- :mod:`edgemoe.train.compare` / :mod:`edgemoe.train.demo`: policy comparisons and the demo.
 
 Submodules are imported on use so that, e.g., the data loaders do not pull in the controllers.
 """

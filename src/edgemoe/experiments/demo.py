@@ -47,8 +47,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from edgemoe.edge.controllers import expand_policies
+    from edgemoe.experiments.compare import claim_lines, run_comparison, spread
     from edgemoe.report.train import format_table
-    from edgemoe.train.compare import claim_lines, run_comparison, spread
 
     torch.set_num_threads(args.threads)
     policies = expand_policies(args.policies)

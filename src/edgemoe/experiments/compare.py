@@ -4,7 +4,7 @@ For one seed all policies see the same arrival counts and the same sample stream
 numbers), so differences come from routing and frequency control only. Used by ``edgemoe demo``
 and by the experiments of docs/results.md::
 
-    python -m edgemoe.train.compare --dataset fashion-mnist --seeds 0,1,2 --slots 100 --out runs/exp-fm
+    python -m edgemoe.experiments.compare --dataset fashion-mnist --seeds 0,1,2 --slots 100 --out runs/exp-fm
 
 Writes ``summary.json`` (policy -> mean metrics, plus per-seed values and standard deviations),
 ``comparison.csv``, per-run slot/eval traces and ``curves.png`` (seed 0: accuracy, backlog and
