@@ -123,6 +123,7 @@ class SortedBackend(ExpertBackend):
             raise ConfigError("strategy", f"must be 'auto', 'grid' or 'split', got {strategy!r}")
         self.strategy = strategy
 
+    @torch.compiler.disable
     def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
         plan = sort_by_expert(routing)
         if self.strategy == "grid":
