@@ -327,10 +327,11 @@ def measure(
 ) -> tuple[dict[str, list[float]], list[str], dict[str, float | None]]:
     """Interleaved timing: each round runs every candidate once, in an order rotated per round.
 
-    A candidate whose last warm-up run took more than ``slow_factor`` times ours (and over 5 s) is
-    not re-run: its warm-up time is kept as its only sample and it is listed as ``too_slow``. Such a
-    candidate cannot be the fastest anchor, so the speedup figures do not depend on it. The first
-    warm-up round also measures each candidate's memory (:func:`step_memory_mb`).
+    A candidate whose last warm-up run took more than ``slow_factor`` times ours (and over 5 s),
+    or whose first run already took twice that, is not re-run: that run's time is kept as its only
+    sample and it is listed as ``too_slow``. Such a candidate cannot be the fastest anchor, so the
+    speedup figures do not depend on it. The first warm-up round also measures each candidate's
+    memory (:func:`step_memory_mb`).
     """
     runs = [*[(c.name, c.step) for c in cands], ("gemm-peak", peak_step)]
     times: dict[str, list[float]] = {name: [] for name, _ in runs}
@@ -338,14 +339,16 @@ def measure(
     last: dict[str, float] = {}
     too_slow: list[str] = []
     for r in range(warmup + rounds):
-        if r == warmup and slow_factor > 0:
+        if slow_factor > 0 and 1 <= r <= warmup and r in (1, warmup):
+            factor = slow_factor if r == warmup else 2 * slow_factor
             ours = last["edgemoe/sorted"]
-            too_slow = [n for n, t in last.items() if t > max(slow_factor * ours, 5.0) and n != "gemm-peak"]
-            for n in too_slow:
-                times[n].append(last[n])
+            for n, t in last.items():
+                if n not in too_slow and n != "gemm-peak" and t > max(factor * ours, 5.0):
+                    too_slow.append(n)
+                    times[n].append(t)
         shift = r % len(runs)
         for name, step in runs[shift:] + runs[:shift]:
-            if r >= warmup and name in too_slow:
+            if r >= 1 and name in too_slow:
                 continue
             t0 = time.perf_counter()
             if r == 0 and warmup > 0 and name != "gemm-peak":
@@ -563,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", default=None, metavar="E,K,T", help="profile ours at one fine-grained shape and exit"
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (>= 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (>= 3)")
     parser.add_argument(
         "--warmup", type=int, default=2, help="warm-up rounds (the first also measures memory)"
     )
@@ -594,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
-    rounds = max(5, args.rounds or (5 if args.quick else 7))
+    rounds = max(3, args.rounds or (5 if args.quick else 7))
     name = "moe_layer_quick" if args.quick else "moe_layer_fine" if args.fine else "moe_layer"
     out_path = args.out or HERE / "results" / f"{name}.json"
     default = Shape(512, 1024, 8, 2, 4096)
