@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgemoe.files import write_json
 from edgemoe.moe import MoEConfig, MoELayer, RouterConfig
 
 HERE = Path(__file__).resolve().parent
@@ -601,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "moe_layer_quick" if args.quick else "moe_layer_fine" if args.fine else "moe_layer"
     out_path = args.out or HERE / "results" / f"{name}.json"
     default = Shape(512, 1024, 8, 2, 4096)
-    fine = [Shape.fine(e, k, t) for e in (64, 128) for k in (2, 8) for t in (1024, 8192)]
+    fine = [Shape.fine(e, k, t) for t in (8192, 1024) for e in (64, 128) for k in (2, 8)]
     shapes = [default]
     if args.quick:
         shapes += [Shape.fine(64, 2, 1024), Shape.fine(64, 8, 1024)]
@@ -644,12 +645,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    report["loadavg_end"] = loadavg()
-    report["summary"] = summary(report["shapes"])
-    text = json.dumps(report, indent=2)
-    print(text)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(text + "\n")
+        # Written after every shape, so a long sweep that is stopped keeps what it measured.
+        report["loadavg_end"] = loadavg()
+        report["complete"] = len(report["shapes"]) == len(shapes)
+        report["summary"] = summary(report["shapes"])
+        write_json(out_path, report)
+    print(json.dumps(report, indent=2))
     return 0
 
 

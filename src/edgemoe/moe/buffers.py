@@ -32,7 +32,7 @@ class SortedBuffers:
     ``max_buffers`` are kept.
     """
 
-    def __init__(self, max_buffers: int = 8):
+    def __init__(self, max_buffers: int = 12):
         self.max_buffers = max_buffers
         self._free: list[Tensor] = []
 
