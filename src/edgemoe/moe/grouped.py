@@ -197,8 +197,9 @@ class _GroupedExpertsCombine(torch.autograd.Function):
         torch.index_select(grad_TD.contiguous(), 0, layout.token_ids_R, out=gy_RD[:rows])
         grad_w_TK = None
         if ctx.needs_input_grad[3]:
-            dots_R = torch.linalg.vecdot(gy_RD[:rows], y_RD[:rows])
-            dots_R = torch.cat([dots_R, dots_R.new_zeros(1)])
+            prod_RD = torch.mul(gy_RD[:rows], y_RD[:rows], out=bufs.take(rows, dim, y_RD))
+            dots_R = torch.cat([prod_RD.sum(-1), prod_RD.new_zeros(1)])
+            bufs.give(prod_RD)
             grad_w_TK = dots_R.index_select(0, layout.pos_TK.reshape(-1)).view_as(weights_TK)
         w_slots = torch.cat([weights_TK.reshape(-1), weights_TK.new_zeros(1)])
         gy_RD[:rows].mul_(w_slots.index_select(0, layout.slot_ids_R).unsqueeze(-1))
