@@ -324,7 +324,12 @@ def step_memory_mb(step: Callable[[], None]) -> float | None:
 
 
 def measure(
-    cands: list[Candidate], peak_step: Callable[[], None], warmup: int, rounds: int, slow_factor: float
+    cands: list[Candidate],
+    peak_step: Callable[[], None],
+    warmup: int,
+    rounds: int,
+    slow_factor: float,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, list[float]], list[str], dict[str, float | None]]:
     """Interleaved timing: each round runs every candidate once, in an order rotated per round.
 
@@ -351,24 +356,31 @@ def measure(
         for name, step in runs[shift:] + runs[:shift]:
             if r >= 1 and name in too_slow:
                 continue
-            t0 = time.perf_counter()
+            t0 = clock()
             if r == 0 and warmup > 0 and name != "gemm-peak":
                 memory[name] = step_memory_mb(step)
             else:
                 step()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             last[name] = dt
             if r >= warmup:
                 times[name].append(dt)
     return times, too_slow, memory
 
 
-def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int, slow_factor: float) -> dict:
+def evaluate(
+    shape: Shape,
+    our_backends: list[str],
+    warmup: int,
+    rounds: int,
+    slow_factor: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
     load_start = loadavg()
     cands, notes = candidates(shape, our_backends)
     peak_step, peak_flops = gemm_peak()
     # Timing (and memory) first: each candidate's first step is its memory measurement.
-    times, too_slow, memory = measure(cands, peak_step, warmup, rounds, slow_factor)
+    times, too_slow, memory = measure(cands, peak_step, warmup, rounds, slow_factor, clock)
     ref_out = cands[0].forward()
     diffs = {}
     for c in cands:
@@ -567,6 +579,12 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", default=None, metavar="E,K,T", help="profile ours at one fine-grained shape and exit"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="thread: one thread, each step timed by its CPU time (robust on a shared machine)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds (>= 3)")
     parser.add_argument(
         "--warmup", type=int, default=2, help="warm-up rounds (the first also measures memory)"
@@ -578,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         help="time a candidate only once if its warm-up took this many times ours (0 = never)",
     )
     parser.add_argument("--no-sweep", action="store_true", help="default shape only")
+    parser.add_argument("--tokens", default=None, help="keep only sweep shapes with these T (e.g. 8192)")
     parser.add_argument(
         "--backends", default="sorted,padded,loop", help="our backends timed at the default shape"
     )
@@ -590,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(report) + "\n\n" + memory_table(report))
         return 0
 
+    if args.clock == "thread":
+        args.threads = 1
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     torch.set_num_threads(args.threads)
     if args.profile is not None:
         num_experts, top_k, tokens = (int(v) for v in args.profile.split(","))
@@ -611,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.no_sweep:
         shapes += [Shape(512, 1024, e, k, t) for e in (4, 8, 16, 64) for k in (1, 2) for t in (1024, 8192)]
         shapes += [s for s in fine if s.top_k != 2 or s.num_experts != 64]  # E=64 k=2 is in both
+    if args.tokens:
+        keep = {int(t) for t in args.tokens.split(",")}
+        shapes = [default, *(s for s in shapes[1:] if s.tokens in keep)]
 
     def backend_list(text: str) -> list[str]:
         names = [b for b in text.split(",") if b]
@@ -620,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "moe_layer",
         "command": "python benchmarks/moe_layer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "threads": args.threads,
+        "clock": args.clock,
         "rounds": rounds,
         "warmup": args.warmup,
         "slow_factor": args.slow_factor,
@@ -633,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         print(f"# {shape.label()}", file=sys.stderr, flush=True)
         backends = backend_list(args.backends if shape == default else args.sweep_backends)
-        row = evaluate(shape, backends, args.warmup, rounds, args.slow_factor)
+        row = evaluate(shape, backends, args.warmup, rounds, args.slow_factor, clock)
         report["shapes"].append(row)
         for name, entry in row["results"].items():
             extra = f"  ours x{entry['ours_speedup']}" if "ours_speedup" in entry else ""
