@@ -182,6 +182,19 @@ def test_inference_forward_matches_and_keeps_buffers_for_reuse():
     assert len(layer.experts.buffers._free) > 0
 
 
+def test_inference_mode_and_training_steps_alternate():
+    layer = make_layer()
+    x = torch.randn(21, 10, dtype=torch.double)
+    g = torch.randn(21, 10, dtype=torch.double)
+    want = grads_of(layer, x, g, "loop")
+    for _ in range(2):
+        with torch.inference_mode():
+            out, _ = layer(x, backend="sorted")
+        torch.testing.assert_close(out, layer(x, backend="loop")[0].detach(), **TIGHT)
+        for got, ref in zip(grads_of(layer, x, g, "sorted"), want):
+            torch.testing.assert_close(got, ref, **TIGHT)
+
+
 def test_compiled_default_backend_gives_eager_outputs_and_gradients():
     layer = make_layer(backend="auto").float()
     x = torch.randn(2, 24, 10)
