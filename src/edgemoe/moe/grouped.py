@@ -33,8 +33,9 @@ from edgemoe.moe.dispatch import RowLayout, SortedPlan, combine_rows, grid_layou
 from edgemoe.moe.experts import GroupedExperts
 
 MAX_GRID_WASTE = 1.0
-# Cost of moving one expert to the tail grid, in GEMM rows: copying its weights and adding its
-# weight-gradient part back move ~24·D·H bytes, ~30 rows of its 36·D·H GEMM FLOPs per row.
+# Cost of moving one expert to the tail grid, in GEMM rows: copying its 3·D·H weights and adding
+# its weight-gradient part back move ~60·D·H bytes; a row's six GEMMs are 18·D·H FLOPs, so at
+# ~10 FLOPs per byte (CPU GEMM rate / memory bandwidth) an expert costs ~33 rows.
 TAIL_EXPERT_ROWS = 32
 
 
