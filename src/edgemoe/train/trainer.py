@@ -1,4 +1,4 @@
-"""The slot-driven Stable-MoE trainer (DESIGN.md §2).
+"""The slot-driven Stable-MoE trainer (docs/stable-moe.md, docs/training.md).
 
 Every slot t:
 
