@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,8 +65,8 @@ def write_csv(
     no header give an empty file.
     """
     buffer = io.StringIO(newline="")
-    rows = iter(rows)
-    first = next(rows, None)
+    remaining: Iterator[Any] = iter(rows)
+    first = next(remaining, None)
     if isinstance(first, Mapping):
         writer: Any = csv.DictWriter(buffer, fieldnames=list(header or first), lineterminator="\n")
         writer.writeheader()
@@ -77,7 +77,7 @@ def write_csv(
             writer.writerow(header)
         if first is not None:
             writer.writerow(first)
-    writer.writerows(rows)
+    writer.writerows(remaining)
     return write_text(path, buffer.getvalue())
 
 
