@@ -7,6 +7,13 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test bench lint setup llm clean
 
+# Datasets are read from one data root with a sub-folder per dataset (README, "Data"): the
+# EDGEMOE_DATA environment variable, or `make <target> DATA=/path/to/data`. `make test` and
+# `make demo` need no data (the tests run against an empty data root of their own).
+ifneq ($(DATA),)
+export EDGEMOE_DATA := $(abspath $(DATA))
+endif
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 

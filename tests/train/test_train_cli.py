@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from edgemoe.cli import main
 
 TINY = ["--set", "model.dim=16", "--set", "model.expert_hidden=16", "--set", "model.channels=4"]
@@ -47,6 +49,7 @@ def test_profile_reports_every_server(tmp_path):
     assert "cycles_per_token" in (out / "servers.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_demo_summary_maps_each_policy(tmp_path, capsys):
     args = ["demo", "--slots", "3", "--scale", "0.05", "--seeds", "0", "--out", str(tmp_path)]
     assert main(args) == 0
