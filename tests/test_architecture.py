@@ -57,6 +57,7 @@ def collect_imports(src: Path = SRC) -> tuple[dict[str, set[str]], dict[str, set
     internal: dict[str, set[str]] = defaultdict(set)
     external: dict[str, set[str]] = defaultdict(set)
     for module, path in files.items():
+        internal[module] = set()
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         for node in ast.walk(ast.parse(path.read_text(), str(path))):  # lazy imports included
             if isinstance(node, ast.Import):
