@@ -73,7 +73,7 @@ def test_any_registered_router_and_backbone(model, digits):
     tr = Trainer(train_config_from_dict(cfg), dataset=digits)
     tr.run()
     assert tr.counters["trained"] > 0 and np.isfinite(tr.history[-1]["loss"])
-    assert tr.model.router.registered_name == cfg["model"].get("router", "topk")
+    assert tr.model.router.cfg.name == cfg["model"].get("router", "topk")
 
 
 def test_service_follows_frequency_and_fifo(digits):
