@@ -37,7 +37,7 @@ from edgemoe.edge.spec import (
     load_spec,
     spec_from_dict,
 )
-from edgemoe.edge.state import NetworkState, SlotOutcome, advance
+from edgemoe.edge.state import NetworkState, SlotEngine, SlotOutcome, advance
 
 __all__ = [
     "ALL_POLICIES",
@@ -55,6 +55,7 @@ __all__ = [
     "ScoreTrace",
     "ServerSpec",
     "SkewedScoreGenerator",
+    "SlotEngine",
     "SlotOutcome",
     "Workload",
     "advance",
