@@ -77,7 +77,8 @@ def diagnostics_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     rule = "|---|" + "---:|" * len(present) + "---|"
     rows = []
     for name, s in summaries.items():
-        shares = "/".join(f"{100 * s[k]:.0f}" for k in sorted(s, key=_share_index) if k.startswith("share_"))
+        keys = sorted((k for k in s if k.startswith("share_") and k[6:].isdigit()), key=lambda k: int(k[6:]))
+        shares = "/".join(f"{100 * s[k]:.0f}" for k in keys)
         rows.append(f"| {name} | " + " | ".join(f.format(s[k]) for k, _, f in present) + f" | {shares} |")
     return "\n".join([header, rule, *rows])
 
@@ -101,10 +102,6 @@ def paired_table(summaries: Mapping[str, Mapping[str, Any]], ours: str = "stable
             cells.append(fmt.format(mean) + ci)
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def _share_index(key: str) -> int:
-    return int(key.rsplit("_", 1)[1]) if key.startswith("share_") else -1
 
 
 def _cells(
