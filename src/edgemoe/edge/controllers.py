@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from edgemoe.config import ConfigError, require
 from edgemoe.edge.arrivals import restore_rng, rng_state
 from edgemoe.edge.spec import ControllerSpec, NetworkSpec, check_scores
 from edgemoe.edge.state import NetworkState
+from edgemoe.registry import Registry
 
 FreqRule = Literal["lyapunov", "sustainable", "max"]
 
@@ -405,16 +407,42 @@ ALL_POLICIES = (
 CONTROLLER_NAMES = (*STABLE_MOE, "topk", *GATE_FOLLOWING, *LOAD_ONLY, *BALANCERS)
 
 
+ControllerFactory = Callable[[NetworkSpec, ControllerSpec, int, float], Controller]
+CONTROLLERS: Registry[ControllerFactory] = Registry("controller")
+"""Controller name -> factory ``(spec, cfg, seed, bias_rate) -> Controller``."""
+
+
+def _register(name: str, factory: ControllerFactory) -> None:
+    CONTROLLERS.add(name, factory)
+
+
+for _name in ("stable-moe", "stable-moe-linear", "stable-moe-sequential"):
+    _register(_name, lambda spec, cfg, seed, rate: StableMoE(spec, cfg))
+_register(
+    "stable-moe-fixed-freq", lambda spec, cfg, seed, rate: StableMoE(spec, cfg, freq_rule="sustainable")
+)
+for _name in ("topk", "topk-max"):
+    _register(_name, lambda spec, cfg, seed, rate: TopK(spec, cfg, freq_rule="max"))
+_register("topk-sustainable", lambda spec, cfg, seed, rate: TopK(spec, cfg, freq_rule="sustainable"))
+_register("topk-capacity", lambda spec, cfg, seed, rate: TopKCapacity(spec, cfg))
+_register("random-k", lambda spec, cfg, seed, rate: RandomK(spec, cfg, seed=seed))
+_register("jsq-k", lambda spec, cfg, seed, rate: JSQK(spec, cfg, seed=seed))
+_register("bias-uniform", lambda spec, cfg, seed, rate: BiasBalance(spec, cfg, "uniform", rate))
+_register("bias-capacity", lambda spec, cfg, seed, rate: BiasBalance(spec, cfg, "capacity", rate))
+_register("topk-switch", lambda spec, cfg, seed, rate: TopKSwitch(spec, cfg))
+
+
 def make_controller(name: str, spec: NetworkSpec, **params: Any) -> Controller:
     """Build a controller by name with ``spec.controller`` defaults, overridden by ``params``
-    (any :class:`~edgemoe.edge.spec.ControllerSpec` field, plus ``seed`` for ``random-k``).
+    (any :class:`~edgemoe.edge.spec.ControllerSpec` field, plus ``seed`` for ``random-k`` and
+    ``jsq-k`` and ``bias_rate`` for the bias balancers).
 
-    Names: ``stable-moe`` (routing mode from the spec), ``stable-moe-linear``, ``stable-moe-sequential``,
-    ``stable-moe-fixed-freq``, ``topk`` / ``topk-max``, ``topk-sustainable``, ``topk-capacity``,
-    ``random-k``, ``jsq-k``, ``bias-uniform``, ``bias-capacity`` (plus ``bias_rate``), ``topk-switch``.
+    Names (:data:`CONTROLLERS`): ``stable-moe`` (routing mode from the spec), ``stable-moe-linear``,
+    ``stable-moe-sequential``, ``stable-moe-fixed-freq``, ``topk`` / ``topk-max``,
+    ``topk-sustainable``, ``topk-capacity``, ``random-k``, ``jsq-k``, ``bias-uniform``,
+    ``bias-capacity``, ``topk-switch``.
     """
-    if name not in CONTROLLER_NAMES:
-        raise ConfigError("policy", f"unknown controller {name!r}; choose from {list(CONTROLLER_NAMES)}")
+    factory = CONTROLLERS.get(name, field="policy")
     seed = int(params.pop("seed", 0))
     bias_rate = float(params.pop("bias_rate", BIAS_RATE))
     if name in ("stable-moe-linear", "stable-moe-sequential"):
@@ -427,21 +455,7 @@ def make_controller(name: str, spec: NetworkSpec, **params: Any) -> Controller:
         cfg = dataclasses.replace(spec.controller, **params)
     except ConfigError as exc:
         raise ConfigError(f"controller.{exc.field}", str(exc).split(": ", 1)[-1]) from None
-    if name.startswith("stable-moe"):
-        rule: FreqRule = "sustainable" if name == "stable-moe-fixed-freq" else "lyapunov"
-        ctrl: Controller = StableMoE(spec, cfg, freq_rule=rule)
-    elif name in ("topk", "topk-max", "topk-sustainable"):
-        ctrl = TopK(spec, cfg, freq_rule="sustainable" if name == "topk-sustainable" else "max")
-    elif name == "topk-capacity":
-        ctrl = TopKCapacity(spec, cfg)
-    elif name == "random-k":
-        ctrl = RandomK(spec, cfg, seed=seed)
-    elif name in ("bias-uniform", "bias-capacity"):
-        ctrl = BiasBalance(spec, cfg, target=name.split("-")[1], bias_rate=bias_rate)  # type: ignore[arg-type]
-    elif name == "topk-switch":
-        ctrl = TopKSwitch(spec, cfg)
-    else:
-        ctrl = JSQK(spec, cfg, seed=seed)
+    ctrl = factory(spec, cfg, seed, bias_rate)
     ctrl.name = name
     return ctrl
 
