@@ -1,12 +1,12 @@
 """The router-side half of the image MoE classifier: backbone, gate and classification head.
 
 One sample becomes ``tokens_per_sample`` = P *tokens* of dimension D: with P = 1 the backbone's
-pooled feature vector, with P > 1 the cells of a sqrt(P) x sqrt(P) grid of the feature map (image
-patches), each with a learned position embedding. The gate (any router of :mod:`edgemoe.moe`, by
+pooled feature vector, with P > 1 the patches of a sqrt(P) x sqrt(P) grid over the feature map
+(image patches), each with a learned position embedding. The gate (any router of :mod:`edgemoe.moe`, by
 name) scores the J experts per token; the experts themselves live on the edge servers
 (:mod:`edgemoe.train.server`). With expert outputs ``y_k`` for a token's kept experts and combine
 weights ``w_k``, each token becomes ``norm(h + sum_k w_k y_k)`` (``residual: false`` drops ``h``), and
-the logits are ``head(mean over the sample's P tokens)``.
+the logits are ``head(the sample's P tokens concatenated)``.
 
 The combine weights are the gate scores at the kept experts divided by their (detached) sum: the
 forward value is the usual renormalised weight, and the gate still gets a gradient at K = 1, where
@@ -85,28 +85,31 @@ class ModelConfig:
 
 
 class CNNBackbone(nn.Module):
-    """Two 3x3 conv blocks, then either average pooling to a 4x4 grid projected to one ``dim`` vector
-    (``tokens == 1``), or pooling to a sqrt(P) x sqrt(P) grid whose cells are projected to ``dim``
-    each, plus a learned position embedding (``tokens == P``). Output ``[N, P, D]``."""
+    """Two 3x3 conv blocks, average pooling to a grid of cells (4x4, or finer when sqrt(P) > 4),
+    cut into sqrt(P) x sqrt(P) patches of cells; each patch (its cells flattened, layout kept) is
+    projected to ``dim`` and, when P > 1, given a learned position embedding. P = 1 is the whole 4x4
+    grid in one token. Output ``[N, P, D]``."""
 
     def __init__(self, in_channels: int, channels: int, dim: int, tokens: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, 2 * channels, 3, padding=1, stride=2)
-        self.grid = math.isqrt(tokens)
-        if tokens == 1:
-            self.proj = nn.Linear(2 * channels * 16, dim)
-        else:
-            self.proj = nn.Linear(2 * channels, dim)
-            self.pos_PD = nn.Parameter(torch.randn(tokens, dim) * 0.02)
+        self.side = math.isqrt(tokens)
+        self.cells = self.side * -(-4 // self.side)  # a multiple of sqrt(P), at least 4
+        per_patch = (self.cells // self.side) ** 2
+        self.proj = nn.Linear(2 * channels * per_patch, dim)
+        self.pos_PD = nn.Parameter(torch.randn(tokens, dim) * 0.02) if tokens > 1 else None
 
     def forward(self, x_NCHW: Tensor) -> Tensor:
         x = nn.functional.relu(self.conv1(x_NCHW))
         x = nn.functional.relu(self.conv2(x))
-        if self.grid == 1:
-            return self.proj(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)).unsqueeze(1)
-        cells_NPC = nn.functional.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)
-        return self.proj(cells_NPC) + self.pos_PD
+        grid = nn.functional.adaptive_avg_pool2d(x, self.cells)
+        n, c, side, cell = grid.shape[0], grid.shape[1], self.side, self.cells // self.side
+        patches_NPF = (
+            grid.reshape(n, c, side, cell, side, cell).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
+        )
+        tokens_NPD = self.proj(patches_NPF)
+        return tokens_NPD if self.pos_PD is None else tokens_NPD + self.pos_PD
 
 
 class ViTBackbone(nn.Module):
@@ -180,7 +183,7 @@ class RouterSide(nn.Module):
         )
         self.router = build_router(router_cfg, cfg.dim, num_experts)
         self.norm = nn.LayerNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, num_classes)
+        self.head = nn.Linear(self.tokens * cfg.dim, num_classes)
         self.register_buffer("route_bias_E", torch.zeros(num_experts))
 
     @property
@@ -217,8 +220,9 @@ class RouterSide(nn.Module):
     def classify(
         self, h_TD: Tensor, scores_TE: Tensor, expert_ids_TK: Tensor, y_TKD: Tensor, kept_TK: Tensor
     ) -> Tensor:
-        """Logits per sample [N, classes] from its tokens, their kept expert outputs and combine
-        weights (gate scores over their detached sum, so the gate learns at every K)."""
+        """Logits per sample [N, classes] from its P tokens (concatenated, in patch order), their kept
+        expert outputs and combine weights (gate scores over their detached sum, so the gate learns
+        at every K)."""
         gate_TK = scores_TE.gather(1, expert_ids_TK.clamp_min(0))
         kept_gate_TK = combine_weights(gate_TK, kept_TK, renormalize=False)
         weights_TK = kept_gate_TK / kept_gate_TK.sum(dim=-1, keepdim=True).detach().clamp_min(1e-9)
@@ -226,7 +230,7 @@ class RouterSide(nn.Module):
         if self.cfg.residual:
             mixed_TD = mixed_TD + h_TD
         tokens_TD = self.norm(mixed_TD)
-        return self.head(tokens_TD.reshape(-1, self.tokens, tokens_TD.shape[-1]).mean(dim=1))
+        return self.head(tokens_TD.reshape(-1, self.tokens * tokens_TD.shape[-1]))
 
     def aux_loss(
         self, logits_TE: Tensor, scores_TE: Tensor, expert_ids_TK: Tensor, kept_TK: Tensor
