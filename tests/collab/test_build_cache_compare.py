@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from edgemoe.cli.collab_llm import register_collab
-from edgemoe.collab.pipeline import build_workspace, fit, load_run_spec, problem, save_run
+from edgemoe.collab.offline.runs import build_run_data, fit, load_run_spec, problem, save_run
 
 
 def test_compare_rows_match_the_cache(tmp_path):
@@ -23,7 +23,7 @@ def test_compare_rows_match_the_cache(tmp_path):
             "gate": {"steps": 20, "hidden": 8},
         }
     )
-    ws = build_workspace(spec)
+    ws = build_run_data(spec)
     gate = fit(ws, spec.gate)
     save_run(tmp_path / "run", spec, ws, gate)
     parser = argparse.ArgumentParser()

@@ -90,7 +90,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from edgemoe.collab.pipeline import build_workspace, fit, load_run_spec, problem, save_run
+    from edgemoe.collab.offline.runs import build_run_data, fit, load_run_spec, problem, save_run
 
     data = load_config_dict(args)
     if args.experts is not None:
@@ -111,7 +111,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     spec = load_run_spec(data)
     out = run_dir(args.out, "runs", "collab-fit")
     with tqdm(total=3, desc="collab fit") as bar:
-        ws = build_workspace(spec)
+        ws = build_run_data(spec)
         bar.update()
         gate = fit(ws, spec.gate)
         bar.update()
@@ -148,8 +148,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _budgets(args: argparse.Namespace, ws, gate):
-    from edgemoe.collab.pipeline import problem
-    from edgemoe.collab.sweep import uniform_latency
+    from edgemoe.collab.offline.runs import problem
+    from edgemoe.collab.offline.sweep import uniform_latency
 
     latency = ws.config.budgets if args.latency is None else uniform_latency(ws.config.budgets, args.latency)
     select = problem(ws, gate, "select", latency)
@@ -164,8 +164,8 @@ def _budgets(args: argparse.Namespace, ws, gate):
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from edgemoe.collab.pipeline import load_run, problem
-    from edgemoe.collab.sweep import solve
+    from edgemoe.collab.offline.runs import load_run, problem
+    from edgemoe.collab.offline.sweep import solve
 
     ws, gate = load_run(args.run)
     latency, select, energy, _ = _budgets(args, ws, gate)
@@ -191,8 +191,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from edgemoe.collab.pipeline import load_run, problem
-    from edgemoe.collab.sweep import METHODS, run_budgets, summarise, uniform_latency
+    from edgemoe.collab.offline.runs import load_run, problem
+    from edgemoe.collab.offline.sweep import METHODS, run_budgets, summarise, uniform_latency
     from edgemoe.report.collab import plot_sweep
 
     ws, gate = load_run(args.run)
@@ -228,9 +228,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from edgemoe.collab.assumptions import monotonicity, optimality_gap
-    from edgemoe.collab.dmo import dmo, exhaustive
-    from edgemoe.collab.pipeline import fit, load_run
+    from edgemoe.collab.offline.assumptions import monotonicity, optimality_gap
+    from edgemoe.collab.offline.runs import fit, load_run
+    from edgemoe.collab.selection.dmo import dmo, exhaustive
 
     ws, gate = load_run(args.run)
     latency, select, energy, total = _budgets(args, ws, gate)

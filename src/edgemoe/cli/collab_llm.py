@@ -267,10 +267,10 @@ def _accuracy_table(cache, questions) -> dict[str, dict[str, float]]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from edgemoe.collab.baselines import uniform_gate
     from edgemoe.collab.costs import RequestCosts
-    from edgemoe.collab.pipeline import load_run, problem
-    from edgemoe.collab.sweep import solve
+    from edgemoe.collab.offline.runs import load_run, problem
+    from edgemoe.collab.offline.sweep import solve
+    from edgemoe.collab.selection.baselines import uniform_gate
 
     ws, gate = load_run(args.run)
     test = problem(ws, gate, args.split)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edgemoe.collab.problem import P_FLOOR, TIE_EPS, SelectionProblem
+from edgemoe.collab.selection.problem import P_FLOOR, TIE_EPS, SelectionProblem
 from edgemoe.config import check_choice
 
 BOUNDS = ("valid", "monotone")

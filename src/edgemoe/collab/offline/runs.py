@@ -1,6 +1,6 @@
 """End-to-end MoE² pieces shared by the CLI, the benchmark and the tests.
 
-``Workspace`` holds one deployment's questions, answer cache, embeddings and split (gate training /
+``RunData`` holds one deployment's questions, answer cache, embeddings and split (gate training /
 selection / held-out test); ``fit`` trains the gate once on the full expert set; ``problem`` builds
 the coarse-level instance for a latency-budget setting on one split.
 """
@@ -21,16 +21,16 @@ from edgemoe.collab.data import QuestionSet, load_mmlu, synthetic_questions
 from edgemoe.collab.embed import EMBEDDER_KINDS, Embedder, embedder_from_name, make_embedder
 from edgemoe.collab.gate import Gate, GateConfig, train_gate
 from edgemoe.collab.policy import MoE2Policy
-from edgemoe.collab.problem import SelectionProblem, build_problem
 from edgemoe.collab.profiles import MMLU_CATEGORIES, Budgets, CollabConfig, load_collab_config
-from edgemoe.collab.simulate import GeneratorConfig, default_experts, generate_cache
+from edgemoe.collab.selection.problem import SelectionProblem, build_problem
+from edgemoe.collab.synthetic_answers import GeneratorConfig, default_experts, generate_cache
 from edgemoe.config import ConfigError, check_choice, check_positive, from_dict, require, to_dict
 
 SPLITS = ("train", "select", "test")
 
 
 @dataclass
-class Workspace:
+class RunData:
     """Questions, their cache (aligned), embeddings and a seeded train/select/test split."""
 
     config: CollabConfig
@@ -59,12 +59,12 @@ def make_split(num: int, fractions: tuple[float, float] = (0.5, 0.25), seed: int
     return split
 
 
-def workspace(
+def run_data(
     config: CollabConfig, questions: QuestionSet, cache: AnswerCache, embedder: Embedder, seed: int = 0
-) -> Workspace:
+) -> RunData:
     cache = cache.select(qids=questions.qid, experts=config.expert_names)
     emb = embedder.encode(questions.prompts())
-    return Workspace(config, questions, cache, emb, make_split(len(questions), seed=seed), embedder.name)
+    return RunData(config, questions, cache, emb, make_split(len(questions), seed=seed), embedder.name)
 
 
 def simulated_config(num_experts: int, categories: list[str], seed: int = 0, **kw) -> CollabConfig:
@@ -79,7 +79,7 @@ def simulated_cache(config: CollabConfig, questions: QuestionSet, seed: int = 0)
 
 
 def fit(
-    ws: Workspace, gate_cfg: GateConfig, mask_N: np.ndarray | None = None, index: np.ndarray | None = None
+    ws: RunData, gate_cfg: GateConfig, mask_N: np.ndarray | None = None, index: np.ndarray | None = None
 ) -> Gate:
     """Train the gate on the training split (or ``index``), on the full expert set unless ``mask_N``."""
     idx = ws.index("train") if index is None else index
@@ -95,7 +95,7 @@ def fit(
 
 
 def problem(
-    ws: Workspace,
+    ws: RunData,
     gate: Gate,
     split: str = "select",
     budgets: Budgets | None = None,
@@ -190,17 +190,17 @@ def load_run_spec(data: dict[str, Any]) -> RunSpec:
     )
 
 
-def build_workspace(spec: RunSpec) -> Workspace:
+def build_run_data(spec: RunSpec) -> RunData:
     """Load questions, read or simulate the answer cache, embed the prompts, split."""
     questions = spec.data.load()
     if spec.cache:
         cache = read_cache(spec.cache, qids=questions.qid, experts=spec.deployment.expert_names)
     else:
         cache = simulated_cache(spec.deployment, questions, seed=spec.seed)
-    return workspace(spec.deployment, questions, cache, make_embedder(spec.embedder), seed=spec.seed)
+    return run_data(spec.deployment, questions, cache, make_embedder(spec.embedder), seed=spec.seed)
 
 
-def save_run(folder: Path, spec: RunSpec, ws: Workspace, gate: Gate) -> None:
+def save_run(folder: Path, spec: RunSpec, ws: RunData, gate: Gate) -> None:
     """Write what ``select``/``sweep``/``eval`` reload: config, cache, embeddings, split, gate."""
     folder.mkdir(parents=True, exist_ok=True)
     run = {
@@ -217,7 +217,7 @@ def save_run(folder: Path, spec: RunSpec, ws: Workspace, gate: Gate) -> None:
     gate.save(folder / "gate.pt")
 
 
-def load_run(folder: str | Path) -> tuple[Workspace, Gate]:
+def load_run(folder: str | Path) -> tuple[RunData, Gate]:
     """Reload a ``collab fit`` run folder."""
     folder = Path(folder)
     if not (folder / "run.yaml").is_file():
@@ -236,7 +236,7 @@ def load_run(folder: str | Path) -> tuple[Workspace, Gate]:
     questions = questions.take(np.array([pos[q] for q in qids], dtype=np.int64))
     cache = read_cache(folder / "cache.jsonl", qids=qids, experts=config.expert_names)
     emb, split = np.load(folder / "embeddings.npy"), np.load(folder / "split.npy")
-    ws = Workspace(config, questions, cache, emb, split, str(embedder))
+    ws = RunData(config, questions, cache, emb, split, str(embedder))
     return ws, Gate.load(folder / "gate.pt")
 
 

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from edgemoe.collab.dmo import SelectionResult, fits, no_feasible_reason, result_for
-from edgemoe.collab.problem import SelectionProblem
+from edgemoe.collab.selection.dmo import SelectionResult, fits, no_feasible_reason, result_for
+from edgemoe.collab.selection.problem import SelectionProblem
 
 
 def _candidates(problem: SelectionProblem, budget: float) -> np.ndarray:
