@@ -121,6 +121,39 @@ class RoutingTable:
         return self.latency_QN, self.prompt_tokens_QN, self.output_tokens_QN, self.cost_QN
 
 
+def concat_tables(first: RoutingTable, second: RoutingTable) -> RoutingTable:
+    """``first`` then ``second`` (same models, same kind of answers); ids of ``second`` get a ``test:`` prefix."""
+    if set(first.models) != set(second.models):
+        raise DataError(
+            second.source, f"has models {sorted(second.models)}, the other file {sorted(first.models)}"
+        )
+    if first.correctness_only != second.correctness_only:
+        raise DataError(
+            second.source, "mixes option distributions and correctness-only results with the other file"
+        )
+    order = [second.models.index(m) for m in first.models]
+    cat = lambda a, b: None if a is None else np.concatenate([a, b])  # noqa: E731
+    o = 0 if first.probs_QNO is None else max(first.probs_QNO.shape[2], second.probs_QNO.shape[2])
+    pad = lambda a: None if a is None else np.pad(a, ((0, 0), (0, 0), (0, o - a.shape[2])))  # noqa: E731
+    return RoutingTable(
+        qid=list(first.qid) + [f"test:{q}" for q in second.qid],
+        prompt=first.prompt + second.prompt,
+        category=first.category + second.category,
+        num_options_Q=np.concatenate([first.num_options_Q, second.num_options_Q]),
+        models=list(first.models),
+        quality_QN=np.concatenate([first.quality_QN, second.quality_QN[:, order]]),
+        latency_QN=np.concatenate([first.latency_QN, second.latency_QN[:, order]]),
+        prompt_tokens_QN=np.concatenate([first.prompt_tokens_QN, second.prompt_tokens_QN[:, order]]),
+        output_tokens_QN=np.concatenate([first.output_tokens_QN, second.output_tokens_QN[:, order]]),
+        cost_QN=np.concatenate([first.cost_QN, second.cost_QN[:, order]]),
+        probs_QNO=None
+        if first.probs_QNO is None
+        else np.concatenate([pad(first.probs_QNO), pad(second.probs_QNO[:, order])]),
+        answer_Q=cat(first.answer_Q, second.answer_Q),
+        source=f"{first.source}+{second.source}",
+    )
+
+
 def write_table(table: RoutingTable, path: str | Path) -> Path:
     """Write a table as JSON Lines, atomically."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table.records())

@@ -38,7 +38,7 @@ from edgemoe.collab.policy import EnergyQueue, MoE2Policy
 from edgemoe.collab.profiles import MMLU_CATEGORIES, Budgets, CollabConfig, load_collab_config
 from edgemoe.collab.selection.problem import SelectionProblem, build_problem
 from edgemoe.collab.synthetic_answers import GeneratorConfig, default_experts, generate_cache
-from edgemoe.collab.table import DUPLICATES, READERS, RoutingTable, read_benchmark
+from edgemoe.collab.table import DUPLICATES, READERS, RoutingTable, concat_tables, read_benchmark
 from edgemoe.config import ConfigError, check_choice, check_positive, from_dict, require, to_dict
 from edgemoe.errors import DataError
 from edgemoe.files import atomic_write_bytes
@@ -236,6 +236,8 @@ class DataSpec:
       repeated prompt does (``error`` | ``first`` | ``keep``).
     - ``source: mmlu`` reads MMLU under the data root (``qa/mmlu``) or ``dir``, with the answer cache
       of the run file's ``cache`` (else simulated from the profiles); ``source: synthetic`` needs no files.
+    - ``test_path``: a second file of the same format whose questions are the held-out test split
+      (then ``path`` is split into gate training and selection/validation, 3:1).
     - ``categories``: ``data`` (the data's own labels), ``map`` (``category_map`` from label to
       category; every label must be mapped), ``cluster`` (k-means with ``clusters`` clusters over the
       prompt embeddings), ``none`` (one category ``all``), ``auto`` (``data`` when every question has a
@@ -250,6 +252,7 @@ class DataSpec:
     synthetic_questions: int = 2000
     format: str = "table"
     path: str | None = None
+    test_path: str | None = None
     duplicates: str = "error"
     categories: str = "auto"
     category_map: dict[str, str] = field(default_factory=dict)
@@ -272,17 +275,25 @@ class DataSpec:
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), f"data.{name}")
 
-    def resolve_path(self, data_dir: str | Path | None = None) -> Path:
-        path = Path(self.path).expanduser()
-        return path if path.is_absolute() else data_root(data_dir or self.dir) / path
+    def resolve_path(self, path: str) -> Path:
+        """``path`` relative to the data root (``dir``, else ``$EDGEMOE_DATA``, else per-user default)."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else data_root(self.dir) / p
 
     def load(self) -> QuestionSet:
         if self.source == "synthetic":
             return synthetic_questions(self.synthetic_questions, self.subjects)
         return load_mmlu(self.dir, self.split, self.subjects, self.limit_per_subject)
 
-    def load_table(self) -> RoutingTable:
-        table = read_benchmark(self.format, self.resolve_path(), duplicates=self.duplicates)
+    def load_table(self, which: str = "path") -> RoutingTable:
+        path = self.resolve_path(getattr(self, which))
+        if not path.exists():
+            raise DataError(
+                str(path),
+                "benchmark not found; put it there, pass an absolute path, or point --data-dir / "
+                "EDGEMOE_DATA at the data root that holds it",
+            )
+        table = read_benchmark(self.format, path, duplicates=self.duplicates)
         if self.limit is not None and self.limit < len(table):
             table = table.take(np.sort(np.random.default_rng(0).permutation(len(table))[: self.limit]))
         return table
@@ -372,6 +383,9 @@ def build_run_data(spec: RunSpec) -> RunData:
 
 def _table_run_data(spec: RunSpec) -> RunData:
     table = spec.data.load_table()
+    num_fit = len(table)
+    if spec.data.test_path is not None:
+        table = concat_tables(table, spec.data.load_table("test_path"))
     cfg = spec.deployment
     for i, name in enumerate(cfg.expert_names):
         require(
@@ -396,12 +410,22 @@ def _table_run_data(spec: RunSpec) -> RunData:
         questions,
         cache,
         emb,
-        make_split(len(questions), seed=spec.seed),
+        _table_split(len(questions), num_fit, spec.seed),
         embedder.name,
         correctness_only=table.correctness_only,
         prompt_tokens_Q=prompt_tokens,
         output_tokens_Q=out_tokens,
     )
+
+
+def _table_split(num: int, num_fit: int, seed: int) -> np.ndarray:
+    """The default split, or with a separate test file: its rows are the test split and the first
+    ``num_fit`` rows are split 3:1 into gate training and selection."""
+    if num_fit == num:
+        return make_split(num, seed=seed)
+    split = np.full(num, 2, dtype=np.int64)
+    split[:num_fit] = make_split(num_fit, fractions=(0.75, 0.25), seed=seed)
+    return split
 
 
 def _row_mean(a_QN: np.ndarray) -> np.ndarray | None:
@@ -532,7 +556,9 @@ def load_run(folder: str | Path) -> tuple[RunData, Gate]:
     raw.pop("seed", None)
     config = load_collab_config(raw)
     rows = [
-        json.loads(line) for line in (folder / "questions.jsonl").read_text().splitlines() if line.strip()
+        json.loads(line)
+        for line in (folder / "questions.jsonl").read_text(encoding="utf-8").split("\n")
+        if line.strip()
     ]
     questions = QuestionSet(
         qid=[r["qid"] for r in rows],
