@@ -4,6 +4,11 @@ Trained once on the full expert set with the ensemble cross-entropy
 ``-log Σ_n softmax(logits)_n · p_n(correct option)``. Restricted to an enabled set S the gate is the
 softmax over S (:func:`restricted_weights`); the fine level keeps the top-k of S that fit the
 request's latency budget and renormalises (:func:`route_weights`).
+
+Each category also carries a temperature τ_c for the combine weights (softmax of τ_c·logits; the
+ranking for top-k keeps the raw logits). τ_c = 0 is equal weights. It is chosen after training on a
+validation split (``edgemoe.collab.offline.runs.calibrate``), so that where the learned weights do
+not beat equal weights on held-out questions the run falls back to equal weights for that category.
 """
 
 from __future__ import annotations
@@ -52,6 +57,19 @@ class Gate(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, len(experts))
         )
+        self.register_buffer("temperature_C", torch.ones(len(categories), dtype=torch.float64))
+
+    def set_temperatures(self, temperature_C: np.ndarray) -> None:
+        """Per-category combine-weight temperatures (0 = equal weights)."""
+        t = torch.as_tensor(np.asarray(temperature_C, dtype=np.float64))
+        if t.shape != self.temperature_C.shape or bool((t < 0).any()):
+            raise ValueError(f"need {len(self.categories)} temperatures >= 0, got {t.tolist()}")
+        self.temperature_C.copy_(t)
+
+    def weight_logits(self, logits_QN: np.ndarray, category_Q: np.ndarray) -> np.ndarray:
+        """Logits for the combine weights: τ_c · logits (ranking uses the raw logits)."""
+        tau_Q = self.temperature_C.numpy()[np.asarray(category_Q, dtype=np.int64)]
+        return np.asarray(logits_QN, dtype=np.float64) * tau_Q[:, None]
 
     def features(self, emb_QD: torch.Tensor, category_Q: torch.Tensor) -> torch.Tensor:
         if not self.cfg.use_category:
@@ -85,7 +103,9 @@ class Gate(nn.Module):
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)
         meta = json.loads(blob["meta"])
         gate = cls(meta["embed_dim"], meta["experts"], meta["categories"], GateConfig(**meta["cfg"]))
-        gate.load_state_dict(blob["state"])
+        state = dict(blob["state"])
+        state.setdefault("temperature_C", gate.temperature_C)
+        gate.load_state_dict(state)
         return gate.eval()
 
 

@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from edgemoe.collab.baselines import BASELINES, uniform_gate
-from edgemoe.collab.dmo import SelectionResult, dmo, exhaustive, fits
-from edgemoe.collab.problem import SelectionProblem
 from edgemoe.collab.profiles import Budgets
+from edgemoe.collab.selection.baselines import BASELINES, uniform_gate
+from edgemoe.collab.selection.dmo import SelectionResult, dmo, exhaustive, fits
+from edgemoe.collab.selection.problem import SelectionProblem
 from edgemoe.config import check_choice
 
 METHODS = ("dmo", "exhaustive", *BASELINES)
