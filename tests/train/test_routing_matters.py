@@ -201,3 +201,12 @@ def test_mutual_information_closed_form():
     assert mutual_information_bits(np.eye(4) * 10) == pytest.approx(2.0)
     assert mutual_information_bits(np.ones((3, 5))) == pytest.approx(0.0)
     assert mutual_information_bits(np.zeros((2, 2))) == 0.0
+
+
+def test_compare_passes_bias_rate_to_the_balancers_only():
+    from edgemoe.experiments.compare import policy_config
+
+    base = tiny(controller={"bias_rate": 0.02, "V": 5.0})
+    assert policy_config(base, "bias-capacity", 0).controller == {"bias_rate": 0.02}
+    assert policy_config(base, "jsq-k", 0).controller == {}
+    assert policy_config(base, "stable-moe", 0).controller["V"] == 5.0

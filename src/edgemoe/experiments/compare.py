@@ -58,10 +58,13 @@ PAIRED = ("test_accuracy", "test_accuracy_gate", "throughput_mean")
 
 
 def policy_config(base: dict[str, Any], policy: str, seed: int) -> TrainConfig:
-    """``base`` (a TrainConfig mapping) for one policy and seed; ``controller`` applies to Stable-MoE only."""
+    """``base`` (a TrainConfig mapping) for one policy and seed; ``controller`` applies to Stable-MoE
+    only, except ``controller.bias_rate``, which applies to the bias balancers."""
     data = dict(base, policy=policy, seed=seed)
     if not policy.startswith("stable-moe"):
-        data["controller"] = {}
+        controller = dict(base.get("controller", {}))
+        keep = ("bias_rate",) if policy.startswith("bias-") else ()
+        data["controller"] = {k: v for k, v in controller.items() if k in keep}
     return train_config_from_dict(data)
 
 
