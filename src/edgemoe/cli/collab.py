@@ -170,7 +170,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "embedder": ws.embedder,
         "objective": objective_note(ws.correctness_only, ws.config.objective),
         "gate_calibration": calibration,
-        "equal_weight_categories": [c for c, r in calibration.items() if r["temperature"] == 0.0],
+        "equal_weight_categories": [c for c, r in calibration.items() if (r["tau"], r["beta"]) == (0.0, 0.0)],
         "single_expert_select_accuracy": dict(zip(sel.names, singles.accuracy_B.round(4).tolist())),
         "energy_per_request_j": dict(zip(sel.names, sel.cost_N.round(4).tolist())),
     }
