@@ -38,7 +38,14 @@ from edgemoe.collab.policy import EnergyQueue, MoE2Policy
 from edgemoe.collab.profiles import MMLU_CATEGORIES, Budgets, CollabConfig, load_collab_config
 from edgemoe.collab.selection.problem import SelectionProblem, build_problem
 from edgemoe.collab.synthetic_answers import GeneratorConfig, default_experts, generate_cache
-from edgemoe.collab.table import DUPLICATES, READERS, RoutingTable, concat_tables, read_benchmark
+from edgemoe.collab.table import (
+    DUPLICATES,
+    READERS,
+    RoutingTable,
+    concat_tables,
+    read_benchmark,
+    with_category,
+)
 from edgemoe.config import ConfigError, check_choice, check_positive, from_dict, require, to_dict
 from edgemoe.errors import DataError
 from edgemoe.files import atomic_write_bytes
@@ -249,6 +256,8 @@ class DataSpec:
       of the run file's ``cache`` (else simulated from the profiles); ``source: synthetic`` needs no files.
     - ``test_path``: a second file of the same format whose questions are the held-out test split
       (then ``path`` is split into gate training and selection/validation, 3:1).
+    - ``parts`` / ``test_parts`` instead of ``path`` / ``test_path``: ``{category: file}``, several
+      benchmarks in one run, each file's questions in its category.
     - ``categories``: ``data`` (the data's own labels), ``map`` (``category_map`` from label to
       category; every label must be mapped), ``cluster`` (k-means with ``clusters`` clusters over the
       prompt embeddings), ``none`` (one category ``all``), ``auto`` (``data`` when every question has a
@@ -264,6 +273,8 @@ class DataSpec:
     format: str = "table"
     path: str | None = None
     test_path: str | None = None
+    parts: dict[str, str] = field(default_factory=dict)
+    test_parts: dict[str, str] = field(default_factory=dict)
     duplicates: str = "error"
     categories: str = "auto"
     category_map: dict[str, str] = field(default_factory=dict)
@@ -278,7 +289,14 @@ class DataSpec:
         check_choice(self.categories, "data.categories", CATEGORY_MODES)
         check_positive(self.clusters, "data.clusters")
         if self.source == "table":
-            require(self.path is not None, "data.path", "is required with source 'table'")
+            require(
+                (self.path is None) != (not self.parts),
+                "data.path",
+                "give either 'path' or 'parts' with source 'table'",
+            )
+            require(
+                not (self.test_path and self.test_parts), "data.test_path", "give test_path or test_parts"
+            )
             READERS.get(self.format, field="data.format")
         if self.categories == "map":
             require(bool(self.category_map), "data.category_map", "is required with categories 'map'")
@@ -296,8 +314,20 @@ class DataSpec:
             return synthetic_questions(self.synthetic_questions, self.subjects)
         return load_mmlu(self.dir, self.split, self.subjects, self.limit_per_subject)
 
-    def load_table(self, which: str = "path") -> RoutingTable:
-        path = self.resolve_path(getattr(self, which))
+    def load_tables(self) -> tuple[RoutingTable, RoutingTable | None]:
+        """The fitting table and the separate test table (None when the split is drawn)."""
+        if self.parts:
+            fit = _joined([with_category(self.load_table(p), c) for c, p in self.parts.items()])
+        else:
+            fit = self.load_table(self.path)
+        if self.test_parts:
+            test = _joined([with_category(self.load_table(p), c) for c, p in self.test_parts.items()])
+        else:
+            test = self.load_table(self.test_path) if self.test_path else None
+        return fit, test
+
+    def load_table(self, name: str) -> RoutingTable:
+        path = self.resolve_path(name)
         if not path.exists():
             raise DataError(
                 str(path),
@@ -392,11 +422,18 @@ def build_run_data(spec: RunSpec) -> RunData:
     return run_data(spec.deployment, questions, cache, _embedder(spec), seed=spec.seed)
 
 
+def _joined(tables: list[RoutingTable]) -> RoutingTable:
+    out = tables[0]
+    for t in tables[1:]:
+        out = concat_tables(out, t, prefix="")
+    return out
+
+
 def _table_run_data(spec: RunSpec) -> RunData:
-    table = spec.data.load_table()
+    table, test = spec.data.load_tables()
     num_fit = len(table)
-    if spec.data.test_path is not None:
-        table = concat_tables(table, spec.data.load_table("test_path"))
+    if test is not None:
+        table = concat_tables(table, test)
     cfg = spec.deployment
     for i, name in enumerate(cfg.expert_names):
         require(
