@@ -99,6 +99,27 @@ def test_non_mmlu_run_round_trips_through_every_command(tmp_path):
     }
     assert main(["collab", "eval", "--run", str(run), "--gap-steps", "10", "--out", str(tmp_path / "e")]) == 0
 
+    stream = [
+        "collab",
+        "stream",
+        "--run",
+        str(run),
+        "--energy-fraction",
+        "0.6",
+        "--select-categories",
+        "history",
+    ]
+    assert (
+        main(
+            [*stream, "--serve-categories", "math,history", "--order", "blocks", "--out", str(tmp_path / "t")]
+        )
+        == 0
+    )
+    shift = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert shift["stream_requests"] == int((ws.split_Q == 2).sum())
+    assert shift["with_queue"]["energy_j"] <= shift["without_queue"]["energy_j"] + 1e-9
+    assert (tmp_path / "t" / "energy_stream.png").is_file() and (tmp_path / "t" / "trace.csv").is_file()
+
     policy = load_policy(run, energy_budget_j=1.0)
     route = policy.route("[math] prime sum angle\nA. 1\nB. 2\nC. 3\nD. 4\nE. 5\nAnswer:", "math")
     assert route.served and len(route.experts) == 1

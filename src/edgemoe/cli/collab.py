@@ -100,6 +100,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     ev.set_defaults(func=cmd_eval)
 
+    st = sub.add_parser(
+        "stream",
+        help="select on one question mix, serve another: realised energy with and without the energy queue",
+    )
+    _run_args(st)
+    st.add_argument("--select-categories", default=None, help="comma list: select on these (default: all)")
+    st.add_argument(
+        "--serve-categories", default=None, help="comma list: serve these test questions (default: all)"
+    )
+    st.add_argument("--order", default="shuffled", choices=("shuffled", "blocks"), help="stream order")
+    st.add_argument(
+        "--v", type=float, default=None, help="queue weight V in units of the budget (default: run's)"
+    )
+    st.add_argument("--seed", type=int, default=0)
+    st.set_defaults(func=cmd_stream)
+
     for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
         if info.name.startswith("_") or info.name == "collab":
             continue
@@ -170,7 +186,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "embedder": ws.embedder,
         "objective": objective_note(ws.correctness_only, ws.config.objective),
         "gate_calibration": calibration,
-        "equal_weight_categories": [c for c, r in calibration.items() if r["temperature"] == 0.0],
+        "equal_weight_categories": [c for c, r in calibration.items() if (r["tau"], r["beta"]) == (0.0, 0.0)],
         "single_expert_select_accuracy": dict(zip(sel.names, singles.accuracy_B.round(4).tolist())),
         "energy_per_request_j": dict(zip(sel.names, sel.cost_N.round(4).tolist())),
     }
@@ -332,4 +348,68 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if isinstance(out["optimality_gap"], dict):
         brief["optimality_gap"] = {k: v for k, v in out["optimality_gap"].items() if k != "rows"}
     print(json.dumps(brief, indent=2))
+    return 0
+
+
+def _category_rows(ws, split: str, names: str | None) -> np.ndarray:
+    from edgemoe.config import check_choice
+
+    idx = ws.index(split)
+    if not names:
+        return idx
+    cats = list(ws.config.categories)
+    wanted = []
+    for c in names.split(","):
+        check_choice(c, "--categories", cats)
+        wanted.append(cats.index(c))
+    return idx[np.isin(ws.questions.category_Q[idx], wanted)]
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from edgemoe.collab.offline.runs import load_run, problem
+    from edgemoe.collab.offline.stream import shift_experiment
+    from edgemoe.collab.offline.sweep import uniform_latency
+    from edgemoe.collab.policy import EnergyQueue
+    from edgemoe.collab.selection.dmo import dmo
+    from edgemoe.config import require
+    from edgemoe.report.collab import plot_stream
+
+    ws, gate = load_run(args.run)
+    latency = ws.config.budgets if args.latency is None else uniform_latency(ws.config.budgets, args.latency)
+    sel_rows = _category_rows(ws, "select", args.select_categories)
+    serve_rows = _category_rows(ws, "test", args.serve_categories)
+    require(len(sel_rows) > 0 and len(serve_rows) > 0, "--select-categories", "selects no questions")
+    select = problem(ws, gate, budgets=latency, index=sel_rows)
+    serve = problem(ws, gate, budgets=latency, index=serve_rows)
+    total = float(select.cost_N[select.usable_N].sum())
+    if args.energy is not None:
+        budget = args.energy
+    else:
+        require(args.energy_fraction is not None, "--energy", "give --energy J or --energy-fraction F")
+        budget = args.energy_fraction * total
+    res = dmo(select, budget)
+    require(res.feasible, "--energy", res.reason)
+    rng = np.random.default_rng(args.seed)
+    order = (
+        rng.permutation(len(serve_rows))
+        if args.order == "shuffled"
+        else np.argsort(ws.questions.category_Q[serve_rows], kind="stable")
+    )
+    v = args.v if args.v is not None else (ws.config.energy_queue_v or EnergyQueue.v)
+    out = shift_experiment(select, serve, np.asarray(res.mask), budget, v, order)
+    out["experts"] = res.experts
+    out["select_categories"] = args.select_categories or "all"
+    out["serve_categories"] = args.serve_categories or "all"
+    folder = run_dir(args.out, str(Path(args.run)), "stream")
+    trace = out.pop("running_energy_without_j"), out.pop("running_energy_with_j")
+    _write_csv(
+        folder / "trace.csv",
+        [
+            {"request": i + 1, "running_energy_without_j": a, "running_energy_with_j": b}
+            for i, (a, b) in enumerate(zip(*trace))
+        ],
+    )
+    write_json(folder / "summary.json", out)
+    plot_stream(trace[0], trace[1], budget, folder)
+    print(json.dumps(out, indent=2))
     return 0

@@ -274,7 +274,7 @@ def _accuracy_table(cache, questions) -> dict[str, dict[str, float]]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from edgemoe.collab.offline.compare import compare, routellm_metrics
+    from edgemoe.collab.offline.compare import compare, ridge_router, routellm_metrics
     from edgemoe.collab.offline.runs import load_run, problem
     from edgemoe.collab.selection.baselines import best_single
 
@@ -292,14 +292,20 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.routellm:
         require(len(ws.config.experts) == 2, "--routellm", "needs a run with exactly two experts")
         test = problem(ws, gate, args.split)
+        idx = ws.index(args.split)
         strong = int(np.argmax(select.correct_QN.mean(axis=0)))
         weak = 1 - strong
+        # The ranking score is the trained gate's own preference (calibration only shifts it).
+        raw_QN = gate.raw_logits(ws.emb_QD[idx], ws.questions.category_Q[idx])
         result["routellm"] = routellm_metrics(
-            test.logits_QN[:, strong] - test.logits_QN[:, weak],
-            test.correct_QN[:, weak],
-            test.correct_QN[:, strong],
+            raw_QN[:, strong] - raw_QN[:, weak], test.correct_QN[:, weak], test.correct_QN[:, strong]
         )
         result["routellm"]["strong"] = test.names[strong]
+        pred_QN = ridge_router(ws, idx)
+        ridge = routellm_metrics(
+            pred_QN[:, strong] - pred_QN[:, weak], test.correct_QN[:, weak], test.correct_QN[:, strong]
+        )
+        result["routellm_ridge_router"] = {k: ridge[k] for k in ("apgr", "cpt50", "cpt80")}
     write_json(out / "compare.json", result)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with (out / "compare.csv").open("w", newline="") as fh:
@@ -323,7 +329,12 @@ def run_compare(args: argparse.Namespace) -> int:
     table = "\n".join(lines) + "\n"
     if "routellm" in result:
         m = result["routellm"]
-        table += f"\nRouteLLM metrics (strong = {m['strong']}): APGR {m['apgr']:.3f}, CPT(50%) {m['cpt50']:.1%}, CPT(80%) {m['cpt80']:.1%}\n"
+        r = result["routellm_ridge_router"]
+        table += (
+            f"\nRouteLLM metrics (strong = {m['strong']}): MoE² gate APGR {m['apgr']:.3f}, "
+            f"CPT(50%) {m['cpt50']:.1%}, CPT(80%) {m['cpt80']:.1%}; ridge router APGR {r['apgr']:.3f}, "
+            f"CPT(50%) {r['cpt50']:.1%}, CPT(80%) {r['cpt80']:.1%}\n"
+        )
     (out / "compare.md").write_text(table)
     print(table)
     return 0

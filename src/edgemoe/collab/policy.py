@@ -210,7 +210,6 @@ class MoE2Policy:
             costs.aggregation_s,
             self.config.top_k,
             queue=self.energy_queue,
-            weight_logits_N=self.gate.weight_logits(logits_N[None, :], cat)[0],
         )
 
     def observe(self, energy_j: float) -> None:

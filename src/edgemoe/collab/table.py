@@ -27,6 +27,7 @@ the row and the field.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -121,8 +122,15 @@ class RoutingTable:
         return self.latency_QN, self.prompt_tokens_QN, self.output_tokens_QN, self.cost_QN
 
 
-def concat_tables(first: RoutingTable, second: RoutingTable) -> RoutingTable:
-    """``first`` then ``second`` (same models, same kind of answers); ids of ``second`` get a ``test:`` prefix."""
+def with_category(table: RoutingTable, category: str) -> RoutingTable:
+    """The same table with every question in ``category`` (ids prefixed ``<category>/``)."""
+    return dataclasses.replace(
+        table, category=[category] * len(table), qid=[f"{category}/{q}" for q in table.qid]
+    )
+
+
+def concat_tables(first: RoutingTable, second: RoutingTable, prefix: str = "test:") -> RoutingTable:
+    """``first`` then ``second`` (same models, same kind of answers); ids of ``second`` get ``prefix``."""
     if set(first.models) != set(second.models):
         raise DataError(
             second.source, f"has models {sorted(second.models)}, the other file {sorted(first.models)}"
@@ -136,7 +144,7 @@ def concat_tables(first: RoutingTable, second: RoutingTable) -> RoutingTable:
     o = 0 if first.probs_QNO is None else max(first.probs_QNO.shape[2], second.probs_QNO.shape[2])
     pad = lambda a: None if a is None else np.pad(a, ((0, 0), (0, 0), (0, o - a.shape[2])))  # noqa: E731
     return RoutingTable(
-        qid=list(first.qid) + [f"test:{q}" for q in second.qid],
+        qid=list(first.qid) + [f"{prefix}{q}" for q in second.qid],
         prompt=first.prompt + second.prompt,
         category=first.category + second.category,
         num_options_Q=np.concatenate([first.num_options_Q, second.num_options_Q]),

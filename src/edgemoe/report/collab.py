@@ -96,3 +96,20 @@ def plot_dmo(results: list[dict], path: str | Path) -> Path:
     save_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_stream(without_j, with_j, budget_j: float, folder: str | Path) -> Path:
+    """Running mean energy per request over a served stream, without and with the energy queue."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(range(1, len(without_j) + 1), without_j, color="C0", label="without queue")
+    ax.plot(range(1, len(with_j) + 1), with_j, color="C3", label="with energy queue")
+    ax.axhline(budget_j, color="k", ls="--", lw=1, label="budget")
+    ax.set_xlabel("request")
+    ax.set_ylabel("running mean energy per request (J)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(folder) / "energy_stream.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -2,8 +2,8 @@
 
 :class:`RunData` holds one deployment's questions, answer cache, embeddings, per-request token counts
 and split (gate training / selection = validation / held-out test); :func:`fit` trains the gate once
-on the full expert set and :func:`calibrate` picks its per-category combine temperature (0 = equal
-weights) on the validation split; :func:`problem` builds the coarse-level instance for one split.
+on the full expert set and :func:`calibrate` picks its per-category calibration (equal weights, the
+gate, or a prior-leaning mix) on the validation split; :func:`problem` builds the coarse-level instance for one split.
 
 Questions come from any source (``data.source``): a router benchmark in one of the
 :mod:`edgemoe.collab.table` formats, MMLU on disk with a recorded or simulated answer cache, or
@@ -38,7 +38,14 @@ from edgemoe.collab.policy import EnergyQueue, MoE2Policy
 from edgemoe.collab.profiles import MMLU_CATEGORIES, Budgets, CollabConfig, load_collab_config
 from edgemoe.collab.selection.problem import SelectionProblem, build_problem
 from edgemoe.collab.synthetic_answers import GeneratorConfig, default_experts, generate_cache
-from edgemoe.collab.table import DUPLICATES, READERS, RoutingTable, concat_tables, read_benchmark
+from edgemoe.collab.table import (
+    DUPLICATES,
+    READERS,
+    RoutingTable,
+    concat_tables,
+    read_benchmark,
+    with_category,
+)
 from edgemoe.config import ConfigError, check_choice, check_positive, from_dict, require, to_dict
 from edgemoe.errors import DataError
 from edgemoe.files import atomic_write_bytes
@@ -47,7 +54,16 @@ from edgemoe.paths import data_root
 SPLITS = ("train", "select", "test")
 SOURCES = ("mmlu", "synthetic", "table")
 CATEGORY_MODES = ("auto", "data", "map", "cluster", "none")
-TEMPERATURES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+# (τ, β) candidates of the gate calibration, in order of preference on ties.
+CALIBRATION_GRID = tuple(
+    [(0.0, 0.0), (1.0, 0.0)]
+    + [
+        (t, b)
+        for t in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+        for b in (0.0, 1.0, 3.0, 10.0)
+        if (t, b) not in ((0.0, 0.0), (1.0, 0.0))
+    ]
+)
 
 
 @dataclass
@@ -169,48 +185,50 @@ def problem(
         objective=objective or cfg.objective,
         correctness_only=ws.correctness_only,
         energy_mode=cfg.energy,
-        weight_logits_QN=gate.weight_logits(logits, qs.category_Q),
     )
 
 
-def calibrate(ws: RunData, gate: Gate, temperatures: tuple[float, ...] = TEMPERATURES) -> dict[str, Any]:
-    """Pick each category's combine temperature on the validation ("select") split.
+def calibrate(
+    ws: RunData, gate: Gate, grid: tuple[tuple[float, float], ...] = CALIBRATION_GRID
+) -> dict[str, Any]:
+    """Pick each category's gate calibration (τ, β) on the validation ("select") split.
 
-    For every category and τ in ``temperatures`` (0 = equal weights) it scores the full expert set
-    with the configured fine level on that category's validation questions and keeps the best τ
-    (ties go to equal weights, the simpler model). Returns, per category, τ and the validation
-    objective of the gate (τ = 1), of equal weights (τ = 0) and of the chosen τ.
+    For every category and (τ, β) in ``grid`` it scores the full expert set with the configured fine
+    level on that category's validation questions and keeps the best; ties go to the earlier entry
+    (equal weights first, then the trained gate). Returns per category the choice and the validation
+    objective of the gate (1, 0), of equal weights (0, 0) and of the choice.
     """
-    gate.set_temperatures(np.ones(len(gate.categories)))
+    train = ws.index("train")
+    prior_N = np.log(np.maximum(ws.correct_QN[train].mean(axis=0), 1e-3)) if len(train) else None
+    gate.set_calibration(np.tile([1.0, 0.0], (len(gate.categories), 1)), prior_N)
     sel = problem(ws, gate, "select")
+    raw_QN = gate.raw_logits(ws.emb_QD[ws.index("select")], sel.category_Q)
     every = np.ones((1, sel.num_experts), dtype=bool)
     chosen, report = [], {}
     for c, name in enumerate(gate.categories):
         rows = np.flatnonzero(sel.category_Q == c)
         if len(rows) == 0:
-            chosen.append(1.0)
-            report[name] = {"temperature": 1.0, "validation_questions": 0}
+            chosen.append((1.0, 0.0))
+            report[name] = {"tau": 1.0, "beta": 0.0, "validation_questions": 0}
             continue
-        vals = {}
-        for tau in temperatures:
-            sub = _restrict(sel, rows, tau)
-            vals[tau] = float(sub.evaluate(every).value_B[0])
-        best = max(temperatures, key=lambda t: vals[t] - (1e-12 if t else 0.0))
-        chosen.append(best)
+        base = _take(sel, rows)
+        vals = []
+        for tau, beta in grid:
+            logits = tau * raw_QN[rows] + beta * gate.prior_N.numpy()[None, :]
+            trial = dataclasses.replace(base, logits_QN=logits, weight_logits_QN=logits)
+            vals.append(float(trial.evaluate(every).value_B[0]))
+        best = int(np.argmax(vals))
+        chosen.append(grid[best])
         report[name] = {
-            "temperature": best,
+            "tau": grid[best][0],
+            "beta": grid[best][1],
             "validation_questions": int(len(rows)),
-            "gate": vals.get(1.0),
-            "equal_weights": vals.get(0.0),
+            "gate": vals[grid.index((1.0, 0.0))],
+            "equal_weights": vals[grid.index((0.0, 0.0))],
             "chosen": vals[best],
         }
-    gate.set_temperatures(np.array(chosen))
+    gate.set_calibration(np.array(chosen))
     return report
-
-
-def _restrict(p: SelectionProblem, rows: np.ndarray, tau: float) -> SelectionProblem:
-    """Questions ``rows`` of an instance, with combine logits τ·logits."""
-    return dataclasses.replace(_take(p, rows), weight_logits_QN=tau * p.logits_QN[rows])
 
 
 def _take(p: SelectionProblem, rows: np.ndarray) -> SelectionProblem:
@@ -238,6 +256,8 @@ class DataSpec:
       of the run file's ``cache`` (else simulated from the profiles); ``source: synthetic`` needs no files.
     - ``test_path``: a second file of the same format whose questions are the held-out test split
       (then ``path`` is split into gate training and selection/validation, 3:1).
+    - ``parts`` / ``test_parts`` instead of ``path`` / ``test_path``: ``{category: file}``, several
+      benchmarks in one run, each file's questions in its category.
     - ``categories``: ``data`` (the data's own labels), ``map`` (``category_map`` from label to
       category; every label must be mapped), ``cluster`` (k-means with ``clusters`` clusters over the
       prompt embeddings), ``none`` (one category ``all``), ``auto`` (``data`` when every question has a
@@ -253,6 +273,8 @@ class DataSpec:
     format: str = "table"
     path: str | None = None
     test_path: str | None = None
+    parts: dict[str, str] = field(default_factory=dict)
+    test_parts: dict[str, str] = field(default_factory=dict)
     duplicates: str = "error"
     categories: str = "auto"
     category_map: dict[str, str] = field(default_factory=dict)
@@ -267,7 +289,14 @@ class DataSpec:
         check_choice(self.categories, "data.categories", CATEGORY_MODES)
         check_positive(self.clusters, "data.clusters")
         if self.source == "table":
-            require(self.path is not None, "data.path", "is required with source 'table'")
+            require(
+                (self.path is None) != (not self.parts),
+                "data.path",
+                "give either 'path' or 'parts' with source 'table'",
+            )
+            require(
+                not (self.test_path and self.test_parts), "data.test_path", "give test_path or test_parts"
+            )
             READERS.get(self.format, field="data.format")
         if self.categories == "map":
             require(bool(self.category_map), "data.category_map", "is required with categories 'map'")
@@ -285,8 +314,20 @@ class DataSpec:
             return synthetic_questions(self.synthetic_questions, self.subjects)
         return load_mmlu(self.dir, self.split, self.subjects, self.limit_per_subject)
 
-    def load_table(self, which: str = "path") -> RoutingTable:
-        path = self.resolve_path(getattr(self, which))
+    def load_tables(self) -> tuple[RoutingTable, RoutingTable | None]:
+        """The fitting table and the separate test table (None when the split is drawn)."""
+        if self.parts:
+            fit = _joined([with_category(self.load_table(p), c) for c, p in self.parts.items()])
+        else:
+            fit = self.load_table(self.path)
+        if self.test_parts:
+            test = _joined([with_category(self.load_table(p), c) for c, p in self.test_parts.items()])
+        else:
+            test = self.load_table(self.test_path) if self.test_path else None
+        return fit, test
+
+    def load_table(self, name: str) -> RoutingTable:
+        path = self.resolve_path(name)
         if not path.exists():
             raise DataError(
                 str(path),
@@ -381,11 +422,18 @@ def build_run_data(spec: RunSpec) -> RunData:
     return run_data(spec.deployment, questions, cache, _embedder(spec), seed=spec.seed)
 
 
+def _joined(tables: list[RoutingTable]) -> RoutingTable:
+    out = tables[0]
+    for t in tables[1:]:
+        out = concat_tables(out, t, prefix="")
+    return out
+
+
 def _table_run_data(spec: RunSpec) -> RunData:
-    table = spec.data.load_table()
+    table, test = spec.data.load_tables()
     num_fit = len(table)
-    if spec.data.test_path is not None:
-        table = concat_tables(table, spec.data.load_table("test_path"))
+    if test is not None:
+        table = concat_tables(table, test)
     cfg = spec.deployment
     for i, name in enumerate(cfg.expert_names):
         require(

@@ -97,3 +97,37 @@ def replay(
         running_energy_j=np.cumsum(e) / np.arange(1, len(e) + 1),
         final_backlog_j=queue.backlog_j if queue is not None else 0.0,
     )
+
+
+def shift_experiment(
+    select: SelectionProblem,
+    serve: SelectionProblem,
+    mask_N: np.ndarray,
+    budget_j: float,
+    v: float,
+    order: np.ndarray | None = None,
+) -> dict:
+    """The enabled set chosen on ``select`` serves ``serve``'s stream without and with the queue.
+
+    Reports, for both, accuracy and realised energy against the budget, plus the stream's floor
+    (every request on its cheapest enabled expert: no policy of this set can spend less).
+    """
+    mask_N = np.asarray(mask_N, dtype=bool)
+    free = replay(serve, mask_N, order)
+    held = replay(serve, mask_N, order, queue=EnergyQueue(budget_j, v=v))
+    energy_QN = np.where(serve.eligible_QN & mask_N[None, :], serve.energy_QN, np.inf)
+    floor = energy_QN.min(axis=1)
+    return {
+        "budget_j": budget_j,
+        "v": v,
+        "selection_energy_j": select.energy(mask_N),
+        "stream_requests": int(serve.num_questions),
+        "stream_energy_floor_j": float(floor[np.isfinite(floor)].mean())
+        if np.isfinite(floor).any()
+        else None,
+        "without_queue": free.summary(budget_j),
+        "with_queue": held.summary(budget_j),
+        "accuracy_cost_of_queue": free.accuracy - held.accuracy,
+        "running_energy_without_j": free.running_energy_j.tolist(),
+        "running_energy_with_j": held.running_energy_j.tolist(),
+    }
