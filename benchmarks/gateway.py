@@ -1,7 +1,7 @@
 """MoE² gateway overhead: 100 concurrent clients, through the gateway vs straight to a backend.
 
 Everything runs on loopback in separate processes: two tiny OpenAI-compatible experts
-(``python -m edgemoe.collab.backends.tiny``, each answer held ``--backend-delay`` seconds to stand
+(``python -m edgemoe.testing``, each answer held ``--backend-delay`` seconds to stand
 in for model compute, which sleeps and costs no CPU), the gateway started with the real
 ``edgemoe serve`` command, and this load generator (asyncio, one keep-alive connection per
 client through the same lean pool the gateway uses: an httpx client at 100 in flight spends more
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [
                 sys.executable,
                 "-m",
-                "edgemoe.collab.backends.tiny",
+                "edgemoe.testing",
                 "--port",
                 str(port),
                 "--seed",
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         gateway = f"http://127.0.0.1:{gw_port}"
         wait_ready(gateway + "/health")
 
-        from edgemoe.collab.backends import mc_prompt
+        from edgemoe.collab.prompts import mc_prompt
 
         prompt = mc_prompt(QUESTION["question"], QUESTION["choices"], QUESTION["subject"])
         direct_body = {

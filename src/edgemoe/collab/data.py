@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.collab.profiles import MMLU_CATEGORIES
+from edgemoe.collab.prompts import gate_prompt
 from edgemoe.config import ConfigError
 
 _STEM = (
@@ -43,7 +44,6 @@ SUBJECT_CATEGORY: dict[str, str] = {
     for s in names.split()
 }
 MMLU_DIR_ENV = "EDGEMOE_MMLU_DIR"
-OPTION_LETTERS = "ABCD"
 
 
 @dataclass
@@ -67,8 +67,7 @@ class QuestionSet:
 
     def prompt(self, i: int) -> str:
         """The plain prompt text of question ``i`` (question, lettered options, 'Answer:')."""
-        opts = "\n".join(f"{OPTION_LETTERS[j]}. {c}" for j, c in enumerate(self.choices[i]))
-        return f"{self.question[i]}\n{opts}\nAnswer:"
+        return gate_prompt(self.question[i], self.choices[i])
 
     def prompts(self) -> list[str]:
         return [self.prompt(i) for i in range(len(self))]
