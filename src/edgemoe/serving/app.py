@@ -244,6 +244,12 @@ def create_app(service: MoE2Service, api_key: str | None = None) -> GatewayMiddl
         err = RequestError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
         return error_response(err)
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Response:
+        # Starlette sends this, then re-raises to the middleware, which logs the traceback.
+        rid = request.state.request_id
+        return error_response(RequestError(500, f"internal error (request {rid})", code="internal_error"))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         return error_response(RequestError(400, "invalid request"))
