@@ -161,34 +161,40 @@ class AsyncHTTPPool:
     async def stream(
         self, method: str, path: str, payload: Any = None, headers: Mapping[str, str] | None = None
     ) -> AsyncIterator[bytes]:
-        """The reply body as it arrives; :class:`StatusError` for a status >= 400 (on a fresh connection,
-        no retry: a streamed request is answered once)."""
+        """The reply body as it arrives; :class:`StatusError` for a status >= 400. A stale keep-alive
+        connection (failing before any reply byte) is retried once on a fresh one, as in :meth:`request`."""
         body, headers = self._framing(payload, headers)
         async with self._slots:
-            conn = await self._connect()
-            done = False
-            try:
-                await conn.send(method, self.prefix + path, headers, body)
-                status, error = 0, []
-                async for event in conn.events():
-                    if isinstance(event, h11.Response):
-                        status = event.status_code
-                    elif isinstance(event, h11.Data):
-                        if status >= 400:
-                            error.append(bytes(event.data))
-                        else:
-                            yield bytes(event.data)
-                if status >= 400:
-                    raise StatusError(status, b"".join(error))
-                done = conn.finish()
-            except (OSError, h11.ProtocolError) as exc:
-                raise PoolError(f"{type(exc).__name__}: {exc}") from exc
-            finally:
-                if done:
-                    self._idle.append(conn)
-                else:
-                    with contextlib.suppress(Exception):
-                        conn.close()
+            for attempt in (0, 1):
+                conn = self._idle.pop() if self._idle and attempt == 0 else await self._connect()
+                reused, started, done = conn.used, False, False
+                try:
+                    await conn.send(method, self.prefix + path, headers, body)
+                    status, error = 0, []
+                    async for event in conn.events():
+                        started = True
+                        if isinstance(event, h11.Response):
+                            status = event.status_code
+                        elif isinstance(event, h11.Data):
+                            if status >= 400:
+                                error.append(bytes(event.data))
+                            else:
+                                yield bytes(event.data)
+                    if status >= 400:
+                        raise StatusError(status, b"".join(error))
+                    done = conn.finish()
+                    return
+                except (OSError, h11.ProtocolError, PoolError) as exc:
+                    if reused and not started and attempt == 0:
+                        continue  # a stale keep-alive connection: once more on a fresh one
+                    raise PoolError(f"{type(exc).__name__}: {exc}") from exc
+                finally:
+                    if done:
+                        self._idle.append(conn)
+                    else:
+                        with contextlib.suppress(Exception):
+                            conn.close()
+        raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
         while self._idle:
