@@ -249,9 +249,16 @@ class MoE2Service:
         o.latency_s = time.perf_counter() - t_start
         o.energy_j = self.profiles[o.name].power * o.latency_s
         self.metrics.expert(o.name, status, o.latency_s, o.energy_j, o.tokens)
-        self.breakers.record(
-            o.name, status if status in ("ok", "timeout", "cancelled") else f"failed:{error}"
-        )
+
+    def _record(self, plan: Plan, o: ExpertOutcome) -> None:
+        """Tell the expert's breaker. A missed deadline counts against an expert only when it is an
+        outlier: a peer in the same request answered, or it was asked alone. When every expert of a
+        request misses, the budget or the gateway's own load is the likelier cause."""
+        outcome = o.status if o.status in ("ok", "cancelled") else f"failed:{o.error}"
+        if o.status == "timeout":
+            alone = len(plan.outcomes) == 1
+            outcome = "timeout" if alone or any(p.status == "ok" for p in plan.outcomes) else "cancelled"
+        self.breakers.record(o.name, outcome)
 
     async def fan_out(
         self,
@@ -287,6 +294,8 @@ class MoE2Service:
             for task in pending:
                 task.cancel()
                 self._settle(tasks[task], None, "timeout" if late else "cancelled", t_start)
+            for o in tasks.values():
+                self._record(plan, o)
         return plan.outcomes
 
     @staticmethod
@@ -431,7 +440,7 @@ class MoE2Service:
         try:
             left = max(plan.deadline - t_start, 0.0)
             try:
-                first = await asyncio.wait_for(_as_backend_error(anext(stream), primary.name, left), left)
+                first = await _as_backend_error(asyncio.wait_for(anext(stream), left), primary.name, left)
             except (BackendError, StopAsyncIteration) as exc:
                 await stream.aclose()
                 self._fail_primary(
@@ -439,6 +448,7 @@ class MoE2Service:
                 )
                 await asyncio.wait([hedges], timeout=max(plan.deadline - time.perf_counter(), 0.0))
                 await _cancel(hedges)
+                self._record(plan, primary)
                 fallback = max(self.survivors(plan.outcomes), key=lambda o: o.weight)
         except BaseException:
             hedges.cancel()
@@ -453,7 +463,6 @@ class MoE2Service:
         primary.latency_s = time.perf_counter() - t_start
         primary.energy_j = self.profiles[primary.name].power * primary.latency_s
         self.metrics.expert(primary.name, primary.status, primary.latency_s, primary.energy_j, (0, 0))
-        self.breakers.record(primary.name, primary.status if kind == "timeout" else f"failed:{kind}")
         LOG.warning("expert failed", extra={"fields": {"expert": primary.name, "error": str(exc)}})
 
     def _finish_primary(self, primary: ExpertOutcome, usage: dict[str, int] | None, t_start: float) -> None:
@@ -505,6 +514,7 @@ class MoE2Service:
             yield b"data: [DONE]\n\n"
         except BackendError as exc:
             self._fail_primary(primary, exc.kind, t_start, exc)
+            self._record(plan, primary)
             error = RequestError(502, "the answering expert failed mid-stream", code="stream_interrupted")
             yield _sse(error.body())
             yield b"data: [DONE]\n\n"
