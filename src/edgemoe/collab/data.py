@@ -8,7 +8,6 @@ follows the MMLU authors' grouping (STEM / humanities / social sciences / other)
 from __future__ import annotations
 
 import csv
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
