@@ -340,8 +340,8 @@ class DistTransport(Transport):
             return
         self.launcher.stopping = True
         self.tracked = {j for j, ch in self.channels.items() if ch.alive}
-        self._call({j: ("stop", None) for j in self.tracked}, 2.0)
-        self.launcher.close()
+        self._call({j: ("stop", None) for j in self.tracked}, 1.0)
+        self.launcher.close(timeout_s=0.5)  # acknowledged the stop: only interpreter teardown is left
         for ch in list(self.channels.values()):
             self._lost(ch, "router closed")
         self.sel.unregister(self.listener)

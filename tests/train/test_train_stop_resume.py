@@ -1,0 +1,128 @@
+"""Clean stops and whole-job restarts of ``edgemoe train``: Ctrl-C (SIGINT to the process group) on a
+``dist`` run exits within seconds with the results written; ``--resume auto`` continues the run in
+the same folder; a failed start leaves no run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgemoe.cli import main
+
+TINY = ["--set", "model.dim=16", "--set", "model.expert_hidden=16", "--set", "model.channels=4"]
+# three servers keep process start-up short; the exponent floats check the YAML 1.2 float rule
+NET = "network.servers=[{f_max: 1.0e9, cycles_per_token: 1e8, kappa: 1.0e-28, energy_budget: 0.5, count: 3}]"
+BASE = ["--scale", "0.05", "--train-subset", "100", "--test-subset", "40", "--eval-every", "1000", *TINY]
+BASE += ["--set", NET]
+
+
+def edgemoe(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "edgemoe", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+@pytest.mark.parametrize(
+    ("transport", "sig", "code"), [("dist", signal.SIGINT, 130), ("inproc", signal.SIGTERM, 143)]
+)
+def test_signal_stops_a_run_within_seconds_with_results(tmp_path: Path, transport, sig, code):
+    out = tmp_path / "run"
+    args = ["train", "--transport", transport, "--slots", "100000", "--checkpoint-every", "1"]
+    proc = edgemoe(*args, *BASE, "--no-plots", "--out", str(out), start_new_session=True)
+    try:
+        end = time.monotonic() + 60
+        while not (out / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < end
+            time.sleep(0.1)
+        sent = time.monotonic()
+        os.killpg(proc.pid, sig)  # the whole process group, as Ctrl-C in a terminal does
+        _, err = proc.communicate(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert took < 10
+    assert "Traceback" not in err
+    assert f"stopped by {signal.Signals(sig).name}" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["slots"] >= 1
+    assert (out / "slots.csv").read_text().count("\n") == summary["slots"] + 1
+    # the job restarted with --resume auto continues in the same folder
+    more = summary["slots"] + 2
+    resumed = ["train", "--slots", str(more), "--resume", "auto", "--out", str(out), "--no-plots", *BASE]
+    assert main(resumed) == 0
+    assert json.loads((out / "summary.json").read_text())["slots"] == more
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint(tmp_path):
+    out = tmp_path / "fresh"
+    assert main(["train", "--slots", "2", "--resume", "auto", "--out", str(out), "--no-plots", *BASE]) == 0
+    assert json.loads((out / "summary.json").read_text())["slots"] == 2
+
+
+def test_bad_out_paths_are_one_line_errors_and_leave_nothing(tmp_path, capsys):
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    for out, words in [(afile, "is a file"), (afile / "sub", "is a file")]:
+        assert main(["train", "--slots", "1", "--out", str(out), *BASE]) == 2
+        assert words in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root can write anywhere
+            assert main(["train", "--slots", "1", "--out", str(locked / "run"), *BASE]) == 2
+            assert "not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+    # a start that fails after validation (unknown dataset files) leaves no empty run folder
+    out = tmp_path / "never"
+    assert main(["train", "--dataset", "svhn", "--data-dir", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_checkpoint_problems_are_one_line_before_any_worker_starts(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(["train", "--slots", "2", "--checkpoint-every", "1", "--out", str(out), "--no-plots", *BASE])
+        == 0
+    )
+    good = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    cases = {
+        "truncated.pt": (good[:-10], "partial"),
+        "flipped.pt": (good[:-1] + bytes([good[-1] ^ 1]), "corrupt"),
+        "other.pt": (b"hello", "not an edgemoe checkpoint"),
+    }
+    dist = ["--transport", "dist"]  # the file is checked before any server process starts
+    for name, (raw, words) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        args = ["train", "--slots", "3", "--resume", str(tmp_path / name), "--out", str(tmp_path / "r")]
+        assert main([*args, *dist, *BASE]) == 2
+        err = capsys.readouterr().err
+        assert words in err and name in err and err.count("\n") == 1
+    args = ["train", "--slots", "3", "--resume", str(out / "checkpoint.pt"), "--out", str(tmp_path / "r")]
+    assert main([*args, *BASE, "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "seed" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_stale_temp_files_are_removed_at_start(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f".checkpoint.pt.tmp-{dead.pid}"
+    stale.write_bytes(b"half a checkpoint")
+    assert main(["train", "--slots", "1", "--out", str(out), "--no-plots", *BASE]) == 0
+    assert not stale.exists()
