@@ -136,11 +136,15 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, out: Path, state: dict[st
 
     from edgemoe.report.train import format_table
     from edgemoe.train.checkpoint import clean_stale_temps
+    from edgemoe.train.config import check_subsets
     from edgemoe.train.session import RunFolder, StopSignals
     from edgemoe.train.trainer import Trainer
 
+    data = cfg.data.build(cfg.seed)  # data problems surface before any server process starts
+    for warning in check_subsets(cfg.data, data):
+        print(f"edgemoe train: warning: {warning}", file=sys.stderr)
     with StopSignals() as stop, RunFolder(out) as folder:
-        trainer = Trainer(cfg, checkpoint_path=out / "checkpoint.pt")
+        trainer = Trainer(cfg, dataset=data, checkpoint_path=out / "checkpoint.pt")
         trainer.on_event = lambda text: tqdm.write(text, file=sys.stderr)
         try:
             if state is not None:

@@ -13,7 +13,7 @@ from edgemoe.config import ConfigError, check_choice, check_positive, from_dict,
 from edgemoe.edge import NetworkSpec, load_scenario
 from edgemoe.edge.controllers import CONTROLLER_NAMES
 from edgemoe.edge.spec import SCENARIOS, spec_from_dict
-from edgemoe.train.data import DATASETS
+from edgemoe.train.data import DATASETS, ImageDataset, load_dataset
 from edgemoe.train.model import ModelConfig
 
 
@@ -26,6 +26,19 @@ class DataConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     label: Literal["fine", "coarse"] = "fine"
+
+    def build(self, seed: int) -> ImageDataset:
+        """Load the dataset (seeded class-balanced subsets), refusing subsets larger than the data."""
+        data = load_dataset(
+            self.name,
+            self.data_dir,
+            train_subset=self.train_subset,
+            test_subset=self.test_subset,
+            seed=seed,
+            label=self.label,
+        )
+        check_subsets(self, data)
+        return data
 
     def __post_init__(self) -> None:
         check_choice(self.name, "data.name", DATASETS)
@@ -163,6 +176,7 @@ class TrainConfig:
         )
         for i, fault in enumerate(self.faults):
             require(0 <= fault.server < J, f"faults[{i}].server", f"must be in [0, {J}), got {fault.server}")
+        check_router(self.model.router)
         for j in self.transport.local_servers or []:
             require(0 <= j < J, "transport.local_servers", f"server {j} is not in [0, {J})")
 
@@ -193,6 +207,47 @@ class TrainConfig:
             params["V"] = float(params["V"]) * self.scale
         params.setdefault("seed", self.seed)
         return params
+
+
+def check_router(name: str, field_name: str = "model.router") -> None:
+    """An unknown gate name: one error naming ``field_name`` and every router, plug-ins included."""
+    import edgemoe.moe.etr  # noqa: F401 - registers "etr", so the list of names is complete
+    from edgemoe.moe.router import available_routers, get_router_class
+
+    try:
+        get_router_class(name)
+    except ConfigError:
+        raise ConfigError(
+            field_name, f"unknown router {name!r}; choose one of {available_routers()}"
+        ) from None
+
+
+def check_subsets(cfg: DataConfig, data: ImageDataset) -> list[str]:
+    """Refuse subsets larger than the dataset (the loader returned fewer images than asked) or with
+    fewer test images than classes.
+
+    Returns warnings (a test set under 100 images measures accuracy in steps above 1 %).
+    """
+    train_size, test_size, num_classes = len(data.y_train_N), len(data.y_test_N), data.num_classes
+    for name, value, size in (
+        ("train_subset", cfg.train_subset, train_size),
+        ("test_subset", cfg.test_subset, test_size),
+    ):
+        require(
+            value is None or value <= size,
+            f"data.{name}",
+            f"asks for {value} images but {cfg.name!r} has {size}; use at most {size} or null (all)",
+        )
+    require(
+        cfg.test_subset is None or cfg.test_subset >= num_classes,
+        "data.test_subset",
+        f"{cfg.test_subset} images cannot cover {num_classes} classes; use at least {num_classes}",
+    )
+    if test_size < 100:
+        return [
+            f"data.test_subset: {test_size} test images measure accuracy only in steps of {100 / test_size:.1f} %"
+        ]
+    return []
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -42,7 +42,7 @@ from edgemoe.edge.arrivals import restore_rng, rng_state
 from edgemoe.edge.controllers import auto_block, route_sequential, topk_ids
 from edgemoe.train.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from edgemoe.train.config import TrainConfig
-from edgemoe.train.data import ImageDataset, load_dataset
+from edgemoe.train.data import ImageDataset
 from edgemoe.train.model import RouterSide
 from edgemoe.train.server import ServerSpec
 from edgemoe.train.tokens import CompletedTokens, TokenTable
@@ -129,14 +129,7 @@ class Trainer:
         self.cfg = cfg
         self.spec = cfg.network_spec()
         self.num_servers, self.k = self.spec.num_servers, self.spec.k
-        self.data = dataset or load_dataset(
-            cfg.data.name,
-            cfg.data.data_dir,
-            train_subset=cfg.data.train_subset,
-            test_subset=cfg.data.test_subset,
-            seed=cfg.seed,
-            label=cfg.data.label,
-        )
+        self.data = dataset or cfg.data.build(cfg.seed)
         prior_J = None
         if cfg.gate_prior == "scenario" and self.spec.scores.kind == "skewed":
             prior_J = np.exp(SkewedScoreGenerator(self.spec.scores, self.spec.f_max_J).log_popularity_J)
