@@ -22,6 +22,7 @@ import torch
 
 from edgemoe.errors import EdgeMoEError
 from edgemoe.files import atomic_write_bytes
+from edgemoe.train.frames import frame, read_frames
 
 MAGIC = b"EDGEMOE-CKPT-v1\n"
 _HEADER = struct.Struct(">32sQ")
@@ -118,3 +119,55 @@ def check_resumable(config: dict[str, Any], state: dict[str, Any], may_change: I
             f"checkpoint {where!r} was written with a different configuration (fields {diff}); "
             "resume with the same config or start a new run"
         )
+
+
+class TraceLog:
+    """The append-only companion of a checkpoint: ``<checkpoint>.trace`` next to it.
+
+    Per-slot lists (metric rows, evaluations, recorded gate scores) grow with the run, so they stay
+    out of the checkpoint, which therefore has a constant size: each :meth:`save` appends only what
+    is new since the last one (one fsynced frame); the checkpoint records how many items of each list
+    it covers. :meth:`load` reads them back, cut to the checkpoint's counts (items appended by a
+    save that crashed before its checkpoint was renamed are dropped).
+    """
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys
+        self.path: Path | None = None
+        self.counts = dict.fromkeys(keys, 0)
+
+    @staticmethod
+    def path_for(checkpoint: str | Path) -> Path:
+        return Path(checkpoint).with_suffix(".trace")
+
+    def save(self, checkpoint: str | Path, lists: dict[str, list[Any]]) -> dict[str, int]:
+        """Append the new items of ``lists`` (or write them all to a new file); returns the counts."""
+        path = self.path_for(checkpoint)
+        if path != self.path:
+            atomic_write_bytes(path, frame({k: list(lists[k]) for k in self.keys}))
+        else:
+            with path.open("ab") as fh:
+                fh.write(frame({k: list(lists[k][self.counts[k] :]) for k in self.keys}))
+                fh.flush()
+                os.fsync(fh.fileno())
+        self.path, self.counts = path, {k: len(lists[k]) for k in self.keys}
+        return dict(self.counts)
+
+    def load(self, checkpoint: str | Path, counts: dict[str, int]) -> dict[str, list[Any]]:
+        """The lists as of the checkpoint; a missing or short trace file is a :class:`CheckpointError`."""
+        path = self.path_for(checkpoint)
+        lists: dict[str, list[Any]] = {k: [] for k in self.keys}
+        if path.is_file():
+            for record in read_frames(bytearray(path.read_bytes())):
+                for k in self.keys:
+                    lists[k].extend(record[k])
+        short = [k for k in self.keys if len(lists[k]) < counts[k]]
+        if short:
+            raise CheckpointError(
+                f"trace file {str(path)!r} next to checkpoint {str(checkpoint)!r} is missing or short "
+                f"({', '.join(short)}); keep the two files together, or start without --resume"
+            )
+        lists = {k: lists[k][: counts[k]] for k in self.keys}
+        atomic_write_bytes(path, frame(lists))
+        self.path, self.counts = path, dict(counts)
+        return lists

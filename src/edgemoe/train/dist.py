@@ -35,9 +35,10 @@ from torch import Tensor
 
 from edgemoe.errors import EdgeMoEError
 from edgemoe.train.config import TransportConfig
+from edgemoe.train.frames import frame, read_frames
 from edgemoe.train.server import ServerSpec
 from edgemoe.train.transport import LATE, ServerOrder, ServerReply, Transport, without_queue
-from edgemoe.train.worker import ServerLauncher, frame, read_frames
+from edgemoe.train.worker import ServerLauncher
 
 
 class TransportError(EdgeMoEError):

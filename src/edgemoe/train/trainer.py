@@ -40,7 +40,7 @@ from edgemoe.edge import (
 )
 from edgemoe.edge.arrivals import restore_rng, rng_state
 from edgemoe.edge.controllers import auto_block, route_sequential, topk_ids
-from edgemoe.train.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from edgemoe.train.checkpoint import TraceLog, check_resumable, load_checkpoint, save_checkpoint
 from edgemoe.train.config import TrainConfig
 from edgemoe.train.data import ImageDataset
 from edgemoe.train.model import RouterSide
@@ -49,6 +49,8 @@ from edgemoe.train.tokens import CompletedTokens, TokenTable
 from edgemoe.train.transport import LATE, ServerOrder, ServerReply, Transport
 from edgemoe.train.transport import make_transport as _make_transport
 
+# Per-slot lists kept in the checkpoint's append-only trace file, not in the checkpoint itself.
+TRACED = ("history", "evals", "recorded", "recorded_labels")
 # Config fields that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("slots", "checkpoint_every", "transport", "record_scores")
 
@@ -161,6 +163,7 @@ class Trainer:
         self.evals: list[dict[str, float]] = []
         self.recorded: list[np.ndarray] = []
         self.recorded_labels: list[np.ndarray] = []
+        self.trace = TraceLog(TRACED)
         self.counters = {
             "arrived": 0,
             "trained": 0,
@@ -572,10 +575,6 @@ class Trainer:
             "controller": self.controller.state_dict(),
             "arrivals": self.arrivals.state_dict(),
             "samples": self.samples.state_dict(),
-            "history": list(self.history),
-            "evals": list(self.evals),
-            "recorded": list(self.recorded),
-            "recorded_labels": list(self.recorded_labels),
             "counters": dict(self.counters),
             "lost": dict(self.lost),
             "misses_J": self.misses_J.copy(),
@@ -585,6 +584,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_resumable(to_dict(self.cfg), state, RESUMABLE_CHANGES)
+        self.load_traced(state)
         self.slot, self.next_id = int(state["slot"]), int(state["next_id"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -597,8 +597,6 @@ class Trainer:
         self.controller.load_state_dict(state["controller"])
         self.arrivals.load_state_dict(state["arrivals"])
         self.samples.load_state_dict(state["samples"])
-        self.history, self.evals = list(state["history"]), list(state["evals"])
-        self.recorded, self.recorded_labels = list(state["recorded"]), list(state["recorded_labels"])
         self.counters = {**self.counters, **state["counters"]}
         self.events = list(state.get("events", []))
         self.misses_J = np.array(state.get("misses_J", self.misses_J))
@@ -609,12 +607,21 @@ class Trainer:
         torch.random.set_rng_state(state["torch_rng"])
 
     def save(self, path: str | Path) -> Path:
-        """Atomic checkpoint of everything needed to continue exactly."""
-        return save_checkpoint(path, self.state_dict())
+        """Atomic checkpoint of everything needed to continue exactly (per-slot lists appended to the
+        trace file next to it first, so the checkpoint stays the same size as the run grows)."""
+        counts = self.trace.save(path, {k: getattr(self, k) for k in TRACED})
+        return save_checkpoint(path, {**self.state_dict(), "traced": counts})
 
     def resume(self, path: str | Path) -> None:
         """Load a checkpoint written by :meth:`save` (refuses corrupt or partial files)."""
         self.load_state_dict(load_checkpoint(path))
+
+    def load_traced(self, state: dict[str, Any]) -> None:
+        """Restore the per-slot lists of a checkpoint loaded from ``state["path"]``."""
+        if "traced" not in state:  # an in-memory state_dict(): the lists are already here
+            return
+        for key, values in self.trace.load(state["path"], state["traced"]).items():
+            setattr(self, key, values)
 
     def close(self) -> None:
         self.transport.close()

@@ -15,7 +15,6 @@ import os
 import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -24,26 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgemoe.errors import ConfigError
-
-_LEN = struct.Struct(">Q")
-
-
-def frame(obj: Any) -> bytes:
-    """One message on the wire: 8-byte big-endian length, then the pickle."""
-    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LEN.pack(len(payload)) + payload
-
-
-def read_frames(buf: bytearray) -> list[Any]:
-    """Pop every complete message off the front of ``buf``."""
-    out = []
-    while len(buf) >= _LEN.size:
-        (size,) = _LEN.unpack_from(buf)
-        if len(buf) < _LEN.size + size:
-            break
-        out.append(pickle.loads(bytes(buf[_LEN.size : _LEN.size + size])))
-        del buf[: _LEN.size + size]
-    return out
+from edgemoe.train.frames import LEN, frame
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -59,7 +39,7 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 
 def recv_message(sock: socket.socket) -> Any:
     """Blocking read of one message (worker side)."""
-    (size,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    (size,) = LEN.unpack(_recv_exact(sock, LEN.size))
     return pickle.loads(_recv_exact(sock, size))
 
 
