@@ -181,7 +181,8 @@ class DistTransport(Transport):
         ch.sock.close()
         if ch.server is not None and self.channels.get(ch.server) is ch:
             self.tracked.discard(ch.server)
-            self.on_event(ch.server, f"unreachable ({why})")
+            if not self.launcher.stopping:
+                self.on_event(ch.server, f"unreachable ({why})")
 
     def _read(self, ch: _Channel) -> None:
         try:
@@ -280,9 +281,6 @@ class DistTransport(Transport):
         self._pump(time.monotonic(), lambda: False)
         late, self.late = self.late, {}
         return {j: r for j, r in late.items() if j in self.tracked}
-
-    def reset(self, server: int) -> None:
-        self._call({server: ("reset", None)})
 
     def detach(self, server: int) -> None:
         """Stop tracking ``server``: discard its pending replies, drain its queue when it answers."""

@@ -609,6 +609,9 @@ class Trainer:
     def save(self, path: str | Path) -> Path:
         """Atomic checkpoint of everything needed to continue exactly (per-slot lists appended to the
         trace file next to it first, so the checkpoint stays the same size as the run grows)."""
+        for j in np.flatnonzero(self.state.online_J & (self.misses_J > 0)):
+            # a late server's queue is in flux; offline first, so the checkpoint is consistent
+            self.lose(int(j), "late at a checkpoint")
         counts = self.trace.save(path, {k: getattr(self, k) for k in TRACED})
         return save_checkpoint(path, {**self.state_dict(), "traced": counts})
 

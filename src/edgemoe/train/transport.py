@@ -121,10 +121,6 @@ class Transport(ABC):
         """Expert outputs of ``servers`` for ``h_ND`` (evaluation; queues untouched)."""
 
     @abstractmethod
-    def reset(self, server: int) -> None:
-        """Discard a server's queue (it went offline; the router re-routes those tokens)."""
-
-    @abstractmethod
     def kill(self, server: int) -> None:
         """Fault injection: the server dies (its process, under ``dist``)."""
 
@@ -206,9 +202,6 @@ class InProcTransport(Transport):
 
     def infer(self, h_ND: Tensor, servers: list[int]) -> dict[int, Tensor | None]:
         return {j: self.servers[j].infer(h_ND) for j in servers}
-
-    def reset(self, server: int) -> None:
-        self.servers[server].drain()
 
     def kill(self, server: int) -> None:
         """A killed server loses its queue and restarts from the router's latest copy of its state."""
