@@ -212,7 +212,6 @@ class TrainConfig:
 
 def check_router(name: str, field_name: str = "model.router") -> None:
     """An unknown gate name: one error naming ``field_name`` and every router, plug-ins included."""
-    import edgemoe.moe.etr  # noqa: F401 - registers "etr", so the list of names is complete
     from edgemoe.moe.config import ROUTERS
 
     ROUTERS.get(name, field=field_name)

@@ -32,7 +32,7 @@ from torch import Tensor
 from edgemoe.registry import Registry
 from edgemoe.train.server import ExpertServer, ServerSpec
 
-TRANSPORTS: Registry[Any] = Registry("transport")
+TRANSPORTS: Registry[Any] = Registry("transport", plugin_package="edgemoe.train", plugins=("dist",))
 
 
 class _Late:
@@ -224,16 +224,9 @@ class InProcTransport(Transport):
                 self.snapshots[j] = state
 
 
-@TRANSPORTS.register("dist")
-def _dist(specs: list[ServerSpec], cfg: Any, on_event: Any = None) -> Transport:
-    from edgemoe.train.dist import DistTransport
-
-    return DistTransport(specs, cfg, on_event=on_event)
-
-
 def make_transport(specs: list[ServerSpec], cfg: Any, on_event: Any = None) -> Transport:
     """The transport named by ``cfg.kind`` (a :class:`~edgemoe.train.config.TransportConfig`)."""
     factory = TRANSPORTS.get(cfg.kind, field="transport.kind")
     if cfg.kind == "inproc":
         return factory(specs, cfg.deadline)
-    return factory(specs, cfg, on_event)
+    return factory(specs, cfg, on_event=on_event)
