@@ -105,6 +105,7 @@ class SortedExecutor(ExpertExecutor):
             raise ConfigError("strategy", f"must be 'auto', 'grid' or 'split', got {strategy!r}")
         self.strategy = strategy
 
+    @torch.compiler.disable
     def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
         plan = sort_by_expert(routing)
         if self.strategy == "grid":
