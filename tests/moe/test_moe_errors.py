@@ -53,11 +53,20 @@ def test_non_finite_input_is_an_input_error_when_checked(router, score_func, bad
     assert not out.isfinite().all()
 
 
-def test_wrong_input_width():
+def test_wrong_input_is_an_input_error():
     layer = MoELayer(MoEConfig(dim=8, hidden_dim=8, num_experts=4))
-    with pytest.raises(ConfigError, match="dim=8") as exc:
+    with pytest.raises(InputError, match="dim=8") as exc:
         layer(torch.randn(5, 7))
-    assert field_of(exc) == "x"
+    assert exc.value.what == "x"
+    for ids in (
+        torch.tensor([[0, 4]] * 3),
+        torch.tensor([[0, -2]] * 3),
+        torch.tensor([[0, 1]] * 2),
+        torch.ones(3, 2),
+    ):
+        with pytest.raises(InputError, match="expert_ids_TK") as exc:
+            layer(torch.randn(3, 8), expert_ids_TK=ids)
+        assert exc.value.what == "expert_ids_TK" and not isinstance(exc.value, ConfigError)
 
 
 def test_router_field_errors():
