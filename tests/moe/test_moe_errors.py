@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgemoe.config import ConfigError, from_dict
+from edgemoe.config import ConfigError, from_dict, to_dict
 from edgemoe.errors import InputError
 from edgemoe.moe import MoEConfig, MoELayer, RouterConfig, TopKRouterConfig
 
@@ -111,6 +111,7 @@ def test_router_config_from_yaml_mapping_is_typed_per_router():
     assert type(cfg.router).__name__ == "ETRRouterConfig"
     assert cfg.router.temperature == 0.2 and cfg.router.capacity.schedule == "annealed"
     assert type(cfg.router.build(8, 4)).__name__ == "ETRRouter"
+    assert from_dict(MoEConfig, to_dict(cfg)) == cfg  # a saved config loads back as the same types
     # A plain RouterConfig resolves to the named router's typed config on construction.
     plain = MoEConfig(
         dim=8, hidden_dim=16, num_experts=4, router=RouterConfig(name="expert_choice", capacity_factor=1)
