@@ -192,3 +192,28 @@ def test_checkpoints_keep_a_constant_size_and_history_survives_a_torn_trace(tmp_
     trace.unlink()
     with pytest.raises(Exception, match="trace file .* missing or short"):
         Trainer(train_config_from_dict(cfg), dataset=data).resume(path)
+
+
+def test_resume_brings_servers_lost_to_the_transport_back(tmp_path):
+    from edgemoe.train.config import train_config_from_dict
+    from edgemoe.train.data import load_dataset
+    from edgemoe.train.trainer import Trainer
+
+    data = load_dataset("digits", train_subset=100, test_subset=20)
+    cfg = train_config_from_dict(
+        {
+            "slots": 8,
+            "scale": 0.05,
+            "model": {"dim": 16, "expert_hidden": 16, "channels": 4},
+            "faults": [{"server": 1, "slot": 1, "kind": "slow", "stall_s": 0.3}],
+            "transport": {"deadline": 0.15, "max_misses": 1, "rejoin_after": 100},
+        }
+    )
+    tr = Trainer(cfg, dataset=data)
+    tr.run(3)
+    assert not tr.state.online_J[1] and tr.lost == {1: 101}  # would stay away for 100 slots
+    tr.save(tmp_path / "checkpoint.pt")
+    fresh = Trainer(cfg, dataset=data)
+    fresh.resume(tmp_path / "checkpoint.pt")
+    fresh.run(4)
+    assert fresh.state.online_J[1] and fresh.events[-1] == {"slot": 3, "server": 1, "event": "rejoined"}
