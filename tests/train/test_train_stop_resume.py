@@ -217,3 +217,20 @@ def test_resume_brings_servers_lost_to_the_transport_back(tmp_path):
     fresh.resume(tmp_path / "checkpoint.pt")
     fresh.run(4)
     assert fresh.state.online_J[1] and fresh.events[-1] == {"slot": 3, "server": 1, "event": "rejoined"}
+
+
+def test_a_job_restarted_by_torchrun_resumes_in_the_same_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    args = ["train", "--checkpoint-every", "1", "--no-plots", *BASE]
+    assert main([*args, "--slots", "2"]) == 0
+    rows = (tmp_path / "runs" / "train-job7" / "slots.csv").read_text().splitlines()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # what torchrun sets after a failure
+    assert main([*args, "--slots", "3"]) == 0
+    again = (tmp_path / "runs" / "train-job7" / "slots.csv").read_text().splitlines()
+    assert again[:3] == rows  # the first two slots (wall times included) come from the checkpoint
+    summary = json.loads((tmp_path / "runs" / "train-job7" / "summary.json").read_text())
+    assert summary["slots"] == 3 and len(list((tmp_path / "runs").iterdir())) == 1
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert main([*args, "--slots", "3"]) == 2  # no run id: the restarted job must be told --out
