@@ -234,3 +234,15 @@ def test_a_job_restarted_by_torchrun_resumes_in_the_same_folder(tmp_path, monkey
     assert summary["slots"] == 3 and len(list((tmp_path / "runs").iterdir())) == 1
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     assert main([*args, "--slots", "3"]) == 2  # no run id: the restarted job must be told --out
+
+
+def test_a_signal_while_waiting_for_servers_stops_at_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--transport", "dist", "--local-servers", "none", "--out", str(out), *BASE]
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    start = time.monotonic()
+    timer.start()
+    assert main(args) == 143  # nobody will connect: without the signal this waits transport.timeout_s
+    assert time.monotonic() - start < 10
+    assert "stopped while waiting for servers [0, 1, 2]" in capsys.readouterr().err
+    assert not out.exists()

@@ -45,6 +45,10 @@ class TransportError(EdgeMoEError):
     """The servers could not be reached at start-up (names the missing ones and the fix)."""
 
 
+class StartupInterrupted(TransportError):
+    """A stop was requested (Ctrl-C, SIGTERM) while the router waited for its servers."""
+
+
 def under_torchrun() -> bool:
     """True when launched by ``torchrun`` (rank and world size come from the environment)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
@@ -86,6 +90,7 @@ class DistTransport(Transport):
         cfg: TransportConfig,
         *,
         on_event: Callable[[int, str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ):
         self.specs = specs
         self.cfg = cfg
@@ -119,16 +124,19 @@ class DistTransport(Transport):
         self.launcher = ServerLauncher(
             self.address, list(local), give_up_s=cfg.timeout_s, on_event=self.on_event
         )
-        self._wait_for(set(range(self.num_servers)), cfg.timeout_s)
+        self._wait_for(set(range(self.num_servers)), cfg.timeout_s, should_stop or (lambda: False))
         for j in range(self.num_servers):
             self.attach(j)
 
     # ---------------------------------------------------------------------------- connections
 
-    def _wait_for(self, servers: set[int], timeout_s: float) -> None:
+    def _wait_for(self, servers: set[int], timeout_s: float, should_stop: Callable[[], bool]) -> None:
         end = time.monotonic() + timeout_s
-        self._pump(end, lambda: servers <= set(self.back()))
+        self._pump(end, lambda: servers <= set(self.back()) or should_stop())
         missing = sorted(servers - set(self.back()))
+        if missing and should_stop():
+            self.close()
+            raise StartupInterrupted(f"stopped while waiting for servers {missing} to connect")
         if missing:
             self.close()
             raise TransportError(

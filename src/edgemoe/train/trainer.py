@@ -110,10 +110,13 @@ def server_specs(cfg: TrainConfig, num_servers: int) -> list[ServerSpec]:
 
 
 def make_transport(
-    cfg: TrainConfig, num_servers: int, on_event: Callable[[int, str], None] | None = None
+    cfg: TrainConfig,
+    num_servers: int,
+    on_event: Callable[[int, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Transport:
     """The transport named by ``cfg.transport.kind``."""
-    return _make_transport(server_specs(cfg, num_servers), cfg.transport, on_event)
+    return _make_transport(server_specs(cfg, num_servers), cfg.transport, on_event, should_stop)
 
 
 class Trainer:
