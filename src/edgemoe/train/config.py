@@ -124,8 +124,9 @@ class TrainConfig:
 
     ``scale`` shrinks the scenario for small machines: arrival rates and every server's tokens per
     slot are multiplied by it (cycles per token divided), and V too, so queues and the V/Q trade-off
-    keep their shape in smaller units. ``gate_prior: scenario`` folds the scenario's expert
-    popularity skew (``scores.skew``/``popular``) into the gate as a fixed prior.
+    keep their shape in smaller units. ``gate_prior: scenario`` applies the scenario's expert
+    popularity skew (``scores.skew``/``popular``) to the controller's view of the gate scores only;
+    the model and inference never see it.
     """
 
     seed: int = 0
@@ -210,16 +211,13 @@ class TrainConfig:
 
 
 def check_router(name: str, field_name: str = "model.router") -> None:
-    """An unknown gate name: one error naming ``field_name`` and every router, plug-ins included."""
-    import edgemoe.moe.etr  # noqa: F401 - registers "etr", so the list of names is complete
-    from edgemoe.moe.router import available_routers, get_router_class
+    """An unknown gate name: one error naming ``field_name`` and every router, plug-ins included.
 
-    try:
-        get_router_class(name)
-    except ConfigError:
-        raise ConfigError(
-            field_name, f"unknown router {name!r}; choose one of {available_routers()}"
-        ) from None
+    Checked with the config, so the error comes before any server process starts.
+    """
+    from edgemoe.moe.config import ROUTERS
+
+    ROUTERS.get(name, field=field_name)
 
 
 def check_subsets(cfg: DataConfig, data: ImageDataset) -> list[str]:
