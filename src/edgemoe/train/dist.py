@@ -29,16 +29,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from edgemoe.errors import EdgeMoEError
-from edgemoe.train.config import TransportConfig
 from edgemoe.train.frames import frame, read_frames
 from edgemoe.train.server import ServerSpec
-from edgemoe.train.transport import LATE, ServerOrder, ServerReply, Transport, without_queue
+from edgemoe.train.transport import LATE, TRANSPORTS, ServerOrder, ServerReply, Transport, without_queue
 from edgemoe.train.worker import ServerLauncher
+
+if TYPE_CHECKING:
+    from edgemoe.train.config import TransportConfig
 
 
 class TransportError(EdgeMoEError):
@@ -81,6 +83,7 @@ class _Channel:
     ready: bool = False  # init acknowledged
 
 
+@TRANSPORTS.register("dist")
 class DistTransport(Transport):
     """Router side of the ``dist`` transport. See the module docstring."""
 

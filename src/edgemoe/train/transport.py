@@ -33,7 +33,8 @@ from torch import Tensor
 from edgemoe.registry import Registry
 from edgemoe.train.server import ExpertServer, ServerSpec
 
-TRANSPORTS: Registry[Any] = Registry("transport")
+# name -> transport class; ``dist`` registers itself when edgemoe.train.dist is imported (on first use)
+TRANSPORTS: Registry[Any] = Registry("transport", plugin_package="edgemoe.train")
 
 
 class _Late:
@@ -225,13 +226,6 @@ class InProcTransport(Transport):
                 self.snapshots[j] = state
 
 
-@TRANSPORTS.register("dist")
-def _dist(specs: list[ServerSpec], cfg: Any, on_event: Any = None, should_stop: Any = None) -> Transport:
-    from edgemoe.train.dist import DistTransport
-
-    return DistTransport(specs, cfg, on_event=on_event, should_stop=should_stop)
-
-
 def make_transport(
     specs: list[ServerSpec],
     cfg: Any,
@@ -246,4 +240,4 @@ def make_transport(
     factory = TRANSPORTS.get(cfg.kind, field="transport.kind")
     if cfg.kind == "inproc":
         return factory(specs, cfg.deadline)
-    return factory(specs, cfg, on_event, should_stop)
+    return factory(specs, cfg, on_event=on_event, should_stop=should_stop)
