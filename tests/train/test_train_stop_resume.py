@@ -192,3 +192,57 @@ def test_checkpoints_keep_a_constant_size_and_history_survives_a_torn_trace(tmp_
     trace.unlink()
     with pytest.raises(Exception, match="trace file .* missing or short"):
         Trainer(train_config_from_dict(cfg), dataset=data).resume(path)
+
+
+def test_resume_brings_servers_lost_to_the_transport_back(tmp_path):
+    from edgemoe.train.config import train_config_from_dict
+    from edgemoe.train.data import load_dataset
+    from edgemoe.train.trainer import Trainer
+
+    data = load_dataset("digits", train_subset=100, test_subset=20)
+    cfg = train_config_from_dict(
+        {
+            "slots": 8,
+            "scale": 0.05,
+            "model": {"dim": 16, "expert_hidden": 16, "channels": 4},
+            "faults": [{"server": 1, "slot": 1, "kind": "slow", "stall_s": 0.3}],
+            "transport": {"deadline": 0.15, "max_misses": 1, "rejoin_after": 100},
+        }
+    )
+    tr = Trainer(cfg, dataset=data)
+    tr.run(3)
+    assert not tr.state.online_J[1] and tr.lost == {1: 101}  # would stay away for 100 slots
+    tr.save(tmp_path / "checkpoint.pt")
+    fresh = Trainer(cfg, dataset=data)
+    fresh.resume(tmp_path / "checkpoint.pt")
+    fresh.run(4)
+    assert fresh.state.online_J[1] and fresh.events[-1] == {"slot": 3, "server": 1, "event": "rejoined"}
+
+
+def test_a_job_restarted_by_torchrun_resumes_in_the_same_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    args = ["train", "--checkpoint-every", "1", "--no-plots", *BASE]
+    assert main([*args, "--slots", "2"]) == 0
+    rows = (tmp_path / "runs" / "train-job7" / "slots.csv").read_text().splitlines()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # what torchrun sets after a failure
+    assert main([*args, "--slots", "3"]) == 0
+    again = (tmp_path / "runs" / "train-job7" / "slots.csv").read_text().splitlines()
+    assert again[:3] == rows  # the first two slots (wall times included) come from the checkpoint
+    summary = json.loads((tmp_path / "runs" / "train-job7" / "summary.json").read_text())
+    assert summary["slots"] == 3 and len(list((tmp_path / "runs").iterdir())) == 1
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert main([*args, "--slots", "3"]) == 2  # no run id: the restarted job must be told --out
+
+
+def test_a_signal_while_waiting_for_servers_stops_at_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--transport", "dist", "--local-servers", "none", "--out", str(out), *BASE]
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    start = time.monotonic()
+    timer.start()
+    assert main(args) == 143  # nobody will connect: without the signal this waits transport.timeout_s
+    assert time.monotonic() - start < 10
+    assert "stopped while waiting for servers [0, 1, 2]" in capsys.readouterr().err
+    assert not out.exists()

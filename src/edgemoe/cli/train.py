@@ -137,14 +137,29 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, out: Path, state: dict[st
     from edgemoe.report.train import format_table
     from edgemoe.train.checkpoint import clean_stale_temps
     from edgemoe.train.config import check_subsets
+    from edgemoe.train.dist import StartupInterrupted
     from edgemoe.train.session import RunFolder, StopSignals
-    from edgemoe.train.trainer import Trainer
+    from edgemoe.train.trainer import Trainer, make_transport
 
     data = cfg.data.build(cfg.seed)  # data problems surface before any server process starts
     for warning in check_subsets(cfg.data, data):
         print(f"edgemoe train: warning: {warning}", file=sys.stderr)
     with StopSignals() as stop, RunFolder(out) as folder:
-        trainer = Trainer(cfg, dataset=data, checkpoint_path=out / "checkpoint.pt")
+        try:
+            transport = make_transport(
+                cfg,
+                cfg.network_spec().num_servers,
+                lambda j, text: tqdm.write(f"server {j}: {text}", file=sys.stderr),
+                stop.requested,
+            )
+        except StartupInterrupted as exc:
+            print(f"edgemoe train: {exc}; nothing written", file=sys.stderr)
+            return 128 + stop.signum
+        try:
+            trainer = Trainer(cfg, dataset=data, transport=transport, checkpoint_path=out / "checkpoint.pt")
+        except BaseException:
+            transport.close()
+            raise
         trainer.on_event = lambda text: tqdm.write(text, file=sys.stderr)
         try:
             if state is not None:

@@ -211,7 +211,10 @@ class TrainConfig:
 
 
 def check_router(name: str, field_name: str = "model.router") -> None:
-    """An unknown gate name: one error naming ``field_name`` and every router, plug-ins included."""
+    """An unknown gate name: one error naming ``field_name`` and every router, plug-ins included.
+
+    Checked with the config, so the error comes before any server process starts.
+    """
     from edgemoe.moe.config import ROUTERS
 
     ROUTERS.get(name, field=field_name)

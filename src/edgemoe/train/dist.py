@@ -47,6 +47,10 @@ class TransportError(EdgeMoEError):
     """The servers could not be reached at start-up (names the missing ones and the fix)."""
 
 
+class StartupInterrupted(TransportError):
+    """A stop was requested (Ctrl-C, SIGTERM) while the router waited for its servers."""
+
+
 def under_torchrun() -> bool:
     """True when launched by ``torchrun`` (rank and world size come from the environment)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
@@ -89,6 +93,7 @@ class DistTransport(Transport):
         cfg: TransportConfig,
         *,
         on_event: Callable[[int, str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ):
         self.specs = specs
         self.cfg = cfg
@@ -103,30 +108,38 @@ class DistTransport(Transport):
         self.waiting: dict[int, int] = {}
         self.seq = 0
         self.sel = selectors.DefaultSelector()
-        host, port = torchrun_address(cfg) if under_torchrun() else (cfg.host, cfg.port)
-        self.listener = socket.create_server((host if not under_torchrun() else "", port), backlog=64)
+        torchrun = under_torchrun()
+        host, port = torchrun_address(cfg) if torchrun else (cfg.host, cfg.port)
+        try:  # under torchrun the servers are on other nodes: listen on every interface
+            self.listener = socket.create_server(("" if torchrun else host, port), backlog=64)
+        except OSError as exc:
+            raise TransportError(
+                f"transport.host/port: cannot listen on {host}:{port} ({exc.strerror}); "
+                "pick a free port or port 0 (any)"
+            ) from None
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, None)
+        # local servers dial the router on loopback when it listens on every interface
         self.address = (host if host not in ("", "0.0.0.0") else "127.0.0.1", self.listener.getsockname()[1])
-        local = range(self.num_servers) if cfg.local_servers is None else cfg.local_servers
-        if under_torchrun():
+        local = list(range(self.num_servers)) if cfg.local_servers is None else cfg.local_servers
+        if torchrun:  # every server is a torchrun rank of its own
             local = []
         self.launcher = ServerLauncher(
-            self.address, list(local), give_up_s=cfg.timeout_s, on_event=self._launcher_event
+            self.address, list(local), give_up_s=cfg.timeout_s, on_event=self.on_event
         )
-        self._wait_for(set(range(self.num_servers)), cfg.timeout_s)
+        self._wait_for(set(range(self.num_servers)), cfg.timeout_s, should_stop or (lambda: False))
         for j in range(self.num_servers):
             self.attach(j)
 
     # ---------------------------------------------------------------------------- connections
 
-    def _launcher_event(self, j: int, text: str) -> None:
-        self.on_event(j, text)
-
-    def _wait_for(self, servers: set[int], timeout_s: float) -> None:
+    def _wait_for(self, servers: set[int], timeout_s: float, should_stop: Callable[[], bool]) -> None:
         end = time.monotonic() + timeout_s
-        self._pump(end, lambda: servers <= set(self.back()))
+        self._pump(end, lambda: servers <= set(self.back()) or should_stop())
         missing = sorted(servers - set(self.back()))
+        if missing and should_stop():
+            self.close()
+            raise StartupInterrupted(f"stopped while waiting for servers {missing} to connect")
         if missing:
             self.close()
             raise TransportError(
@@ -139,10 +152,6 @@ class DistTransport(Transport):
         """Process id of server ``j`` as it reported itself (None if not connected)."""
         ch = self.channels.get(j)
         return ch.pid if ch is not None and ch.alive else None
-
-    @property
-    def pids(self) -> list[int | None]:
-        return [self.pid(j) for j in range(self.num_servers)]
 
     def _accept(self) -> None:
         while True:

@@ -5,7 +5,8 @@
   before anything runs; :class:`RunFolder` creates the folder only when the run starts and removes it
   again if the run fails before writing anything.
 - :func:`resolve_resume`: ``auto`` resumes from ``<out>/checkpoint.pt`` when it exists (a restarted
-  job continues in the same folder) and starts fresh otherwise.
+  job continues in the same folder) and starts fresh otherwise; it is the default in a job torchrun
+  has restarted.
 - :class:`StopSignals` turns the first SIGINT/SIGTERM into a request the trainer honours between
   slots; the caller then writes the checkpoint and results and exits ``128 + signal``.
 """
@@ -23,11 +24,21 @@ from typing import Any
 from edgemoe.errors import ConfigError
 
 
+def restarted() -> bool:
+    """True in a job that torchrun (``--max-restarts``) has restarted."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
 def default_out(root: str, name: str) -> Path:
     """``runs/<name>-<time>``; under torchrun ``runs/<name>-<run id>`` so restarts share the folder."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    suffix = run_id if run_id and run_id != "none" else time.strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{name}-{suffix}"
+    if run_id and run_id != "none":
+        return Path(root) / f"{name}-{run_id}"
+    if restarted():
+        raise ConfigError(
+            "--out", "a restarted torchrun job needs --out (or --rdzv-id) to find its checkpoint"
+        )
+    return Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_out_dir(path: Path, field: str = "--out") -> Path:
@@ -70,9 +81,12 @@ class RunFolder:
 
 
 def resolve_resume(resume: str | None, out: Path) -> Path | None:
-    """``None`` -> start fresh; ``auto`` -> ``<out>/checkpoint.pt`` if it exists; else the path."""
+    """``None`` -> start fresh (``auto`` in a restarted torchrun job); ``auto`` ->
+    ``<out>/checkpoint.pt`` if it exists; else the path."""
     if resume is None:
-        return None
+        if not restarted():
+            return None
+        resume = "auto"
     if resume == "auto":
         path = out / "checkpoint.pt"
         return path if path.is_file() else None

@@ -142,10 +142,13 @@ def mutual_information_bits(counts_JC: np.ndarray) -> float:
 
 
 def make_transport(
-    cfg: TrainConfig, num_servers: int, on_event: Callable[[int, str], None] | None = None
+    cfg: TrainConfig,
+    num_servers: int,
+    on_event: Callable[[int, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Transport:
     """The transport named by ``cfg.transport.kind``."""
-    return _make_transport(server_specs(cfg, num_servers), cfg.transport, on_event)
+    return _make_transport(server_specs(cfg, num_servers), cfg.transport, on_event, should_stop)
 
 
 class Trainer:
@@ -341,12 +344,12 @@ class Trainer:
         self.stall_J[:] = 0.0
         return orders
 
-    def _deliver(self, j: int, reply: ServerReply) -> tuple[int, int]:
-        """Hand one reply's outputs to the token table; (assignments served, refused by the buffer)."""
+    def _deliver(self, j: int, reply: ServerReply, served_J: np.ndarray, overflow_J: np.ndarray) -> None:
         self.table.deliver(j, reply.served_ids.numpy(), reply.served_y)
         self.table.drop(j, reply.overflow_ids.numpy())
         self.counters["dropped_assignments"] += int(reply.overflow_ids.numel())
-        return int(reply.served_ids.numel()), int(reply.overflow_ids.numel())
+        overflow_J[j] += reply.overflow_ids.numel()
+        served_J[j] += reply.served_ids.numel()
 
     def _collect(self, replies: dict[int, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Deliver outputs (late ones from earlier slots too), count misses, lose dead servers;
@@ -355,9 +358,7 @@ class Trainer:
         overflow_J = np.zeros(self.num_servers)
         for j, late in self.transport.late_replies().items():
             for reply in late:
-                served, refused = self._deliver(j, reply)
-                served_J[j] += served
-                overflow_J[j] += refused
+                self._deliver(j, reply, served_J, overflow_J)
         for j, reply in replies.items():
             if reply is None:
                 self.lose(j, "unreachable")
@@ -368,9 +369,7 @@ class Trainer:
                     self.lose(j, f"late {self.misses_J[j]} slots in a row")
             else:
                 self.misses_J[j] = 0
-                served, refused = self._deliver(j, reply)
-                served_J[j] += served
-                overflow_J[j] += refused
+                self._deliver(j, reply, served_J, overflow_J)
         pending_J = np.zeros(self.num_servers, dtype=np.int64)
         for j, ids in self.requeue.items():
             pending_J[j] = len(ids)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch import Tensor
 from edgemoe.registry import Registry
 from edgemoe.train.server import ExpertServer, ServerSpec
 
+# name -> transport class; ``dist`` registers itself when edgemoe.train.dist is imported (on first use)
 TRANSPORTS: Registry[Any] = Registry("transport", plugin_package="edgemoe.train", plugins=("dist",))
 
 
@@ -224,9 +226,18 @@ class InProcTransport(Transport):
                 self.snapshots[j] = state
 
 
-def make_transport(specs: list[ServerSpec], cfg: Any, on_event: Any = None) -> Transport:
-    """The transport named by ``cfg.kind`` (a :class:`~edgemoe.train.config.TransportConfig`)."""
+def make_transport(
+    specs: list[ServerSpec],
+    cfg: Any,
+    on_event: Callable[[int, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Transport:
+    """The transport named by ``cfg.kind`` (a :class:`~edgemoe.train.config.TransportConfig`).
+
+    ``on_event(server, text)`` hears about deaths and restarts; ``should_stop()`` can cut short the
+    wait for servers to connect (a Ctrl-C during start-up).
+    """
     factory = TRANSPORTS.get(cfg.kind, field="transport.kind")
     if cfg.kind == "inproc":
         return factory(specs, cfg.deadline)
-    return factory(specs, cfg, on_event=on_event)
+    return factory(specs, cfg, on_event=on_event, should_stop=should_stop)
