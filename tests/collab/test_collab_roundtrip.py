@@ -146,3 +146,16 @@ def test_bad_run_files_fail_with_one_line_and_leave_no_run(tmp_path, capsys, cha
     last = err.strip().splitlines()[-1]
     assert last.startswith("edgemoe collab: error:") and field in last and "Traceback" not in err
     assert not (run / "run.yaml").exists()
+
+
+def test_example_run_files_parse():
+    from pathlib import Path
+
+    from edgemoe.collab.offline.runs import load_run_spec
+    from edgemoe.config import load_yaml
+
+    files = sorted((Path(__file__).resolve().parents[2] / "examples").glob("moe2-*.yaml"))
+    assert files
+    for f in files:
+        spec = load_run_spec(load_yaml(f))
+        assert spec.data.source == "table" and spec.deployment.experts
