@@ -31,8 +31,8 @@ def solve(
     if method == "exhaustive":
         return exhaustive(problem, budget)
     if method == "random":
-        return BASELINES["random"](problem, budget, seed=seed)
-    return BASELINES[method](problem, budget)
+        return BASELINES.get("random", field="method")(problem, budget, seed=seed)
+    return BASELINES.get(method, field="method")(problem, budget)
 
 
 def _row(

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from edgemoe.collab.selection.dmo import SelectionResult, fits, no_feasible_reason, result_for
 from edgemoe.collab.selection.problem import SelectionProblem
+from edgemoe.registry import Registry
 
 
 def _candidates(problem: SelectionProblem, budget: float) -> np.ndarray:
@@ -102,4 +104,11 @@ def random_feasible(problem: SelectionProblem, budget: float, seed: int = 0) -> 
     return result_for(problem, "random", mask, budget, evals=1, seconds=time.perf_counter() - t0)
 
 
-BASELINES = {"best_single": best_single, "uniform": uniform, "greedy": greedy, "random": random_feasible}
+BASELINES: Registry[Callable[..., SelectionResult]] = Registry("baseline")
+for _name, _fn in (
+    ("best_single", best_single),
+    ("uniform", uniform),
+    ("greedy", greedy),
+    ("random", random_feasible),
+):
+    BASELINES.add(_name, _fn)
