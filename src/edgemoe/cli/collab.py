@@ -113,6 +113,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument(
         "--v", type=float, default=None, help="queue weight V in units of the budget (default: run's)"
     )
+    st.add_argument(
+        "--coarse-energy-fraction",
+        type=float,
+        default=None,
+        help="choose the enabled set under this fraction of all experts' energy instead (the queue keeps --energy)",
+    )
     st.add_argument("--seed", type=int, default=0)
     st.set_defaults(func=cmd_stream)
 
@@ -387,7 +393,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     else:
         require(args.energy_fraction is not None, "--energy", "give --energy J or --energy-fraction F")
         budget = args.energy_fraction * total
-    res = dmo(select, budget)
+    coarse = budget if args.coarse_energy_fraction is None else args.coarse_energy_fraction * total
+    res = dmo(select, coarse)
     require(res.feasible, "--energy", res.reason)
     rng = np.random.default_rng(args.seed)
     order = (
@@ -398,6 +405,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     v = args.v if args.v is not None else (ws.config.energy_queue_v or EnergyQueue.v)
     out = shift_experiment(select, serve, np.asarray(res.mask), budget, v, order)
     out["experts"] = res.experts
+    out["coarse_energy_budget_j"] = coarse
     out["select_categories"] = args.select_categories or "all"
     out["serve_categories"] = args.serve_categories or "all"
     folder = run_dir(args.out, str(Path(args.run)), "stream")
