@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from edgemoe.collab.gate import restricted_weights
 from edgemoe.collab.offline.stream import replay
 from edgemoe.collab.policy import EnergyQueue, route_request
+from edgemoe.collab.selection.baselines import equal_weight_reference
 from edgemoe.collab.selection.dmo import dmo, exhaustive
 from edgemoe.collab.selection.problem import SelectionProblem
 from edgemoe.errors import ConfigError
@@ -39,6 +40,14 @@ def test_correctness_only_accuracy_is_the_gate_weighted_mean():
     w_QN = restricted_weights(p.logits_QN, mask[None, :])
     expected = float((w_QN * p.correct_QN).sum(axis=1).mean())
     assert p.evaluate(mask[None]).accuracy_B[0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_equal_weight_reference_is_a_random_router_on_correctness_only_data():
+    p = correctness_instance(3, top_k=1)
+    mask = np.array([True, True, False, True])
+    ref = equal_weight_reference(p, mask)
+    assert ref["accuracy"] == pytest.approx(p.correct_QN[:, mask].mean(axis=1).mean())
+    assert ref["energy_j"] == pytest.approx(p.energy_QN[:, mask].mean(axis=1).mean())
 
 
 @settings(max_examples=15, deadline=None)

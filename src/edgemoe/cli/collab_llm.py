@@ -273,6 +273,10 @@ def _accuracy_table(cache, questions) -> dict[str, dict[str, float]]:
     return table
 
 
+def _seconds(x: float) -> str:
+    return "—" if x != x else f"{x:.2f}"
+
+
 def run_compare(args: argparse.Namespace) -> int:
     from edgemoe.collab.offline.compare import compare, ridge_router, routellm_metrics
     from edgemoe.collab.offline.runs import load_run, problem
@@ -324,7 +328,7 @@ def run_compare(args: argparse.Namespace) -> int:
             continue
         lines.append(
             f"| {r['method']} | {budget} | {r['experts']} | {r['accuracy']:.4f} | {r['energy_j']:.1f} "
-            f"| {r['latency_mean_s']:.2f} | {r['latency_max_s']:.2f} |"
+            f"| {_seconds(r['latency_mean_s'])} | {_seconds(r['latency_max_s'])} |"
         )
     table = "\n".join(lines) + "\n"
     if "routellm" in result:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from edgemoe.collab.profiles import Budgets
-from edgemoe.collab.selection.baselines import BASELINES, uniform_gate
+from edgemoe.collab.selection.baselines import BASELINES, equal_weight_reference, uniform_gate
 from edgemoe.collab.selection.dmo import SelectionResult, dmo, exhaustive, fits
 from edgemoe.collab.selection.problem import SelectionProblem
 from edgemoe.config import check_choice
@@ -75,11 +75,11 @@ def _row(
         for c, v in split["latency"].items()
     )
     if res.method.startswith("dmo"):
-        # The gate-free reference on the same set: equal weights over all of it.
+        # The gate-free reference on the same set (selection.baselines.equal_weight_reference).
         for name, prob in (("select", select), ("test", test)):
-            flat = uniform_gate(prob)
-            flat.top_k = None
-            row[f"{name}_accuracy_equal_weights"] = flat.realised(mask)["accuracy"]
+            ref = equal_weight_reference(prob, mask)
+            row[f"{name}_accuracy_equal_weights"] = ref["accuracy"]
+            row[f"{name}_energy_equal_weights_j"] = ref["energy_j"]
     row.update(
         test_accuracy=tst["accuracy"],
         test_log_likelihood=tst["log_likelihood"],
