@@ -69,7 +69,7 @@ def test_non_mmlu_run_round_trips_through_every_command(tmp_path):
     assert summary["categories"] == ["history", "math"]
     assert "correctness-only" in summary["objective"]
     for cat in summary["gate_calibration"].values():  # the fallback never loses on validation
-        assert cat["chosen"] >= cat["equal_weights"] - 1e-12
+        assert cat["chosen_accuracy"] >= cat["equal_weights_accuracy"] - 1e-6
 
     ws, _ = load_run(run)
     assert ws.correctness_only and ws.config.categories == ["history", "math"]

@@ -36,6 +36,7 @@ from edgemoe.collab.embed import EMBEDDER_KINDS, CachedEmbedder, Embedder, embed
 from edgemoe.collab.gate import Gate, GateConfig, train_gate
 from edgemoe.collab.policy import EnergyQueue, MoE2Policy
 from edgemoe.collab.profiles import MMLU_CATEGORIES, Budgets, CollabConfig, load_collab_config
+from edgemoe.collab.selection.baselines import equal_weight_reference
 from edgemoe.collab.selection.problem import SelectionProblem, build_problem
 from edgemoe.collab.synthetic_answers import GeneratorConfig, default_experts, generate_cache
 from edgemoe.collab.table import (
@@ -195,15 +196,18 @@ def calibrate(
 
     For every category and (τ, β) in ``grid`` it scores the full expert set with the configured fine
     level on that category's validation questions and keeps the best; ties go to the earlier entry
-    (equal weights first, then the trained gate). Returns per category the choice and the validation
-    objective of the gate (1, 0), of equal weights (0, 0) and of the choice.
+    (equal weights first, then the trained gate). With a top-k fine level, (0, 0) would rank experts
+    by their order in the config, so it is not a candidate there. Returns per category the choice,
+    the validation accuracy of the trained gate, of the gate-free reference on the full set (equal
+    weights; a random router under top-k, see ``equal_weight_reference``) and of the choice.
     """
     train = ws.index("train")
     prior_N = np.log(np.maximum(ws.correct_QN[train].mean(axis=0), 1e-3)) if len(train) else None
     gate.set_calibration(np.tile([1.0, 0.0], (len(gate.categories), 1)), prior_N)
     sel = problem(ws, gate, "select")
     raw_QN = gate.raw_logits(ws.emb_QD[ws.index("select")], sel.category_Q)
-    every = np.ones((1, sel.num_experts), dtype=bool)
+    every_N = np.ones(sel.num_experts, dtype=bool)
+    candidates = [g for g in grid if sel.top_k is None or g != (0.0, 0.0)]
     chosen, report = [], {}
     for c, name in enumerate(gate.categories):
         rows = np.flatnonzero(sel.category_Q == c)
@@ -212,20 +216,21 @@ def calibrate(
             report[name] = {"tau": 1.0, "beta": 0.0, "validation_questions": 0}
             continue
         base = _take(sel, rows)
-        vals = []
-        for tau, beta in grid:
+        trials = []
+        for tau, beta in candidates:
             logits = tau * raw_QN[rows] + beta * gate.prior_N.numpy()[None, :]
-            trial = dataclasses.replace(base, logits_QN=logits, weight_logits_QN=logits)
-            vals.append(float(trial.evaluate(every).value_B[0]))
-        best = int(np.argmax(vals))
-        chosen.append(grid[best])
+            trials.append(
+                dataclasses.replace(base, logits_QN=logits, weight_logits_QN=logits).evaluate(every_N[None])
+            )
+        best = int(np.argmax([t.value_B[0] for t in trials]))
+        chosen.append(candidates[best])
         report[name] = {
-            "tau": grid[best][0],
-            "beta": grid[best][1],
+            "tau": candidates[best][0],
+            "beta": candidates[best][1],
             "validation_questions": int(len(rows)),
-            "gate": vals[grid.index((1.0, 0.0))],
-            "equal_weights": vals[grid.index((0.0, 0.0))],
-            "chosen": vals[best],
+            "gate_accuracy": float(trials[candidates.index((1.0, 0.0))].accuracy_B[0]),
+            "equal_weights_accuracy": equal_weight_reference(base, every_N)["accuracy"],
+            "chosen_accuracy": float(trials[best].accuracy_B[0]),
         }
     gate.set_calibration(np.array(chosen))
     return report
