@@ -131,3 +131,17 @@ def test_route_request_prices_energy_only_with_a_backlog():
         queue.observe(float("nan"))
     with pytest.raises(ConfigError):
         EnergyQueue(budget_j=0.0)
+
+
+def test_routellm_metrics_closed_form():
+    from edgemoe.collab.offline.compare import routellm_metrics
+
+    q = 100
+    weak, strong = np.zeros(q), np.r_[np.ones(50), np.zeros(50)]
+    perfect = routellm_metrics(strong - weak, weak, strong, points=1001)
+    assert perfect["cpt50"] == 0.25 and perfect["cpt80"] == 0.4
+    assert perfect["apgr"] == pytest.approx(0.75, abs=1e-3)
+    blind = routellm_metrics(np.zeros(q), np.zeros(q), np.ones(q), points=1001)
+    assert blind["cpt50"] == 0.5 and blind["apgr"] == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ConfigError):
+        routellm_metrics(np.zeros(q), np.ones(q), np.zeros(q))

@@ -166,3 +166,25 @@ def routellm_metrics(
         "share": share.tolist(),
         "pgr": pgr.tolist(),
     }
+
+
+def routellm_report(ws: RunData, gate: Gate, split: str = "test") -> dict:
+    """RouteLLM's metrics on a two-expert run for the MoE² gate (its own logit difference, before
+    calibration) and for the ridge router; the strong expert is the better one on the selection split."""
+    select = problem(ws, gate, "select")
+    test = problem(ws, gate, split)
+    idx = ws.index(split)
+    strong = int(np.argmax(select.correct_QN.mean(axis=0)))
+    weak = 1 - strong
+    raw_QN = gate.raw_logits(ws.emb_QD[idx], ws.questions.category_Q[idx])
+    gate_m = routellm_metrics(
+        raw_QN[:, strong] - raw_QN[:, weak], test.correct_QN[:, weak], test.correct_QN[:, strong]
+    )
+    pred_QN = ridge_router(ws, idx)
+    ridge = routellm_metrics(
+        pred_QN[:, strong] - pred_QN[:, weak], test.correct_QN[:, weak], test.correct_QN[:, strong]
+    )
+    return {
+        "routellm": {**gate_m, "strong": test.names[strong]},
+        "routellm_ridge_router": {k: ridge[k] for k in ("apgr", "cpt50", "cpt80")},
+    }
