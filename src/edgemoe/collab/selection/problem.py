@@ -228,11 +228,10 @@ class SelectionProblem:
         delay_Q = costs.set_delay(routed_QN)
         served_Q = routed_QN.any(axis=1)
         cats = sorted(set(self.category_Q.tolist()))
-        names = categories or [str(c) for c in cats]
         lat = {}
         for c in cats:
             sel_c = (self.category_Q == c) & served_Q
-            lat[names[c]] = {
+            lat[categories[c] if categories else str(c)] = {
                 "mean_s": float(delay_Q[sel_c].mean()) if sel_c.any() else 0.0,
                 "max_s": float(delay_Q[sel_c].max()) if sel_c.any() else 0.0,
             }
