@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from edgemoe.cli import build_parser, main
 from edgemoe.collab.data import synthetic_questions
@@ -13,6 +14,7 @@ from edgemoe.collab.profiles import MMLU_CATEGORIES
 from edgemoe.collab.synthetic_answers import default_experts, generate_cache
 
 
+@pytest.mark.slow
 def test_fit_select_sweep_eval(tmp_path):
     run = tmp_path / "run"
     fit = [

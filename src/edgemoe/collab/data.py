@@ -8,13 +8,13 @@ follows the MMLU authors' grouping (STEM / humanities / social sciences / other)
 from __future__ import annotations
 
 import csv
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgemoe.collab.profiles import MMLU_CATEGORIES
+from edgemoe.collab.prompts import gate_prompt
 from edgemoe.errors import ConfigError, DataError
 from edgemoe.paths import dataset_dir, require_path
 
@@ -44,7 +44,6 @@ SUBJECT_CATEGORY: dict[str, str] = {
     for s in names.split()
 }
 MMLU_SUBDIR = "qa/mmlu"
-OPTION_LETTERS = string.ascii_uppercase
 
 
 @dataclass
@@ -77,12 +76,7 @@ class QuestionSet:
         """The prompt text of question ``i`` (given text, or question, lettered options, 'Answer:')."""
         if self.text is not None:
             return self.text[i]
-        if len(self.choices[i]) > len(OPTION_LETTERS):
-            raise ConfigError(
-                "choices", f"question {self.qid[i]!r} has more than {len(OPTION_LETTERS)} options"
-            )
-        opts = "\n".join(f"{OPTION_LETTERS[j]}. {c}" for j, c in enumerate(self.choices[i]))
-        return f"{self.question[i]}\n{opts}\nAnswer:"
+        return gate_prompt(self.question[i], self.choices[i])
 
     def prompts(self) -> list[str]:
         return [self.prompt(i) for i in range(len(self))]

@@ -20,12 +20,14 @@ mean is within budget; a larger V (in joules; ``v`` × B) trades budget tracking
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgemoe.collab.costs import request_costs
+from edgemoe.collab.costs import estimate_prompt_tokens, request_costs
 from edgemoe.collab.embed import Embedder
 from edgemoe.collab.gate import Gate, restricted_weights, top_k_mask
 from edgemoe.collab.profiles import Budgets, CollabConfig
@@ -144,17 +146,39 @@ def aggregate(probs_KO: np.ndarray, weights_K: np.ndarray) -> np.ndarray:
     return (w_K[:, None] * probs_KO).sum(axis=0) / w_K.sum()
 
 
+def trim_to_energy(route: Route, energy_N: np.ndarray, names: list[str], budget_j: float) -> Route:
+    """Keep a route's experts in descending weight while the set's predicted energy fits
+    ``budget_j``; weights renormalised over the kept ones (empty route when none fits)."""
+    energy = dict(zip(names, np.asarray(energy_N, dtype=np.float64)))
+    kept: list[tuple[str, float]] = []
+    spent = 0.0
+    for name, weight in zip(route.experts, route.weights):
+        if spent + energy[name] <= budget_j:
+            kept.append((name, weight))
+            spent += energy[name]
+    if not kept:
+        return Route([], [], 0.0, 0.0, "no expert set fits the energy budget", route.logits)
+    total = sum(w for _, w in kept)
+    return dataclasses.replace(
+        route, experts=[n for n, _ in kept], weights=[w / total for _, w in kept], energy_j=spent
+    )
+
+
 class MoE2Policy:
-    """Gate + embedder + profiles + enabled set: what a server calls for every request.
+    """Gate + embedder + profiles + enabled set: what offline evaluation and the gateway call for
+    every request (the same :meth:`route`).
 
     Interface (stable; the gateway builds on it):
 
     - ``MoE2Policy(config, gate, embedder, enabled, energy_queue=None)``; ``enabled`` are expert
-      names (the coarse level's choice); ``energy_queue`` (optional, stateful) keeps the realised mean
+      names (the coarse level's choice); without a gate (``gate=None``) every enabled expert has the
+      same logit (uniform weights); ``energy_queue`` (optional, stateful) keeps the realised mean
       energy per request within its budget on this policy's request stream (module doc).
-    - ``route(prompt, category, prompt_tokens=None, budgets=None, output_tokens=None) -> Route``: the
-      experts to query, their combine weights, predicted delay and energy. ``output_tokens`` defaults
-      to the category's ``request.output_tokens_by_category`` entry, else ``request.output_tokens``.
+    - ``route(prompt, category, prompt_tokens=None, budgets=None, *, gate_text, output_tokens,
+      latency_budget_s, energy_budget_j, top_k, available) -> Route``: the experts to query, their
+      combine weights, predicted delay and energy. ``output_tokens`` defaults to the category's
+      ``request.output_tokens_by_category`` entry, else ``request.output_tokens``.
+    - ``costs(prompt_tokens, output_tokens)``: per-expert predicted delay, energy, aggregation time.
     - ``observe(energy_j)``: after serving a route, the energy really spent (``route.energy_j`` or a
       measurement); it feeds the energy queue and is a no-op without one.
     - ``aggregate(probs_KO, weights_K)`` (module function) combines the experts' distributions.
@@ -163,26 +187,47 @@ class MoE2Policy:
     def __init__(
         self,
         config: CollabConfig,
-        gate: Gate,
-        embedder: Embedder,
+        gate: Gate | None,
+        embedder: Embedder | None,
         enabled: list[str],
         energy_queue: EnergyQueue | None = None,
     ):
-        if gate.experts != config.expert_names:
+        if gate is not None and gate.experts != config.expert_names:
             raise ConfigError(
                 "gate", f"gate experts {gate.experts} differ from config experts {config.expert_names}"
             )
         for name in enabled:
             check_choice(name, "enabled", config.expert_names)
-        if embedder.dim != gate.embed_dim:
-            raise ConfigError(
-                "embedder", f"gives {embedder.dim}-d vectors but the gate expects {gate.embed_dim}"
-            )
+        if gate is not None and (embedder is None or embedder.dim != gate.embed_dim):
+            got = "no embedder" if embedder is None else f"{embedder.dim}-d vectors"
+            raise ConfigError("embedder", f"gives {got} but the gate expects {gate.embed_dim}-d")
         self.config = config
         self.gate = gate
         self.embedder = embedder
         self.enabled_N = np.array([n in enabled for n in config.expert_names])
         self.energy_queue = energy_queue
+        self._costs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, float]] = {}
+
+    def costs(self, prompt_tokens: int, output_tokens: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Per-expert predicted delay (s), energy (J) and the aggregation time for one request."""
+        key = (prompt_tokens, output_tokens)
+        if key not in self._costs:
+            if len(self._costs) > 4096:
+                self._costs.clear()
+            c = request_costs(
+                self.config.experts,
+                np.array([prompt_tokens]),
+                self.config.request,
+                np.array([output_tokens]),
+            )
+            self._costs[key] = (c.delay_QN[0], c.energy_QN[0], c.aggregation_s)
+        return self._costs[key]
+
+    def logits(self, text: str, category: str) -> np.ndarray:
+        if self.gate is None or self.embedder is None:
+            return np.zeros(len(self.config.expert_names))
+        cat = np.array([self.config.categories.index(category)])
+        return self.gate.logits(self.embedder.encode([text]), cat)[0]
 
     def route(
         self,
@@ -190,27 +235,45 @@ class MoE2Policy:
         category: str,
         prompt_tokens: int | None = None,
         budgets: Budgets | None = None,
+        *,
+        gate_text: str | None = None,
         output_tokens: int | None = None,
+        latency_budget_s: float | None = None,
+        energy_budget_j: float | None = None,
+        top_k: int | None = None,
+        available: Collection[str] | None = None,
     ) -> Route:
+        """Fine-level routing of one request.
+
+        The optional keywords are a served request's own settings: ``gate_text`` (what the gate
+        embeds, default ``prompt``), its output length, latency and energy budgets, top-k, and
+        ``available`` (experts that can answer now; default all).
+        """
         check_choice(category, "category", self.config.categories)
         budgets = budgets or self.config.budgets
-        tokens = prompt_tokens if prompt_tokens is not None else max(1, round(len(prompt) / 4))
+        names = self.config.expert_names
+        tokens = prompt_tokens if prompt_tokens is not None else int(estimate_prompt_tokens([prompt])[0])
         out = output_tokens if output_tokens is not None else self.config.request.output_tokens_for(category)
-        costs = request_costs(self.config.experts, np.array([tokens]), self.config.request, np.array([out]))
-        emb = self.embedder.encode([prompt])
-        cat = np.array([self.config.categories.index(category)])
-        logits_N = self.gate.logits(emb, cat)[0]
-        return route_request(
-            self.config.expert_names,
-            logits_N,
-            self.enabled_N,
-            costs.delay_QN[0],
-            costs.energy_QN[0],
-            budgets.latency_for(category),
-            costs.aggregation_s,
-            self.config.top_k,
+        delay_N, energy_N, aggregation_s = self.costs(tokens, out)
+        enabled_N = self.enabled_N.copy()
+        if available is not None:
+            enabled_N &= np.array([n in available for n in names])
+        if energy_budget_j is not None:
+            enabled_N &= energy_N <= energy_budget_j
+        route = route_request(
+            names,
+            self.logits(gate_text or prompt, category),
+            enabled_N,
+            delay_N,
+            energy_N,
+            latency_budget_s if latency_budget_s is not None else budgets.latency_for(category),
+            aggregation_s,
+            top_k or self.config.top_k,
             queue=self.energy_queue,
         )
+        if energy_budget_j is not None and route.served:
+            route = trim_to_energy(route, energy_N, names, energy_budget_j)
+        return route
 
     def observe(self, energy_j: float) -> None:
         """Record the energy one served request really used (feeds the energy queue, if any)."""

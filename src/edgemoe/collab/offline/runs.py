@@ -102,6 +102,16 @@ class RunData:
         return np.flatnonzero(self.split_Q == SPLITS.index(split))
 
     @property
+    def prompt_tokens(self) -> np.ndarray:
+        """Prompt tokens per question (filled in ``__post_init__``)."""
+        return np.asarray(self.prompt_tokens_Q, dtype=np.float64)
+
+    @property
+    def output_tokens(self) -> np.ndarray:
+        """Output tokens per question (filled in ``__post_init__``)."""
+        return np.asarray(self.output_tokens_Q, dtype=np.float64)
+
+    @property
     def correct_QN(self) -> np.ndarray:
         return self.cache.probs_QNO[np.arange(len(self.questions)), :, self.questions.answer_Q]
 
@@ -109,7 +119,7 @@ class RunData:
         """Delay/energy of questions ``idx`` from the profiles and their token counts (measured
         latencies and energies in the cache take precedence)."""
         c = request_costs(
-            self.config.experts, self.prompt_tokens_Q[idx], self.config.request, self.output_tokens_Q[idx]
+            self.config.experts, self.prompt_tokens[idx], self.config.request, self.output_tokens[idx]
         )
         return with_measurements(c, self.cache.latency_QN[idx], self.cache.energy_QN[idx])
 
@@ -182,7 +192,7 @@ def problem(
         logits,
         ws.costs(idx),
         latency_budget_Q(budgets, list(cfg.categories), qs.category_Q),
-        top_k=cfg.top_k if top_k == "config" else top_k,
+        top_k=cfg.top_k if isinstance(top_k, str) else top_k,
         objective=objective or cfg.objective,
         correctness_only=ws.correctness_only,
         energy_mode=cfg.energy,
@@ -246,7 +256,7 @@ def _take(p: SelectionProblem, rows: np.ndarray) -> SelectionProblem:
         energy_QN=p.energy_QN[rows],
         delay_QN=p.delay_QN[rows],
         category_Q=p.category_Q[rows],
-        weight_logits_QN=p.weight_logits_QN[rows],
+        weight_logits_QN=p.combine_QN[rows],
     )
 
 
@@ -324,11 +334,12 @@ class DataSpec:
         if self.parts:
             fit = _joined([with_category(self.load_table(p), c) for c, p in self.parts.items()])
         else:
-            fit = self.load_table(self.path)
+            fit = self.load_table(str(self.path))
+        test: RoutingTable | None = None
         if self.test_parts:
             test = _joined([with_category(self.load_table(p), c) for c, p in self.test_parts.items()])
-        else:
-            test = self.load_table(self.test_path) if self.test_path else None
+        elif self.test_path:
+            test = self.load_table(self.test_path)
         return fit, test
 
     def load_table(self, name: str) -> RoutingTable:
@@ -497,7 +508,7 @@ def table_questions(
     """A routing table as questions + answer cache (correctness-only data: [P(right), P(wrong)])."""
     sel = [table.models.index(n) for n in experts]
     q = len(table)
-    if table.correctness_only:
+    if table.probs_QNO is None or table.answer_Q is None:
         quality_QN = table.quality_QN[:, sel]
         probs_QNO = np.stack([quality_QN, 1.0 - quality_QN], axis=2)
         answer_Q = np.zeros(q, dtype=np.int64)
@@ -578,8 +589,8 @@ def save_run(folder: Path, spec: RunSpec, ws: RunData, gate: Gate, extra: dict |
             "category": int(ws.questions.category_Q[i]),
             "num_options": len(ws.questions.choices[i]),
             "answer": int(ws.questions.answer_Q[i]),
-            "prompt_tokens": float(ws.prompt_tokens_Q[i]),
-            "output_tokens": float(ws.output_tokens_Q[i]),
+            "prompt_tokens": float(ws.prompt_tokens[i]),
+            "output_tokens": float(ws.output_tokens[i]),
         }
         for i in range(len(ws.questions))
     ]

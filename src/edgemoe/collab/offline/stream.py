@@ -78,7 +78,7 @@ def replay(
             0.0,
             problem.top_k,
             queue=queue,
-            weight_logits_N=problem.weight_logits_QN[q],
+            weight_logits_N=problem.combine_QN[q],
         )
         if route.served:
             idx = [names.index(e) for e in route.experts]
@@ -184,7 +184,7 @@ def run_shift(ws: RunData, gate: Gate, spec: ShiftSpec, latency: Budgets | None 
     select = problem(ws, gate, budgets=latency, index=sel_rows)
     serve = problem(ws, gate, budgets=latency, index=serve_rows)
     total = float(select.cost_N[select.usable_N].sum())
-    budget = spec.energy_j if spec.energy_j is not None else spec.energy_fraction * total
+    budget = spec.energy_j if spec.energy_j is not None else float(spec.energy_fraction or 0.0) * total
     coarse = budget if spec.coarse_energy_fraction is None else spec.coarse_energy_fraction * total
     res = dmo(select, coarse)
     require(res.feasible, "--energy", res.reason)
