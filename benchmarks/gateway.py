@@ -218,7 +218,7 @@ def start_experts(delays: list[float], env: dict, procs: list) -> list[str]:
     return urls
 
 
-def start_gateway(urls: dict[str, str], budget: float, tmp: Path, env: dict, procs: list) -> tuple[str, int]:
+def start_gateway(urls: dict[str, str], tmp: Path, env: dict, procs: list) -> tuple[str, int]:
     port = free_port()
     hardware = ("jetson-orin-nano", "jetson-agx-orin", "rtx-4090")
     config = {
@@ -227,7 +227,7 @@ def start_gateway(urls: dict[str, str], budget: float, tmp: Path, env: dict, pro
              "backend": {"kind": "openai", "url": url, "timeout_s": 10}}
             for i, (name, url) in enumerate(urls.items())
         ],
-        "budgets": {"default_latency_s": budget},
+        "budgets": {"default_latency_s": 5.0},
         "serve": {"port": port},
     }  # fmt: skip
     cfg_path = tmp / f"collab-{port}.yaml"
@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edgemoe-gateway-bench-"))
     try:
         e1, e2, e3, slow = start_experts([args.backend_delay] * 3 + [args.slow_delay], env, procs)
-        healthy, healthy_pid = start_gateway({"e1": e1, "e2": e2, "e3": e3}, args.budget, tmp, env, procs)
-        delayed, _ = start_gateway({"e1": e1, "e2": e2, "slow": slow}, args.budget, tmp, env, procs)
+        healthy, healthy_pid = start_gateway({"e1": e1, "e2": e2, "e3": e3}, tmp, env, procs)
+        delayed, _ = start_gateway({"e1": e1, "e2": e2, "slow": slow}, tmp, env, procs)
         for url in (e1, e2, e3, slow):
             wait_ready(url + "/health")
         wait_ready(healthy + "/health")

@@ -76,7 +76,7 @@ class GatewayMiddleware:
         route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         headers = dict(scope.get("headers") or [])
         request_id = _request_id(headers.get(b"x-request-id", b""))
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope.setdefault("state", {}).update(request_id=request_id, t0=t0)
         sent = {"status": 0}
 
         async def tagged_send(message: dict) -> None:
@@ -295,17 +295,18 @@ def create_app(service: MoE2Service, api_key: str | None = None) -> GatewayMiddl
         rid = request.state.request_id
         if req.stream:
             state = request.scope["state"]
-            events = await service.chat_stream(req, rid, state)
+            events = await service.chat_stream(req, rid, state, request.state.t0)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        out = await service.chat(req, rid)
+        out = await service.chat(req, rid, request.state.t0)
         request.state.moe2 = out["moe2"]  # the middleware's log line reports it
         return JSON(out)
 
     @app.post("/v1/moe2/answer")
     async def answer(request: Request) -> Response:
-        out = await service.answer(parse_body(await request.body(), AnswerRequest), request.state.request_id)
+        req = parse_body(await request.body(), AnswerRequest)
+        out = await service.answer(req, request.state.request_id, request.state.t0)
         request.state.moe2 = out["moe2"]
         return JSON(out)
 

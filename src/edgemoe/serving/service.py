@@ -178,9 +178,11 @@ class MoE2Service:
         gate_text: str | None = None,
         params: Mapping[str, Any] | None = None,
         model: str | None = None,
+        t0: float | None = None,
     ) -> Plan:
-        """The policy's route for this request and its deadline; 422 when no expert set fits."""
-        t0 = time.perf_counter()
+        """The policy's route for this request and its deadline (from ``t0``, when the request
+        arrived; default now); 422 when no expert set fits."""
+        t0 = time.perf_counter() if t0 is None else t0
         budget = req.latency_budget_s or self.config.collab.budgets.latency_for(category)
         available = self._candidates(params or {}, model)
         if model in self.backends:
@@ -333,7 +335,7 @@ class MoE2Service:
 
     # -- multiple choice --
 
-    async def answer(self, req: AnswerRequest, request_id: str) -> dict[str, Any]:
+    async def answer(self, req: AnswerRequest, request_id: str, t0: float | None = None) -> dict[str, Any]:
         serve = self.config.serve
         if len(req.choices) > serve.max_choices:
             raise RequestError(400, f"at most {serve.max_choices} choices, got {len(req.choices)}", "choices")
@@ -343,7 +345,7 @@ class MoE2Service:
                                "question", "prompt_too_long")  # fmt: skip
         category = self.category_of(req.category, req.subject)
         plan = self.plan(
-            req, prompt, category, 1, request_id, gate_text=gate_prompt(req.question, req.choices)
+            req, prompt, category, 1, request_id, gate_text=gate_prompt(req.question, req.choices), t0=t0
         )
         n = len(req.choices)
         await self.fan_out(plan, lambda b, _t: b.ascore_choices(prompt, n, plan.headers), _answer_decided)
@@ -380,15 +382,17 @@ class MoE2Service:
             raise RequestError(400, f"n must be <= {serve.max_n}, got {req.n}", "n")
         return messages, max_tokens, req.passthrough()
 
-    def plan_chat(self, req: ChatRequest, request_id: str) -> tuple[Plan, list[Message], int, dict[str, Any]]:
+    def plan_chat(
+        self, req: ChatRequest, request_id: str, t0: float | None = None
+    ) -> tuple[Plan, list[Message], int, dict[str, Any]]:
         messages, max_tokens, params = self._chat_inputs(req)
         prompt = "\n".join(m.content for m in messages)
         category = self.category_of(req.category)
-        plan = self.plan(req, prompt, category, max_tokens, request_id, params=params, model=req.model)
+        plan = self.plan(req, prompt, category, max_tokens, request_id, params=params, model=req.model, t0=t0)
         return plan, messages, max_tokens, params
 
-    async def chat(self, req: ChatRequest, request_id: str) -> dict[str, Any]:
-        plan, messages, max_tokens, params = self.plan_chat(req, request_id)
+    async def chat(self, req: ChatRequest, request_id: str, t0: float | None = None) -> dict[str, Any]:
+        plan, messages, max_tokens, params = self.plan_chat(req, request_id, t0)
         temperature = req.temperature or 0.0
 
         def call(b: LLMBackend, _timeout: float) -> Awaitable[Generation]:
@@ -410,7 +414,7 @@ class MoE2Service:
         }
 
     async def chat_stream(
-        self, req: ChatRequest, request_id: str, state: dict[str, Any]
+        self, req: ChatRequest, request_id: str, state: dict[str, Any], t0: float | None = None
     ) -> AsyncIterator[bytes]:
         """Server-sent events for ``req`` (OpenAI chunk format, ``[DONE]`` last).
 
@@ -418,7 +422,7 @@ class MoE2Service:
         expert's first chunk, or the best hedge's answer if it fails within the deadline), so errors
         keep their HTTP status. The deadline bounds the time to the first token.
         """
-        plan, messages, max_tokens, params = self.plan_chat(req, request_id)
+        plan, messages, max_tokens, params = self.plan_chat(req, request_id, t0)
         temperature = req.temperature or 0.0
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": req.model or MODEL_ID}  # fmt: skip
