@@ -14,12 +14,12 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgemoe.serving.metrics import LOG
@@ -34,6 +34,29 @@ CLIENT_GONE = 499  # nginx's status for "client closed the request": logged and 
 class JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
         return dumps(content)
+
+
+class EventStream(Response):
+    """Server-sent events written straight to ASGI ``send`` (no task group per response, unlike
+    Starlette's ``StreamingResponse``); the middleware cancels it if the client leaves."""
+
+    def __init__(self, events: AsyncIterator[bytes]):  # no Content-Length: the body is open-ended
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+        ]
+        self.events = events
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        try:
+            async for data in self.events:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        finally:
+            await self.events.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def error_response(err: RequestError) -> JSON:
@@ -296,9 +319,7 @@ def create_app(service: MoE2Service, api_key: str | None = None) -> GatewayMiddl
         if req.stream:
             state = request.scope["state"]
             events = await service.chat_stream(req, rid, state, request.state.t0)
-            return StreamingResponse(
-                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
+            return EventStream(events)
         out = await service.chat(req, rid, request.state.t0)
         request.state.moe2 = out["moe2"]  # the middleware's log line reports it
         return JSON(out)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe.collab.backends import BackendError, ChoiceScores, Generation, LLMBackend, Message, build_backend
+from edgemoe.collab.backends.base import stream_chunks
 from edgemoe.collab.costs import estimate_prompt_tokens
 from edgemoe.collab.data import SUBJECT_CATEGORY
 from edgemoe.collab.policy import MoE2Policy, Route, aggregate
@@ -439,7 +440,7 @@ class MoE2Service:
         )
         t_start = time.perf_counter()
         stream = self.backends[primary.name].astream(messages, max_tokens, temperature, params, plan.headers)
-        first: dict[str, Any] | None = None
+        first: list[dict[str, Any]] | None = None
         fallback: ExpertOutcome | None = None
         try:
             left = max(plan.deadline - t_start, 0.0)
@@ -485,8 +486,8 @@ class MoE2Service:
         self,
         plan: Plan,
         head: dict[str, Any],
-        first: dict[str, Any] | None,
-        stream: AsyncIterator[dict[str, Any]],
+        first: list[dict[str, Any]] | None,
+        stream: AsyncIterator[list[dict[str, Any]]],
         hedges: asyncio.Future,
         fallback: ExpertOutcome | None,
         t_start: float,
@@ -496,16 +497,21 @@ class MoE2Service:
         primary = plan.outcomes[0]
         try:
             if fallback is not None:
-                async for chunk in _replay(fallback.result):
-                    yield _sse({**head, "choices": chunk["choices"]})
+                yield b"".join(
+                    _sse({**head, "choices": c["choices"]}) for c in stream_chunks(fallback.result)
+                )
             else:
                 usage: dict[str, int] | None = None
-                chunk: dict[str, Any] | None = first
-                while chunk is not None:
-                    usage = chunk.get("usage") or usage
-                    if chunk.get("choices"):
-                        yield _sse({**head, "choices": chunk["choices"]})
-                    chunk = await anext(stream, None)
+                batch: list[dict[str, Any]] | None = first
+                while batch is not None:
+                    for chunk in batch:
+                        usage = chunk.get("usage") or usage
+                    data = b"".join(
+                        _sse({**head, "choices": c["choices"]}) for c in batch if c.get("choices")
+                    )
+                    if data:
+                        yield data
+                    batch = await anext(stream, None)
                 self._finish_primary(primary, usage, t_start)
                 await _cancel(hedges)
             block = self.moe2_block(plan)
@@ -560,19 +566,6 @@ async def _as_backend_error(aw: Awaitable[Any], name: str, timeout: float) -> An
         return await aw
     except asyncio.TimeoutError as exc:
         raise BackendError(f"expert {name!r}: no answer within {timeout:.3g} s", "timeout") from exc
-
-
-async def _replay(gen: Generation) -> AsyncIterator[dict[str, Any]]:
-    """A finished answer as stream chunks (the fallback when the first-ranked expert failed)."""
-    for choice in gen.openai_choices():
-        message = {k: v for k, v in (choice.get("message") or {}).items() if v is not None}
-        if "tool_calls" in message:
-            message["tool_calls"] = [{"index": j, **c} for j, c in enumerate(message["tool_calls"])]
-        index = choice.get("index", 0)
-        yield {"choices": [{"index": index, "delta": message, "logprobs": choice.get("logprobs")}]}
-        yield {
-            "choices": [{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}]
-        }
 
 
 def dumps(obj: Any) -> bytes:
