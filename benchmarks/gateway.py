@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         e1, e2, e3, slow = start_experts([args.backend_delay] * 3 + [args.slow_delay], env, procs)
         healthy, healthy_pid = start_gateway({"e1": e1, "e2": e2, "e3": e3}, tmp, env, procs)
-        delayed, _ = start_gateway({"e1": e1, "e2": e2, "slow": slow}, tmp, env, procs)
+        delayed, delayed_pid = start_gateway({"e1": e1, "e2": e2, "slow": slow}, tmp, env, procs)
         for url in (e1, e2, e3, slow):
             wait_ready(url + "/health")
         wait_ready(healthy + "/health")
@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run_phase("warm-up", *slow_pair[0][1:], args.clients, args.rate, args.warmup, 0.0))
 
         def phase(name: str, url: str, body: dict | list, seconds: float, pid: int | None = None) -> dict:
-            cpu0 = cpu_seconds(healthy_pid)
+            gw_pid = delayed_pid if url.startswith(delayed) else healthy_pid
+            cpu0 = cpu_seconds(gw_pid)
             res = asyncio.run(run_phase(name, url, body, args.clients, args.rate, seconds, 0.0, pid))
             res["gateway_cpu_ms_per_request"] = (
                 (cpu_seconds(healthy_pid) - cpu0) / max(res["requests"], 1) * 1e3
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name:>15}: {res['requests']:6d} ok, errors {sum(res['errors'].values())}, "
                 f"{res['achieved_rps']:6.1f} req/s, p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, "
-                f"max {res['max_ms']:.1f} ms",
+                f"max {res['max_ms']:.1f} ms, gateway CPU {res['gateway_cpu_ms_per_request']:.2f} ms/req",
                 flush=True,
             )
             return res

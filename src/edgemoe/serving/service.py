@@ -167,7 +167,12 @@ class MoE2Service:
                     400, f"{name}: no selected expert can honour this field (experts: {sorted(up)})", name,
                     "unsupported_parameter",
                 )  # fmt: skip
-        return {n for n in up if set(params) <= self.backends[n].supported_params}
+        able = {n for n in up if set(params) <= self.backends[n].supported_params}
+        if not able:
+            fields = sorted(params)
+            raise RequestError(400, f"no selected expert honours all of {fields} together", fields[0],
+                               "unsupported_parameter")  # fmt: skip
+        return able
 
     def plan(
         self,
