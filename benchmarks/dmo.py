@@ -24,13 +24,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from edgemoe.collab.baselines import BASELINES  # noqa: E402
 from edgemoe.collab.data import load_mmlu  # noqa: E402
-from edgemoe.collab.dmo import dmo, exhaustive  # noqa: E402
 from edgemoe.collab.embed import HashingEmbedder  # noqa: E402
 from edgemoe.collab.gate import GateConfig  # noqa: E402
-from edgemoe.collab.pipeline import fit, problem, simulated_cache, simulated_config, workspace  # noqa: E402
+from edgemoe.collab.offline.runs import fit, problem, run_data, simulated_cache, simulated_config  # noqa: E402
 from edgemoe.collab.profiles import MMLU_CATEGORIES, Budgets  # noqa: E402
+from edgemoe.collab.selection.baselines import BASELINES  # noqa: E402
+from edgemoe.collab.selection.dmo import dmo, exhaustive  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,9 +38,7 @@ HERE = Path(__file__).resolve().parent
 def bench_n(n: int, questions, fractions: list[float], latency_s: float, bound: str, seed: int) -> dict:
     cats = list(MMLU_CATEGORIES)
     cfg = simulated_config(n, cats, seed=seed)
-    ws = workspace(
-        cfg, questions, simulated_cache(cfg, questions, seed=seed), HashingEmbedder(128), seed=seed
-    )
+    ws = run_data(cfg, questions, simulated_cache(cfg, questions, seed=seed), HashingEmbedder(128), seed=seed)
     gate = fit(ws, GateConfig(steps=200, seed=seed))
     sel = problem(ws, gate, "select", Budgets(default_latency_s=latency_s))
     total = float(sel.cost_N[sel.usable_N].sum())

@@ -72,6 +72,9 @@ def _coerce(tp: Any, value: Any, field: str) -> Any:
         if isinstance(value, tp):
             return value
         require(isinstance(value, Mapping), field, f"must be a mapping, got {type(value).__name__}")
+        loader = getattr(tp, "from_mapping", None)  # a base config that picks its subclass by name
+        if loader is not None:
+            return loader(value, field)
         return from_dict(tp, value, prefix=field)
     if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
         require(isinstance(value, (list, tuple)), field, f"must be a list, got {type(value).__name__}")

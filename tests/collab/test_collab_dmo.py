@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgemoe.collab.assumptions import monotonicity
-from edgemoe.collab.baselines import BASELINES
-from edgemoe.collab.dmo import dmo, exhaustive
-from edgemoe.collab.problem import SelectionProblem
+from edgemoe.collab.offline.assumptions import monotonicity
+from edgemoe.collab.selection.baselines import BASELINES
+from edgemoe.collab.selection.dmo import dmo, exhaustive
+from edgemoe.collab.selection.problem import SelectionProblem
 
 
 def instance(seed, n, q=24, monotone=False, top_k=None, objective="accuracy", elig=0.9):

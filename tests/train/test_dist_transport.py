@@ -7,6 +7,7 @@ import os
 import signal
 
 import numpy as np
+import pytest
 import torch
 
 from edgemoe.train.config import train_config_from_dict
@@ -34,6 +35,7 @@ def _cfg(kind: str):
     )
 
 
+@pytest.mark.slow
 def test_dist_equals_inproc_and_survives_killed_workers():
     data = load_dataset("digits", train_subset=200, test_subset=60)
     ref = Trainer(_cfg("inproc"), dataset=data, keep_decisions=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from edgemoe.cli import main
 
 TINY = ["--set", "model.dim=16", "--set", "model.expert_hidden=16", "--set", "model.channels=4"]
@@ -47,11 +49,12 @@ def test_profile_reports_every_server(tmp_path):
     assert "cycles_per_token" in (out / "servers.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_demo_summary_maps_each_policy(tmp_path, capsys):
     args = ["demo", "--slots", "3", "--scale", "0.05", "--seeds", "0", "--out", str(tmp_path)]
     assert main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary) == ["stable-moe", "topk", "jsq-k"]
+    assert list(summary) == ["stable-moe", "topk", "jsq-k", "bias-uniform", "bias-capacity", "topk-switch"]
     for metrics in summary.values():
         for key in (
             "throughput_mean",
@@ -59,7 +62,13 @@ def test_demo_summary_maps_each_policy(tmp_path, capsys):
             "backlog_mean",
             "energy_over_budget_max",
             "gc_norm_mean",
+            "test_accuracy_gate",
+            "test_accuracy_random",
+            "test_accuracy_zero",
+            "mi_train_bits",
+            "mi_test_bits",
         ):
             assert isinstance(metrics[key], float)
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "comparison.csv").is_file()
-    assert "stable-moe vs topk" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stable-moe vs topk" in out and "stable-moe vs bias-capacity" in out and "MI train" in out

@@ -158,9 +158,16 @@ class RequestModel:
     bytes_per_token: float = 4.0
     response_bytes: float = 64.0
     aggregation_s: float = 0.002
+    output_tokens_by_category: dict[str, int] = field(default_factory=dict)
+
+    def output_tokens_for(self, category: str) -> int:
+        """Output tokens of a request of ``category`` (its own setting, else ``output_tokens``)."""
+        return int(self.output_tokens_by_category.get(category, self.output_tokens))
 
     def __post_init__(self) -> None:
         check_positive(self.output_tokens, "output_tokens")
+        for cat, n in self.output_tokens_by_category.items():
+            check_positive(n, f"request.output_tokens_by_category.{cat}")
         check_positive(self.bytes_per_token, "bytes_per_token")
         check_positive(self.response_bytes, "response_bytes", allow_zero=True)
         check_positive(self.aggregation_s, "aggregation_s", allow_zero=True)
@@ -201,6 +208,8 @@ class CollabConfig:
     budgets: Budgets = field(default_factory=Budgets)
     top_k: int | None = None
     objective: str = "accuracy"
+    energy: str = "reserved"
+    energy_queue_v: float | None = None
 
     def __post_init__(self) -> None:
         require(len(self.experts) > 0, "experts", "needs at least one expert")
@@ -210,6 +219,18 @@ class CollabConfig:
         require(len(self.categories) > 0, "categories", "needs at least one category")
         for cat in self.budgets.latency_s:
             check_choice(cat, f"budgets.latency_s.{cat}", self.categories)
+        if self.budgets.latency_s and self.budgets.default_latency_s is None:
+            for cat in self.categories:
+                require(
+                    cat in self.budgets.latency_s,
+                    f"budgets.latency_s.{cat}",
+                    "this category has no latency budget; add one or set budgets.default_latency_s",
+                )
+        for cat in self.request.output_tokens_by_category:
+            check_choice(cat, f"request.output_tokens_by_category.{cat}", self.categories)
+        check_choice(self.energy, "energy", ("reserved", "routed"))
+        if self.energy_queue_v is not None:
+            check_positive(self.energy_queue_v, "energy_queue_v")
         for e in self.experts:
             for cat in e.skill.categories:
                 check_choice(cat, f"experts.{e.name}.skill.categories.{cat}", self.categories)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import string
 from collections.abc import Sequence
 
+from edgemoe.errors import ConfigError
+
 LETTERS = string.ascii_uppercase
-MAX_OPTIONS = 10
+MAX_OPTIONS = len(LETTERS)
 
 
 def option_letters(n_options: int) -> str:
-    """``A``, ``B``, ... for ``n_options`` (2..10) options."""
+    """``A``, ``B``, ... for ``n_options`` (2..26) options."""
     if not 2 <= n_options <= MAX_OPTIONS:
-        raise ValueError(f"choices: need 2..{MAX_OPTIONS} options, got {n_options}")
+        raise ConfigError("choices", f"need 2..{MAX_OPTIONS} options, got {n_options}")
     return LETTERS[:n_options]
 
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgemoe.moe.buffers import GradBuffers, SortedBuffers
+
 
 class GroupedExperts(nn.Module):
     """E independent expert MLPs of width ``dim -> hidden_dim -> dim`` (no biases)."""
@@ -32,10 +34,9 @@ class GroupedExperts(nn.Module):
         self.w_in_EDF = nn.Parameter(torch.empty(num_experts, dim, in_width))
         self.w_out_EHD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters(init_std)
-        from edgemoe.moe.grouped import Workspace
-
-        # Activation buffers of finished steps, reused by the ``sorted`` backend (not state).
-        self.workspace = Workspace()
+        # Storage the ``sorted`` backend reuses across steps (not state: never saved or loaded).
+        self.buffers = SortedBuffers()
+        self.grad_buffers = GradBuffers()
 
     def reset_parameters(self, init_std: float = 0.02) -> None:
         nn.init.normal_(self.w_in_EDF, std=init_std)

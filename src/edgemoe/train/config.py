@@ -102,8 +102,9 @@ class TrainConfig:
 
     ``scale`` shrinks the scenario for small machines: arrival rates and every server's tokens per
     slot are multiplied by it (cycles per token divided), and V too, so queues and the V/Q trade-off
-    keep their shape in smaller units. ``gate_prior: scenario`` folds the scenario's expert
-    popularity skew (``scores.skew``/``popular``) into the gate as a fixed prior.
+    keep their shape in smaller units. ``gate_prior: scenario`` applies the scenario's expert
+    popularity skew (``scores.skew``/``popular``) to the controller's view of the gate scores only;
+    the model and inference never see it.
     """
 
     seed: int = 0

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from edgemoe.collab.dmo import SelectionResult, fits, no_feasible_reason, result_for
-from edgemoe.collab.problem import SelectionProblem
+from edgemoe.collab.selection.dmo import SelectionResult, fits, no_feasible_reason, result_for
+from edgemoe.collab.selection.problem import SelectionProblem
 
 
 def _candidates(problem: SelectionProblem, budget: float) -> np.ndarray:
@@ -33,8 +33,14 @@ def best_single(problem: SelectionProblem, budget: float) -> SelectionResult:
 
 
 def uniform_gate(problem: SelectionProblem) -> SelectionProblem:
-    """The same instance with equal combine weights (all gate logits zero)."""
-    return dataclasses.replace(problem, logits_QN=np.zeros_like(problem.logits_QN))
+    """The same instance without a gate: no ranking, equal combine weights (all logits zero)."""
+    zeros = np.zeros_like(problem.logits_QN)
+    return dataclasses.replace(problem, logits_QN=zeros, weight_logits_QN=zeros)
+
+
+def equal_weights(problem: SelectionProblem) -> SelectionProblem:
+    """The same instance and routing, but equal combine weights over the routed experts."""
+    return dataclasses.replace(problem, weight_logits_QN=np.zeros_like(problem.logits_QN))
 
 
 def uniform(problem: SelectionProblem, budget: float) -> SelectionResult:
