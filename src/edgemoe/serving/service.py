@@ -23,7 +23,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,7 +421,7 @@ class MoE2Service:
 
     async def chat_stream(
         self, req: ChatRequest, request_id: str, state: dict[str, Any], t0: float | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Server-sent events for ``req`` (OpenAI chunk format, ``[DONE]`` last).
 
         Everything that can be refused is refused before the first byte (routing; the first-ranked
@@ -492,13 +492,13 @@ class MoE2Service:
         plan: Plan,
         head: dict[str, Any],
         first: list[dict[str, Any]] | None,
-        stream: AsyncIterator[list[dict[str, Any]]],
+        stream: AsyncGenerator[list[dict[str, Any]], None],
         hedges: asyncio.Future,
         fallback: ExpertOutcome | None,
         t_start: float,
         include_usage: bool,
         state: dict[str, Any],
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         primary = plan.outcomes[0]
         try:
             if fallback is not None:
