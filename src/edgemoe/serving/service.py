@@ -286,8 +286,7 @@ class MoE2Service:
             if skip and o.name in skip:
                 continue
             timeout = min(self.timeouts[o.name], max(deadline - t_start, 0.0))
-            coro = asyncio.wait_for(call(self.backends[o.name], timeout), timeout)
-            tasks[asyncio.ensure_future(_as_backend_error(coro, o.name, timeout))] = o
+            tasks[asyncio.ensure_future(self._call(call, o.name, timeout))] = o
         pending = set(tasks)
         try:
             while pending and not final(plan.outcomes):
@@ -305,6 +304,15 @@ class MoE2Service:
             for o in tasks.values():
                 self._record(plan, o)
         return plan.outcomes
+
+    async def _call(
+        self, call: Callable[[LLMBackend, float], Awaitable[Any]], name: str, timeout: float
+    ) -> Any:
+        """One expert call under ``timeout`` (the call is created inside the task, so a task cancelled
+        before it starts leaves no coroutine unawaited)."""
+        return await _as_backend_error(
+            asyncio.wait_for(call(self.backends[name], timeout), timeout), name, timeout
+        )
 
     @staticmethod
     def survivors(outcomes: list[ExpertOutcome]) -> list[ExpertOutcome]:
