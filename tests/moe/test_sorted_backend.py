@@ -96,7 +96,7 @@ def test_skewed_loads_use_a_tail_grid_and_stay_exact():
     params = [x, *layer.parameters()]
     results = []
     for backend in ("loop", "sorted"):
-        out, _ = layer(x, expert_ids_TK=ids, backend=backend)
+        out, _ = layer(x, expert_ids_TK=ids, executor=executor_named(backend))
         results.append([out, *torch.autograd.grad((out * g).sum(), params)])
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, **TIGHT)
@@ -194,8 +194,8 @@ def test_inference_mode_and_training_steps_alternate():
     want = grads_of(layer, x, g, "loop")
     for _ in range(2):
         with torch.inference_mode():
-            out, _ = layer(x, backend="sorted")
-        torch.testing.assert_close(out, layer(x, backend="loop")[0].detach(), **TIGHT)
+            out, _ = layer(x, executor=executor_named("sorted"))
+        torch.testing.assert_close(out, layer(x, executor=executor_named("loop"))[0].detach(), **TIGHT)
         for got, ref in zip(grads_of(layer, x, g, "sorted"), want):
             torch.testing.assert_close(got, ref, **TIGHT)
 
