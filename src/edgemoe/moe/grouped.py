@@ -55,6 +55,7 @@ def _gemm(a_RK: Tensor, w_EKM: Tensor, layout: RowLayout, out: Tensor, *, extra_
         num_experts, cap = layout.grid
         torch.bmm(a_RK.view(num_experts, cap, -1), w_EKM, out=out_RM[:rows].view(num_experts, cap, -1))
     else:
+        assert layout.ranges is not None  # a split layout lists its ranges
         for e, s, t in layout.ranges:
             torch.mm(a_RK[s:t], w_EKM[e], out=out_RM[s:t])
     if extra_rows:
@@ -68,6 +69,7 @@ def _wgrad(a_RK: Tensor, g_RM: Tensor, layout: RowLayout, out_EKM: Tensor) -> Te
         num_experts, cap = layout.grid
         a_ECK = a_RK.view(num_experts, cap, -1)
         return torch.bmm(a_ECK.transpose(1, 2), g_RM.view(num_experts, cap, -1), out=out_EKM)
+    assert layout.ranges is not None  # a split layout lists its ranges
     if len(layout.ranges) < out_EKM.shape[0]:
         out_EKM.zero_()
     for e, s, t in layout.ranges:
@@ -97,6 +99,7 @@ def _act_backward(
         return torch.ops.aten.gelu_backward.grad_input(da_RH, h_RF, grad_input=dh_RF)
     gate_RH, up_RH = h_RF.chunk(2, dim=-1)
     dgate_RH, dup_RH = dh_RF.chunk(2, dim=-1)
+    assert s_RH is not None  # SwiGLU's forward kept silu(gate)
     torch.mul(da_RH, up_RH, out=scratch_RH)
     torch.mul(da_RH, s_RH, out=dup_RH)
     torch.ops.aten.silu_backward.grad_input(scratch_RH, gate_RH, grad_input=dgate_RH)

@@ -236,7 +236,7 @@ def apply_capacity(
     capacity_factor: float,
     priority: str,
     num_experts: int,
-) -> tuple[Tensor, int | None]:
+) -> tuple[Tensor, int | Tensor | None]:
     """Kept mask and capacity of token-choice routing under the documented capacity semantics.
 
     Only proposed slots compete for capacity. Returns ``(kept_TK, capacity)``; capacity is None
