@@ -37,7 +37,7 @@ class CheckpointError(EdgeMoEError):
 
 def clean_stale_temps(folder: str | Path) -> list[Path]:
     """Remove ``.<name>.tmp-<pid>`` files whose writer process is gone; returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
