@@ -34,7 +34,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -141,7 +141,11 @@ def concat_tables(first: RoutingTable, second: RoutingTable, prefix: str = "test
         )
     order = [second.models.index(m) for m in first.models]
     cat = lambda a, b: None if a is None else np.concatenate([a, b])  # noqa: E731
-    o = 0 if first.probs_QNO is None else max(first.probs_QNO.shape[2], second.probs_QNO.shape[2])
+    o = (
+        0
+        if first.probs_QNO is None
+        else max(first.probs_QNO.shape[2], cast(np.ndarray, second.probs_QNO).shape[2])
+    )
     pad = lambda a: None if a is None else np.pad(a, ((0, 0), (0, 0), (0, o - a.shape[2])))  # noqa: E731
     return RoutingTable(
         qid=list(first.qid) + [f"{prefix}{q}" for q in second.qid],
@@ -156,7 +160,7 @@ def concat_tables(first: RoutingTable, second: RoutingTable, prefix: str = "test
         cost_QN=np.concatenate([first.cost_QN, second.cost_QN[:, order]]),
         probs_QNO=None
         if first.probs_QNO is None
-        else np.concatenate([pad(first.probs_QNO), pad(second.probs_QNO[:, order])]),
+        else np.concatenate([pad(first.probs_QNO), pad(cast(np.ndarray, second.probs_QNO)[:, order])]),
         answer_Q=cat(first.answer_Q, second.answer_Q),
         source=f"{first.source}+{second.source}",
     )
@@ -214,7 +218,7 @@ class _Builder:
         qid: str | None,
         prompt: Any,
         category: str | None,
-        num_options: int | None,
+        num_options: int | str | None,
         models: dict[str, dict[str, Any]],
         answer: int | None = None,
     ) -> None:

@@ -14,7 +14,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -79,7 +79,7 @@ class GatewayMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         sent = {"status": 0}
 
-        async def tagged_send(message: dict) -> None:
+        async def tagged_send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 sent["status"] = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
@@ -189,6 +189,7 @@ class GatewayMiddleware:
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
         auth = headers.get(b"authorization", b"")
         given = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+        assert self.api_key is not None  # asked only when a key is set
         return hmac.compare_digest(given, self.api_key)
 
     def _record(self, scope: dict, route: str, status: int, seconds: float, request_id: str) -> None:

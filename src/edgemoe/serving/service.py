@@ -23,7 +23,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -482,7 +482,7 @@ class MoE2Service:
         plan: Plan,
         head: dict[str, Any],
         first: dict[str, Any] | None,
-        stream: AsyncIterator[dict[str, Any]],
+        stream: AsyncGenerator[dict[str, Any], None],
         hedges: asyncio.Future,
         fallback: ExpertOutcome | None,
         t_start: float,
@@ -492,8 +492,8 @@ class MoE2Service:
         primary = plan.outcomes[0]
         try:
             if fallback is not None:
-                async for chunk in _replay(fallback.result):
-                    yield _sse({**head, "choices": chunk["choices"]})
+                async for part in _replay(fallback.result):
+                    yield _sse({**head, "choices": part["choices"]})
             else:
                 usage: dict[str, int] | None = None
                 chunk: dict[str, Any] | None = first

@@ -21,7 +21,7 @@ import abc
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -225,7 +225,7 @@ class LLMBackend(abc.ABC):
         temperature: float = 0.0,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """OpenAI chat-completion chunks; the last carries ``usage``. Default: one chunk per choice."""
         gen = await self.agenerate(messages, max_tokens, temperature, params, headers)
         for choice in gen.openai_choices():

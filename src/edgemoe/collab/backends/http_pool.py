@@ -133,13 +133,13 @@ class AsyncHTTPPool:
         self, method: str, path: str, payload: Any = None, headers: Mapping[str, str] | None = None
     ) -> tuple[int, Any]:
         """Send ``payload`` as JSON (if given) and return (status, decoded JSON or text)."""
-        body, headers = self._framing(payload, headers)
+        body, framed = self._framing(payload, headers)
         async with self._slots:
             for attempt in (0, 1):
                 conn = self._idle.pop() if self._idle and attempt == 0 else await self._connect()
                 reused = conn.used
                 try:
-                    status, data, reusable = await conn.request(method, self.prefix + path, headers, body)
+                    status, data, reusable = await conn.request(method, self.prefix + path, framed, body)
                 except (OSError, h11.ProtocolError, PoolError) as exc:
                     conn.close()
                     if reused and attempt == 0:
@@ -163,13 +163,13 @@ class AsyncHTTPPool:
     ) -> AsyncIterator[bytes]:
         """The reply body as it arrives; :class:`StatusError` for a status >= 400. A stale keep-alive
         connection (failing before any reply byte) is retried once on a fresh one, as in :meth:`request`."""
-        body, headers = self._framing(payload, headers)
+        body, framed = self._framing(payload, headers)
         async with self._slots:
             for attempt in (0, 1):
                 conn = self._idle.pop() if self._idle and attempt == 0 else await self._connect()
                 reused, started, done = conn.used, False, False
                 try:
-                    await conn.send(method, self.prefix + path, headers, body)
+                    await conn.send(method, self.prefix + path, framed, body)
                     status, error = 0, []
                     async for event in conn.events():
                         started = True

@@ -12,7 +12,7 @@ import asyncio
 import json
 import math
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -291,7 +291,7 @@ class OpenAIBackend(LLMBackend):
         temperature: float = 0.0,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """The endpoint's own server-sent events, parsed; usage is always requested."""
         path, body = self._chat_request(messages, max_tokens, temperature, params)
         body |= {"stream": True, "stream_options": {"include_usage": True}}

@@ -18,7 +18,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -107,6 +107,7 @@ class RunData:
     def costs(self, idx: np.ndarray) -> RequestCosts:
         """Delay/energy of questions ``idx`` from the profiles and their token counts (measured
         latencies and energies in the cache take precedence)."""
+        assert self.prompt_tokens_Q is not None and self.output_tokens_Q is not None  # __post_init__
         c = request_costs(
             self.config.experts, self.prompt_tokens_Q[idx], self.config.request, self.output_tokens_Q[idx]
         )
@@ -164,7 +165,7 @@ def problem(
     gate: Gate,
     split: str = "select",
     budgets: Budgets | None = None,
-    top_k: int | None | str = "config",
+    top_k: int | None | Literal["config"] = "config",
     objective: str | None = None,
     index: np.ndarray | None = None,
 ) -> SelectionProblem:
@@ -232,6 +233,7 @@ def calibrate(
 
 
 def _take(p: SelectionProblem, rows: np.ndarray) -> SelectionProblem:
+    assert p.weight_logits_QN is not None  # filled in by __post_init__
     return dataclasses.replace(
         p,
         probs_QNO=p.probs_QNO[rows],
@@ -319,9 +321,12 @@ class DataSpec:
         if self.parts:
             fit = _joined([with_category(self.load_table(p), c) for c, p in self.parts.items()])
         else:
+            assert self.path is not None  # __post_init__ requires path or parts
             fit = self.load_table(self.path)
         if self.test_parts:
-            test = _joined([with_category(self.load_table(p), c) for c, p in self.test_parts.items()])
+            test: RoutingTable | None = _joined(
+                [with_category(self.load_table(p), c) for c, p in self.test_parts.items()]
+            )
         else:
             test = self.load_table(self.test_path) if self.test_path else None
         return fit, test
@@ -497,6 +502,7 @@ def table_questions(
         probs_QNO = np.stack([quality_QN, 1.0 - quality_QN], axis=2)
         answer_Q = np.zeros(q, dtype=np.int64)
     else:
+        assert table.probs_QNO is not None and table.answer_Q is not None  # full distributions
         probs_QNO = table.probs_QNO[:, sel]
         answer_Q = table.answer_Q
     cat_index = {c: i for i, c in enumerate(categories)}
@@ -565,6 +571,7 @@ def save_run(folder: Path, spec: RunSpec, ws: RunData, gate: Gate, extra: dict |
         "correctness_only": ws.correctness_only,
         **to_dict(ws.config),
     }
+    assert ws.prompt_tokens_Q is not None and ws.output_tokens_Q is not None  # __post_init__
     questions = [
         {
             "qid": ws.questions.qid[i],

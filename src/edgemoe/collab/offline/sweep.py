@@ -145,7 +145,7 @@ def uniform_latency(budgets: Budgets, seconds: float | None) -> Budgets:
 
 def summarise(rows: list[dict]) -> dict:
     """Headline figures: DMO == exhaustive, MoE² vs every baseline, margin over the best single expert."""
-    by = {}
+    by: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by.setdefault((r.get("sweep", ""), r["energy_budget_j"], r["latency_budget_s"]), {})[r["method"]] = r
     exact, dominates, within, margins, test_margins, test_over = [], [], [], [], [], []

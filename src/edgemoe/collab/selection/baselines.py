@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -102,4 +103,9 @@ def random_feasible(problem: SelectionProblem, budget: float, seed: int = 0) -> 
     return result_for(problem, "random", mask, budget, evals=1, seconds=time.perf_counter() - t0)
 
 
-BASELINES = {"best_single": best_single, "uniform": uniform, "greedy": greedy, "random": random_feasible}
+BASELINES: dict[str, Callable[..., SelectionResult]] = {
+    "best_single": best_single,
+    "uniform": uniform,
+    "greedy": greedy,
+    "random": random_feasible,
+}

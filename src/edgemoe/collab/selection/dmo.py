@@ -28,6 +28,7 @@ import heapq
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -426,7 +427,7 @@ def _dmo(problem: SelectionProblem, budget: float, bound: str) -> SelectionResul
             heapq.heappush(s.heap, node)
         s.deferred = []
         s.run(fallback=True)
-        changed = before is not None and not np.array_equal(before, s.best_mask)
+        changed = before is not None and not np.array_equal(before, cast(np.ndarray, s.best_mask))
     return result_for(
         problem,
         f"dmo-{bound}",

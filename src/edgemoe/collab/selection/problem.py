@@ -29,6 +29,7 @@ is recomputed with the softmax restricted to its own routed experts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -101,7 +102,7 @@ class SelectionProblem:
         self.cost_N = (self.energy_QN * self.eligible_QN).mean(axis=0)
         # Reserved energy is additive (feasibility is down-closed); routed energy under top-k is not.
         self.additive = self.top_k is None or self.energy_mode == "reserved"
-        self.usable_N = self.eligible_QN.any(axis=0)
+        self.usable_N = cast(np.ndarray, self.eligible_QN.any(axis=0))
         # Sorted-by-logit views for the top-k fine level (eligible experts first).
         order_QN = np.argsort(-np.where(self.eligible_QN, self.logits_QN, -np.inf), axis=1, kind="stable")
         self.rank_order_QN = order_QN
@@ -181,6 +182,7 @@ class SelectionProblem:
         sel_KN = np.asarray(masks_BN, dtype=bool)[b_K[:, None], order_KN] & self.eligible_sorted_QN[q_K]
         if self.top_k is not None:
             sel_KN &= np.cumsum(sel_KN, axis=1) <= self.top_k
+        assert self.weight_logits_QN is not None  # filled in by __post_init__
         z_KN = np.where(sel_KN, np.take_along_axis(self.weight_logits_QN[q_K], order_KN, axis=1), -np.inf)
         w_KN = np.where(sel_KN, np.exp(z_KN - z_KN.max(axis=1, keepdims=True)), 0.0)
         probs_KNO = np.take_along_axis(self.probs_QNO[q_K], order_KN[:, :, None], axis=1)
