@@ -66,7 +66,6 @@ def replay(
     names = list(problem.names)
     unserved = 1.0 / problem.num_options if problem.correctness_only else 0.0
     correct, energy, served, experts = [], [], [], []
-    assert problem.weight_logits_QN is not None  # filled in by __post_init__
     for q in q_order:
         # Latency eligibility is precomputed: eligible experts "take" 0 s against a 1 s budget.
         route = route_request(
