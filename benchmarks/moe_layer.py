@@ -150,7 +150,7 @@ def build_ours(shape: Shape, backend: str, capacity_factor: float) -> MoELayer:
         hidden_dim=shape.swiglu_hidden,
         num_experts=shape.num_experts,
         router=router,
-        backend=backend,
+        executor=backend,
     )
     torch.manual_seed(0)
     return MoELayer(cfg)

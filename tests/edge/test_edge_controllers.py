@@ -257,3 +257,41 @@ def test_make_controller_names():
         make_controller("nope", spec)
     assert dataclasses.replace(spec.controller) == spec.controller
     assert set(SCENARIOS) >= {"paper", "homogeneous", "bursty", "large"}
+
+
+@pytest.mark.parametrize("target", ["uniform", "capacity"])
+def test_bias_balancers_reach_their_target_share(target):
+    """With a gate that always prefers the same servers, the auxiliary-loss-free bias moves the load
+    to the target share: equal, or proportional to f_max / C."""
+    spec = load_scenario("paper")
+    ctrl = make_controller(f"bias-{target}", spec)
+    rng = np.random.default_rng(0)
+    state = NetworkState.initial(spec)
+    weight = np.ones(8) if target == "uniform" else spec.f_max_J / spec.cycles_J
+    share = weight / weight.sum()
+    loads = []
+    for t in range(600):
+        scores = rng.dirichlet(np.exp(-np.arange(8) / 2.0) * 5, size=200)
+        d = ctrl.decide(state, scores)
+        if t >= 400:
+            loads.append(d.routed_J(8))
+    got = np.mean(loads, axis=0) / (200 * spec.k)
+    np.testing.assert_allclose(got, share, atol=0.02)
+    # the bias is state that resumes
+    other = make_controller(f"bias-{target}", spec)
+    other.load_state_dict(ctrl.state_dict())
+    assert np.array_equal(other.decide(state, scores).expert_ids_NK, ctrl.decide(state, scores).expert_ids_NK)
+
+
+def test_jsq_pairs_servers_at_random():
+    """Dealt in index order, JSQ-K would pair server j with j + J/K almost always."""
+    spec = load_scenario("paper")
+    ctrl = make_controller("jsq-k", spec, seed=3)
+    state = NetworkState.initial(spec)
+    pairs = set()
+    for _ in range(20):
+        ids = ctrl.decide(state, np.full((64, 8), 1 / 8)).expert_ids_NK
+        assert (ids[:, 0] != ids[:, 1]).all()
+        assert (np.bincount(ids.ravel(), minlength=8) == 16).all()  # still water-filling
+        pairs |= {tuple(sorted(p)) for p in ids.tolist()}
+    assert len(pairs) > 20  # of the 28 possible pairs

@@ -6,28 +6,33 @@ convention, a gradient someone still holds is never overwritten, a retained grap
 again, and a compiled layer gives the eager outputs and gradients.
 """
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgemoe.moe import MoEConfig, MoELayer, RouterConfig
-from edgemoe.moe.backends import LoopBackend, SortedBackend
+from edgemoe.moe.backends import LoopExecutor, SortedExecutor, build_executor
 
 TIGHT = {"rtol": 1e-12, "atol": 1e-12}
+
+# One executor instance per name for the whole module, as a layer keeps its own across steps.
+executor_named = functools.cache(build_executor)
 
 
 def make_layer(num_experts=6, top_k=2, cf=0.0, kind="swiglu", dim=10, hidden=14, backend="sorted"):
     torch.manual_seed(0)
     router = RouterConfig(top_k=top_k, capacity_factor=cf)
     cfg = MoEConfig(
-        dim=dim, hidden_dim=hidden, num_experts=num_experts, router=router, expert=kind, backend=backend
+        dim=dim, hidden_dim=hidden, num_experts=num_experts, router=router, expert=kind, executor=backend
     )
     return MoELayer(cfg).double()
 
 
 def loss_of(layer, x, g, backend):
-    out, _ = layer(x, backend=backend)
+    out, _ = layer(x, executor=executor_named(backend))
     return (out * g).sum()
 
 
@@ -57,7 +62,7 @@ def test_sorted_equals_loop_to_round_off(num_tokens, num_experts, k_frac, cf, ki
     g = torch.randn(num_tokens, 10, dtype=torch.double)
     params = [x, *layer.parameters()]
     results = []
-    for backend in (LoopBackend(), SortedBackend(strategy)):
+    for backend in (LoopExecutor(), SortedExecutor(strategy)):
         routing = layer.router(x)
         out = backend(layer.experts, x, routing)
         results.append([out, *torch.autograd.grad((out * g).sum(), params, allow_unused=True)])
@@ -91,7 +96,7 @@ def test_skewed_loads_use_a_tail_grid_and_stay_exact():
     params = [x, *layer.parameters()]
     results = []
     for backend in ("loop", "sorted"):
-        out, _ = layer(x, expert_ids_TK=ids, backend=backend)
+        out, _ = layer(x, expert_ids_TK=ids, executor=executor_named(backend))
         results.append([out, *torch.autograd.grad((out * g).sum(), params)])
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, **TIGHT)
@@ -162,8 +167,8 @@ def test_one_layer_used_twice_in_one_graph():
 
     def twice(backend):
         xx = x.clone().requires_grad_(True)
-        out1, _ = layer(xx, backend=backend)
-        out2, _ = layer(torch.tanh(out1), backend=backend)
+        out1, _ = layer(xx, executor=executor_named(backend))
+        out2, _ = layer(torch.tanh(out1), executor=executor_named(backend))
         return [t.clone() for t in torch.autograd.grad((out2 * g).sum(), [xx, *layer.parameters()])]
 
     for got, want in zip(twice("sorted"), twice("loop")):
@@ -174,9 +179,9 @@ def test_inference_forward_matches_and_keeps_buffers_for_reuse():
     layer = make_layer()
     x = torch.randn(33, 10, dtype=torch.double)
     with torch.no_grad():
-        want, _ = layer(x, backend="loop")
-        got, _ = layer(x, backend="sorted")
-        again, _ = layer(x, backend="sorted")
+        want, _ = layer(x, executor=executor_named("loop"))
+        got, _ = layer(x, executor=executor_named("sorted"))
+        again, _ = layer(x, executor=executor_named("sorted"))
     torch.testing.assert_close(got, want, **TIGHT)
     torch.testing.assert_close(again, want, **TIGHT)
     assert len(layer.experts.buffers._free) > 0
@@ -189,8 +194,8 @@ def test_inference_mode_and_training_steps_alternate():
     want = grads_of(layer, x, g, "loop")
     for _ in range(2):
         with torch.inference_mode():
-            out, _ = layer(x, backend="sorted")
-        torch.testing.assert_close(out, layer(x, backend="loop")[0].detach(), **TIGHT)
+            out, _ = layer(x, executor=executor_named("sorted"))
+        torch.testing.assert_close(out, layer(x, executor=executor_named("loop"))[0].detach(), **TIGHT)
         for got, ref in zip(grads_of(layer, x, g, "sorted"), want):
             torch.testing.assert_close(got, ref, **TIGHT)
 

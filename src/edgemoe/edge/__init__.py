@@ -5,6 +5,8 @@ Public API (see docs/stable-moe.md):
 - :class:`NetworkSpec`, :func:`load_scenario`, :func:`load_spec`: servers, slots, arrivals, scores;
 - :func:`make_arrivals`: seeded arrival processes (Poisson, MMPP, CSV trace);
 - :class:`NetworkState`, :func:`advance`: token backlog Q_J, virtual energy queue Z_J, ``online_J``;
+- :class:`SlotEngine`: the one slot loop state (queues, energy, on/offline) that the simulator and
+  the trainer both advance;
 - :class:`Decision`, :func:`make_controller`: ``decide(state, scores_NJ) -> Decision``;
 - :func:`save_score_trace`, :func:`load_score_trace`: the recorded gate-score format.
 """
@@ -37,7 +39,7 @@ from edgemoe.edge.spec import (
     load_spec,
     spec_from_dict,
 )
-from edgemoe.edge.state import NetworkState, SlotOutcome, advance
+from edgemoe.edge.state import NetworkState, SlotEngine, SlotOutcome, advance
 
 __all__ = [
     "ALL_POLICIES",
@@ -55,6 +57,7 @@ __all__ = [
     "ScoreTrace",
     "ServerSpec",
     "SkewedScoreGenerator",
+    "SlotEngine",
     "SlotOutcome",
     "Workload",
     "advance",

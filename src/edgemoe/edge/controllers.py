@@ -5,7 +5,7 @@ One interface for all of them, ``decide(state, scores_NJ) -> Decision``, used bo
 and by the training loop. Everything is vectorised over tokens (``sequential`` routing loops over
 blocks of tokens, never over single tokens unless ``block=1`` is asked for).
 
-Stable-MoE's per-slot problem (DESIGN.md §2, with the energy queue weighted by beta_j, see
+Stable-MoE's per-slot problem (with the energy queue weighted by beta_j, see
 docs/stable-moe.md): minimise over x (K experts per token) and f
 
     sum_j Q_j (A_j - D_j) + sum_j beta_j Z_j (E_j - E_j^max) - V (omega1 sum_j D_j + omega2 sum_ij g_ij x_ij)
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from edgemoe.config import ConfigError, require
 from edgemoe.edge.arrivals import restore_rng, rng_state
 from edgemoe.edge.spec import ControllerSpec, NetworkSpec, check_scores
 from edgemoe.edge.state import NetworkState
+from edgemoe.registry import Registry
 
 FreqRule = Literal["lyapunov", "sustainable", "max"]
 
@@ -163,6 +165,8 @@ class Controller:
 
     name = "controller"
     freq_rule: FreqRule = "lyapunov"
+    balance_loss = False
+    """Whether a trainer should add the router's load-balance loss for this policy."""
 
     def __init__(self, spec: NetworkSpec, cfg: ControllerSpec | None = None):
         self.spec = spec
@@ -231,12 +235,15 @@ class JSQK(Controller):
     at the start of the slot; ``sequential``: token by token, each assignment raising the provisional
     queue by one, computed exactly as water-filling (:func:`water_fill_counts`); listing the servers
     with their counts and dealing the list out in K strides of N gives every token K distinct servers.
-    Frequency: the Lyapunov rule with V = 0."""
+    The servers are listed in a random order and the tokens dealt in a random order every slot, so no
+    pair of servers is tied together (dealt in index order, server j would nearly always be paired
+    with j + J/K). Frequency: the Lyapunov rule with V = 0."""
 
     name = "jsq-k"
 
-    def __init__(self, spec: NetworkSpec, cfg: ControllerSpec | None = None):
+    def __init__(self, spec: NetworkSpec, cfg: ControllerSpec | None = None, seed: int = 0):
         super().__init__(spec, dataclasses.replace(cfg or spec.controller, V=0.0))
+        self.rng = np.random.default_rng(seed)
 
     def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
         N = len(scores_NJ)
@@ -245,8 +252,16 @@ class JSQK(Controller):
             best = servers[np.argsort(state.backlog_J[servers], kind="stable")[: self.k]]
             return np.broadcast_to(best, (N, self.k)).copy(), None
         counts = water_fill_counts(state.backlog_J[servers], N, self.k)
+        order = self.rng.permutation(len(servers))
         # Each server appears at most N times in a row, so entries i, i + N, ... are distinct.
-        return np.repeat(servers, counts).reshape(self.k, N).T.copy(), None
+        ids_NK = np.repeat(servers[order], counts[order]).reshape(self.k, N).T
+        return ids_NK[self.rng.permutation(N)].copy(), None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_state(self.rng)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(self.rng, state["rng"])
 
 
 class TopK(Controller):
@@ -315,11 +330,71 @@ class RandomK(Controller):
         restore_rng(self.rng, state["rng"])
 
 
+BIAS_RATE = 5e-3
+"""Default bias step of the balancers per slot, in gate-score units (softmax scores average 1/J; at
+this rate a bias crosses the mean score of an 8-expert gate in 25 slots)."""
+
+
+class BiasBalance(Controller):
+    """Top-K of gate scores plus a per-server bias, balanced without an auxiliary loss (DeepSeek-V3):
+    after every slot each online server's bias moves by ``bias_rate`` up if it got fewer than its
+    target share of the slot's assignments, down if more. ``target='uniform'``: equal shares;
+    ``'capacity'``: shares proportional to f_max/C (tokens per second at full speed). Frequency: the
+    Lyapunov rule with V = 0, as for JSQ-K (queue-aware and within the energy budget), so against
+    JSQ-K only the routing differs."""
+
+    name = "bias-uniform"
+
+    def __init__(
+        self,
+        spec: NetworkSpec,
+        cfg: ControllerSpec | None = None,
+        target: Literal["uniform", "capacity"] = "uniform",
+        bias_rate: float = BIAS_RATE,
+    ):
+        super().__init__(spec, dataclasses.replace(cfg or spec.controller, V=0.0))
+        require(bias_rate >= 0 and math.isfinite(bias_rate), "bias_rate", f"must be >= 0, got {bias_rate}")
+        weight_J = np.ones(spec.num_servers) if target == "uniform" else spec.f_max_J / spec.cycles_J
+        self.weight_J = weight_J / weight_J.sum()
+        self.bias_rate = bias_rate
+        self.bias_J = np.zeros(spec.num_servers)
+
+    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
+        ids_NK = topk_ids(masked(scores_NJ + self.bias_J, state.online_J), self.k)
+        load_J = np.bincount(ids_NK.ravel(), minlength=self.spec.num_servers)
+        target_J = np.where(state.online_J, self.weight_J, 0.0)
+        target_J *= ids_NK.size / max(target_J.sum(), 1e-12)
+        self.bias_J += self.bias_rate * np.sign(target_J - load_J) * state.online_J
+        return ids_NK, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bias_J": self.bias_J.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.bias_J = np.array(state["bias_J"], dtype=np.float64)
+
+
+class TopKSwitch(TopK):
+    """Plain top-K routing whose gate is trained with the Switch load-balance loss (the trainer adds
+    it, weight ``SWITCH_COEF`` unless ``model.aux_coef`` is set); Lyapunov frequency with V = 0."""
+
+    name = "topk-switch"
+    balance_loss = True
+
+    def __init__(self, spec: NetworkSpec, cfg: ControllerSpec | None = None):
+        super().__init__(spec, dataclasses.replace(cfg or spec.controller, V=0.0), freq_rule="lyapunov")
+
+
+SWITCH_COEF = 1e-2
+"""Switch Transformer's load-balance loss weight."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # Registry
 
 GATE_FOLLOWING = ("topk-max", "topk-sustainable", "topk-capacity")
 LOAD_ONLY = ("random-k", "jsq-k")
+BALANCERS = ("bias-uniform", "bias-capacity", "topk-switch")
 STABLE_MOE = ("stable-moe", "stable-moe-linear", "stable-moe-sequential", "stable-moe-fixed-freq")
 ALL_POLICIES = (
     "stable-moe-linear",
@@ -327,21 +402,49 @@ ALL_POLICIES = (
     "stable-moe-fixed-freq",
     *GATE_FOLLOWING,
     *LOAD_ONLY,
+    *BALANCERS,
 )
-CONTROLLER_NAMES = (*STABLE_MOE, "topk", *GATE_FOLLOWING, *LOAD_ONLY)
+CONTROLLER_NAMES = (*STABLE_MOE, "topk", *GATE_FOLLOWING, *LOAD_ONLY, *BALANCERS)
+
+
+ControllerFactory = Callable[[NetworkSpec, ControllerSpec, int, float], Controller]
+CONTROLLERS: Registry[ControllerFactory] = Registry("controller")
+"""Controller name -> factory ``(spec, cfg, seed, bias_rate) -> Controller``."""
+
+
+def _register(name: str, factory: ControllerFactory) -> None:
+    CONTROLLERS.add(name, factory)
+
+
+for _name in ("stable-moe", "stable-moe-linear", "stable-moe-sequential"):
+    _register(_name, lambda spec, cfg, seed, rate: StableMoE(spec, cfg))
+_register(
+    "stable-moe-fixed-freq", lambda spec, cfg, seed, rate: StableMoE(spec, cfg, freq_rule="sustainable")
+)
+for _name in ("topk", "topk-max"):
+    _register(_name, lambda spec, cfg, seed, rate: TopK(spec, cfg, freq_rule="max"))
+_register("topk-sustainable", lambda spec, cfg, seed, rate: TopK(spec, cfg, freq_rule="sustainable"))
+_register("topk-capacity", lambda spec, cfg, seed, rate: TopKCapacity(spec, cfg))
+_register("random-k", lambda spec, cfg, seed, rate: RandomK(spec, cfg, seed=seed))
+_register("jsq-k", lambda spec, cfg, seed, rate: JSQK(spec, cfg, seed=seed))
+_register("bias-uniform", lambda spec, cfg, seed, rate: BiasBalance(spec, cfg, "uniform", rate))
+_register("bias-capacity", lambda spec, cfg, seed, rate: BiasBalance(spec, cfg, "capacity", rate))
+_register("topk-switch", lambda spec, cfg, seed, rate: TopKSwitch(spec, cfg))
 
 
 def make_controller(name: str, spec: NetworkSpec, **params: Any) -> Controller:
     """Build a controller by name with ``spec.controller`` defaults, overridden by ``params``
-    (any :class:`~edgemoe.edge.spec.ControllerSpec` field, plus ``seed`` for ``random-k``).
+    (any :class:`~edgemoe.edge.spec.ControllerSpec` field, plus ``seed`` for ``random-k`` and
+    ``jsq-k`` and ``bias_rate`` for the bias balancers).
 
-    Names: ``stable-moe`` (routing mode from the spec), ``stable-moe-linear``, ``stable-moe-sequential``,
-    ``stable-moe-fixed-freq``, ``topk`` / ``topk-max``, ``topk-sustainable``, ``topk-capacity``,
-    ``random-k``, ``jsq-k``.
+    Names (:data:`CONTROLLERS`): ``stable-moe`` (routing mode from the spec), ``stable-moe-linear``,
+    ``stable-moe-sequential``, ``stable-moe-fixed-freq``, ``topk`` / ``topk-max``,
+    ``topk-sustainable``, ``topk-capacity``, ``random-k``, ``jsq-k``, ``bias-uniform``,
+    ``bias-capacity``, ``topk-switch``.
     """
-    if name not in CONTROLLER_NAMES:
-        raise ConfigError("policy", f"unknown controller {name!r}; choose from {list(CONTROLLER_NAMES)}")
+    factory = CONTROLLERS.get(name, field="policy")
     seed = int(params.pop("seed", 0))
+    bias_rate = float(params.pop("bias_rate", BIAS_RATE))
     if name in ("stable-moe-linear", "stable-moe-sequential"):
         params.setdefault("mode", name.rsplit("-", 1)[1])
     allowed = {f.name for f in dataclasses.fields(ControllerSpec)}
@@ -352,17 +455,7 @@ def make_controller(name: str, spec: NetworkSpec, **params: Any) -> Controller:
         cfg = dataclasses.replace(spec.controller, **params)
     except ConfigError as exc:
         raise ConfigError(f"controller.{exc.field}", str(exc).split(": ", 1)[-1]) from None
-    if name.startswith("stable-moe"):
-        rule: FreqRule = "sustainable" if name == "stable-moe-fixed-freq" else "lyapunov"
-        ctrl: Controller = StableMoE(spec, cfg, freq_rule=rule)
-    elif name in ("topk", "topk-max", "topk-sustainable"):
-        ctrl = TopK(spec, cfg, freq_rule="sustainable" if name == "topk-sustainable" else "max")
-    elif name == "topk-capacity":
-        ctrl = TopKCapacity(spec, cfg)
-    elif name == "random-k":
-        ctrl = RandomK(spec, cfg, seed=seed)
-    else:
-        ctrl = JSQK(spec, cfg)
+    ctrl = factory(spec, cfg, seed, bias_rate)
     ctrl.name = name
     return ctrl
 

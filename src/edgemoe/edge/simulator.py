@@ -17,7 +17,7 @@ from edgemoe.config import require
 from edgemoe.edge.controllers import GATE_FOLLOWING, LOAD_ONLY, Controller, group_rank, make_controller
 from edgemoe.edge.scores import ScoreTrace, Workload
 from edgemoe.edge.spec import NetworkSpec
-from edgemoe.edge.state import NetworkState, advance
+from edgemoe.edge.state import Service, SlotEngine
 
 PER_SERVER = ("backlog", "served", "arrived", "energy", "energy_queue", "freq")
 PER_SLOT = ("tokens", "completed", "gate_mass", "topk_mass", "overlap", "drops")
@@ -73,7 +73,7 @@ class CompletionTracker:
         self.pool_size = 0
         self.resolve_at = self.MIN_POOL
 
-    def _done_slot(self, j: int, positions: np.ndarray, upto: int) -> np.ndarray:
+    def _done_slot(self, j: int | np.integer, positions: np.ndarray, upto: int) -> np.ndarray:
         return np.searchsorted(self.cum_served_JT[j, :upto], positions + 1 - 1e-9, side="left")
 
     def add(self, ids_NK: np.ndarray, kept_NK: np.ndarray, upto: int) -> None:
@@ -151,26 +151,29 @@ def per_slot_sum(values_R: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 class PolicyRun:
     """One policy's controller, queues and records within a simulation."""
 
-    def __init__(self, policy: PolicySpec, spec: NetworkSpec, slots: int, seed: int):
+    def __init__(
+        self, policy: PolicySpec, spec: NetworkSpec, slots: int, seed: int, service: Service = "fluid"
+    ):
         self.label = policy.label
         self.spec = spec
         self.controller = policy.build(spec, seed)
-        self.state = NetworkState.initial(spec)
+        self.engine = SlotEngine(spec, service)
+        self.state = self.engine.state
         J = spec.num_servers
-        self.arrays = {name: np.zeros((slots, J)) for name in PER_SERVER}
+        self.arrays: dict[str, np.ndarray] = {name: np.zeros((slots, J)) for name in PER_SERVER}
         self.arrays.update({name: np.zeros(slots) for name in PER_SLOT})
         self.tracker = CompletionTracker(J, slots)
         self.cum_served_J = np.zeros(J)
 
     def run_chunk(self, trace: ScoreTrace, t0: int, topk_mass_R: np.ndarray, kth_R: np.ndarray) -> None:
-        spec, J, K = self.spec, self.spec.num_servers, self.spec.k
+        J, K = self.spec.num_servers, self.spec.k
         ids, kept = [], []
         a = self.arrays
         for i in range(trace.num_slots):
             t = t0 + i
             decision = self.controller.decide(self.state, trace.slot(i))
             arrived_J = decision.routed_J(J)
-            outcome = advance(self.state, spec, decision.freq_J, arrived_J)
+            outcome = self.engine.step(decision.freq_J, arrived_J)
             self.cum_served_J += outcome.served_J
             self.tracker.cum_served_JT[:, t] = self.cum_served_J
             a["served"][t] = outcome.served_J
@@ -206,16 +209,18 @@ def simulate(
     seed: int = 0,
     chunk: int = 250,
     progress: Callable[[int], None] | None = None,
+    service: Service = "fluid",
 ) -> dict[str, RunTrace]:
     """Run every policy for ``slots`` slots on the same workload (seeded by ``seed``).
 
-    ``progress(n)`` is called after each chunk with the number of policy-slots just simulated.
+    ``progress(n)`` is called after each chunk with the number of policy-slots just simulated;
+    ``service`` is the slot engine's service model (``whole`` tokens is what the trainer runs).
     """
     require(slots >= 1, "slots", f"must be >= 1, got {slots}")
     labels = [p.label for p in policies]
     require(len(set(labels)) == len(labels), "policies", f"labels must be unique, got {labels}")
     workload = Workload(spec, seed)
-    runs = [PolicyRun(p, spec, slots, seed) for p in policies]
+    runs = [PolicyRun(p, spec, slots, seed, service) for p in policies]
     for t0 in range(0, slots, chunk):
         trace = workload.next_chunk(min(chunk, slots - t0))
         topk_mass_R, kth_R = chunk_gate_stats(trace, spec.k)

@@ -6,9 +6,11 @@ and by the experiments of docs/results.md::
 
     python -m edgemoe.experiments.compare --dataset fashion-mnist --seeds 0,1,2 --slots 100 --out runs/exp-fm
 
-Writes ``summary.json`` (policy -> mean metrics, plus per-seed values and standard deviations),
-``comparison.csv``, per-run slot/eval traces and ``curves.png`` (seed 0: accuracy, backlog and
-throughput against slots) to the output folder.
+Writes ``summary.json`` (policy -> mean metrics, plus per-seed values, standard deviations and,
+for every baseline, ``paired``: Stable-MoE minus the baseline per seed, with a 95 % confidence
+interval), ``comparison.csv``, per-run slot/eval traces and ``curves.png`` (seed 0: accuracy,
+backlog and throughput against slots) to the output folder. Every run also reports the routing
+diagnostics of :meth:`edgemoe.train.trainer.Trainer.diagnostics`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 from tqdm import tqdm
 
 from edgemoe.config import apply_overrides
 from edgemoe.edge.controllers import expand_policies
 from edgemoe.files import write_json
-from edgemoe.report.train import format_table, markdown_table, plot_comparison, plot_servers, write_rows
+from edgemoe.report.train import (
+    diagnostics_table,
+    format_table,
+    markdown_table,
+    paired_table,
+    plot_comparison,
+    plot_servers,
+    write_rows,
+)
 from edgemoe.train.config import TrainConfig, train_config_from_dict
 from edgemoe.train.data import load_dataset
 from edgemoe.train.trainer import Trainer
@@ -41,14 +52,19 @@ METRICS = (
     "trained",
     "arrived",
     "dropped_assignments",
+    "test_accuracy_gate",
 )
+PAIRED = ("test_accuracy", "test_accuracy_gate", "throughput_mean")
 
 
 def policy_config(base: dict[str, Any], policy: str, seed: int) -> TrainConfig:
-    """``base`` (a TrainConfig mapping) for one policy and seed; ``controller`` applies to Stable-MoE only."""
+    """``base`` (a TrainConfig mapping) for one policy and seed; ``controller`` applies to Stable-MoE
+    only, except ``controller.bias_rate``, which applies to the bias balancers."""
     data = dict(base, policy=policy, seed=seed)
     if not policy.startswith("stable-moe"):
-        data["controller"] = {}
+        controller = dict(base.get("controller", {}))
+        keep = ("bias_rate",) if policy.startswith("bias-") else ()
+        data["controller"] = {k: v for k, v in controller.items() if k in keep}
     return train_config_from_dict(data)
 
 
@@ -81,9 +97,10 @@ def run_comparison(
             start = time.perf_counter()
             desc = f"{policy:>16} seed {seed}"
             with tqdm(total=cfg.slots, desc=desc, unit="slot", disable=not progress, leave=False) as bar:
-                trainer.run(on_slot=lambda row, bar=bar: bar.update(1))
+                trainer.run(on_slot=lambda row, bar=bar: bar.update(1))  # type: ignore[misc]  # default arg
             summary = trainer.summary()
             row = {key: float(summary[key]) for key in METRICS}
+            row.update(trainer.diagnostics())
             row["wall_s"] = time.perf_counter() - start
             per_run[policy].append(row)
             write_rows(out / "traces" / f"slots_{policy}_seed{seed}.csv", trainer.history)
@@ -100,6 +117,7 @@ def run_comparison(
                     f"accuracy {row['test_accuracy']:.3f}, backlog {row['backlog_mean']:.0f}, {row['wall_s']:.0f}s"
                 )
     summaries = aggregate(per_run)
+    add_paired(summaries)
     write_json(out / "summary.json", summaries)
     write_rows(
         out / "comparison.csv",
@@ -127,6 +145,38 @@ def aggregate(per_run: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
     return out
 
 
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and two-sided t confidence interval (nan bounds with fewer than two values)."""
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return mean, mean - half, mean + half
+
+
+def add_paired(summaries: dict[str, dict[str, Any]], ours: str = "stable-moe") -> None:
+    """Give every baseline a ``paired`` entry: per seed, ``ours`` minus the baseline (accuracy in
+    points, throughput as a ratio), with mean and 95 % CI over seeds (seeds are paired: same
+    arrivals and samples)."""
+    if ours not in summaries:
+        return
+    mine = summaries[ours]["seeds"]
+    for name, entry in summaries.items():
+        if name == ours:
+            continue
+        theirs = entry["seeds"]
+        paired: dict[str, Any] = {}
+        for key in PAIRED:
+            if key == "throughput_mean":
+                diffs = [a[key] / max(b[key], 1e-9) for a, b in zip(mine, theirs)]
+            else:
+                diffs = [100 * (a[key] - b[key]) for a, b in zip(mine, theirs)]
+            mean, lo, hi = mean_ci(diffs)
+            paired[key] = {"mean": mean, "ci95": [lo, hi], "per_seed": diffs}
+        entry["paired"] = paired
+
+
 def spread(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     return {
         p: {k[: -len("_std")]: v for k, v in s.items() if k.endswith("_std")} for p, s in summaries.items()
@@ -134,7 +184,8 @@ def spread(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def claim_lines(summaries: dict[str, dict[str, Any]], ours: str = "stable-moe") -> list[str]:
-    """How ``ours`` compares with each baseline: throughput ratio and accuracy difference (points)."""
+    """How ``ours`` compares with each baseline: throughput ratio and accuracy difference (points),
+    with the 95 % CI of the paired per-seed differences when there are several seeds."""
     if ours not in summaries:
         return []
     lines = []
@@ -144,7 +195,11 @@ def claim_lines(summaries: dict[str, dict[str, Any]], ours: str = "stable-moe") 
             continue
         ratio = mine["throughput_mean"] / max(other["throughput_mean"], 1e-9)
         gain = 100 * (mine["test_accuracy"] - other["test_accuracy"])
-        lines.append(f"{ours} vs {name}: throughput x{ratio:.2f}, test accuracy {gain:+.1f} points")
+        line = f"{ours} vs {name}: throughput x{ratio:.2f}, test accuracy {gain:+.1f} points"
+        lo, hi = other.get("paired", {}).get("test_accuracy", {}).get("ci95", [float("nan")] * 2)
+        if np.isfinite(lo):
+            line += f" (95% CI {lo:+.1f} to {hi:+.1f})"
+        lines.append(line)
     return lines
 
 
@@ -156,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--test-subset", type=int, default=None)
-    parser.add_argument("--policies", default="stable-moe,topk,topk-sustainable,topk-capacity,random-k,jsq-k")
+    parser.add_argument(
+        "--policies",
+        default="stable-moe,topk,topk-sustainable,topk-capacity,random-k,jsq-k,bias-uniform,bias-capacity,topk-switch",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--slots", type=int, default=100)
     parser.add_argument("--scale", type=float, default=0.25)
@@ -185,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(summaries, spread(summaries)))
     print()
     print(markdown_table(summaries, spread(summaries)))
+    print()
+    print(diagnostics_table(summaries))
+    print()
+    print(paired_table(summaries))
     for line in claim_lines(summaries):
         print(line)
     return 0

@@ -1,10 +1,14 @@
-"""The Stable-MoE demo: Stable-MoE vs top-K vs JSQ-K training on ``digits`` over the ``paper`` network.
+"""The Stable-MoE demo: Stable-MoE against gate-following top-K, JSQ-K and the strongest balancers
+(auxiliary-loss-free bias balancing with uniform and capacity-proportional targets, top-K + Switch
+load-balance loss), training on ``digits`` over the ``paper`` network.
 
 The paper network (8 servers at 1-3 GHz, K=2, energy budgets binding on the fast servers, gate
-popularity skewed toward the slow servers) scaled to a quarter of its token rate, a fixed budget of
-40 slots, three seeds, identical arrivals and samples for every policy within a seed. Prints a
-comparison table and writes ``summary.json`` (policy -> ``throughput_mean``, ``test_accuracy``, ``backlog_mean``,
-``energy_over_budget_max``, ``gc_norm_mean``, ...), ``comparison.csv``, traces and ``curves.png``.
+popularity skewed toward the slow servers in the controller's view) scaled to a quarter of its
+token rate, a fixed budget of 40 slots, three seeds, identical arrivals and samples for every
+policy within a seed. Prints a comparison table, the routing diagnostics and Stable-MoE's paired
+differences, and writes ``summary.json`` (policy -> ``throughput_mean``, ``test_accuracy``,
+``backlog_mean``, ``energy_over_budget_max``, ``gc_norm_mean``, diagnostics, ``paired``, ...),
+``comparison.csv``, traces and ``curves.png``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from edgemoe.config import require
 
 # Heavy modules (torch, the trainer, matplotlib) are imported in main() so that building the
 # ``edgemoe`` parser stays fast.
-DEMO_POLICIES = "stable-moe,topk,jsq-k"
+DEMO_POLICIES = "stable-moe,topk,jsq-k,bias-uniform,bias-capacity,topk-switch"
 
 
 def demo_base(slots: int, scale: float) -> dict[str, Any]:
@@ -48,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
 
     from edgemoe.edge.controllers import expand_policies
     from edgemoe.experiments.compare import claim_lines, run_comparison, spread
-    from edgemoe.report.train import format_table
+    from edgemoe.report.train import diagnostics_table, format_table, paired_table
 
     torch.set_num_threads(args.threads)
     policies = expand_policies(args.policies)
@@ -57,6 +61,11 @@ def main(args: argparse.Namespace) -> int:
     summaries = run_comparison(demo_base(args.slots, args.scale), policies, seeds, args.out)
     print()
     print(format_table(summaries, spread(summaries) if len(seeds) > 1 else None))
+    print()
+    print(diagnostics_table(summaries))
+    if len(seeds) > 1:
+        print()
+        print(paired_table(summaries))
     for line in claim_lines(summaries):
         print(line)
     print(f"results: {args.out}/summary.json, comparison.csv, curves.png")

@@ -91,4 +91,5 @@ class GradBuffers:
         if not reusable:
             buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
             self._bufs[key] = buf
+        assert buf is not None  # reused only when there was one
         return buf.view(buf.shape)

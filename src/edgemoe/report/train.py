@@ -58,6 +58,52 @@ def markdown_table(
     return "\n".join([header, rule, *rows])
 
 
+DIAGNOSTIC_COLUMNS = (
+    ("test_accuracy_bias", "acc (bias)", "{:.3f}"),
+    ("test_accuracy_gate", "acc (gate top-K)", "{:.3f}"),
+    ("test_accuracy_random", "acc (random)", "{:.3f}"),
+    ("test_accuracy_zero", "acc (experts 0)", "{:.3f}"),
+    ("mi_train_bits", "MI train", "{:.2f}"),
+    ("mi_test_bits", "MI test", "{:.2f}"),
+    ("gc_norm_mean", "gating cons.", "{:.3f}"),
+)
+
+
+def diagnostics_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table of the routing diagnostics per policy (means over seeds): test accuracy under
+    each test routing, MI(expert; class) in bits, gating consistency and per-server shares."""
+    present = [c for c in DIAGNOSTIC_COLUMNS if all(c[0] in s for s in summaries.values())]
+    header = "| policy | " + " | ".join(t for _, t, _ in present) + " | server shares |"
+    rule = "|---|" + "---:|" * len(present) + "---|"
+    rows = []
+    for name, s in summaries.items():
+        keys = sorted((k for k in s if k.startswith("share_") and k[6:].isdigit()), key=lambda k: int(k[6:]))
+        shares = "/".join(f"{100 * s[k]:.0f}" for k in keys)
+        rows.append(f"| {name} | " + " | ".join(f.format(s[k]) for k, _, f in present) + f" | {shares} |")
+    return "\n".join([header, rule, *rows])
+
+
+def paired_table(summaries: Mapping[str, Mapping[str, Any]], ours: str = "stable-moe") -> str:
+    """Markdown table of ``ours`` minus each baseline, paired by seed: mean [95 % CI]."""
+    header = f"| {ours} vs | accuracy (points) | gate top-K accuracy (points) | throughput ratio |"
+    rows = [header, "|---|---:|---:|---:|"]
+    for name, s in summaries.items():
+        paired = s.get("paired")
+        if not paired:
+            continue
+        cells = []
+        for key, fmt in (
+            ("test_accuracy", "{:+.1f}"),
+            ("test_accuracy_gate", "{:+.1f}"),
+            ("throughput_mean", "{:.2f}"),
+        ):
+            mean, (lo, hi) = paired[key]["mean"], paired[key]["ci95"]
+            ci = f" [{fmt.format(lo)}, {fmt.format(hi)}]" if np.isfinite(lo) else ""
+            cells.append(fmt.format(mean) + ci)
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def _cells(
     name: str, summary: Mapping[str, Any], spread: Mapping[str, Mapping[str, float]] | None
 ) -> list[str]:

@@ -1,10 +1,13 @@
 """Router-side bookkeeping of every token in flight.
 
-Each token (one sample) has K assignment columns. A column is ``QUEUED`` at a server, ``DONE``
-(that expert's output is back) or ``DROPPED`` (overflowed a finite buffer, dropped by a capacity
-policy, or no live server could take it). A token is *complete* when none of its columns is queued;
-it is then popped, trained on once, and never seen again — so no sample is lost or counted twice.
-The router keeps the activation it sent, so a failed server's queued tokens can be re-sent elsewhere.
+A sample is ``group`` = P tokens (image patches; P = 1: the sample is one token), with consecutive
+token ids. Each token has K assignment columns. A column is ``QUEUED`` at a server, ``DONE`` (that
+expert's output is back) or ``DROPPED`` (overflowed a finite buffer, dropped by a capacity policy,
+or no live server could take it). A token is *complete* when none of its columns is queued; a
+sample is complete when all its P tokens are. Complete samples are popped together, trained on
+once, and never seen again — so no token is lost or counted twice. A token whose every assignment
+was dropped still trains (through the residual path, with zero expert output). The router keeps
+the activation it sent, so a failed server's queued tokens can be re-sent elsewhere.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ class CompletedTokens:
 
 
 class TokenTable:
-    """Tokens in flight, rows sorted by token id (ids only ever grow)."""
+    """Tokens in flight, rows sorted by token id (ids only ever grow), whole samples of ``group``
+    consecutive rows."""
 
-    def __init__(self, k: int, dim: int):
-        self.k, self.dim = k, dim
+    def __init__(self, k: int, dim: int, group: int = 1):
+        self.k, self.dim, self.group = k, dim, group
         self.ids_P = np.empty(0, dtype=np.int64)
         self.samples_P = np.empty(0, dtype=np.int64)
         self.arrival_P = np.empty(0, dtype=np.int64)
@@ -63,6 +67,8 @@ class TokenTable:
         """Register newly routed tokens; assignments not kept by the controller start as dropped."""
         if len(self.ids_P) and len(ids_N) and ids_N[0] <= self.ids_P[-1]:
             raise ValueError("token ids must increase")
+        if len(ids_N) % self.group:
+            raise ValueError(f"tokens come in whole samples of {self.group}")
         self.ids_P = np.concatenate([self.ids_P, ids_N])
         self.samples_P = np.concatenate([self.samples_P, samples_N])
         self.arrival_P = np.concatenate([self.arrival_P, np.full(len(ids_N), slot, dtype=np.int64)])
@@ -111,9 +117,13 @@ class TokenTable:
         """Queued assignments per server (the mirror of the servers' real queues)."""
         return np.bincount(self.experts_PK[self.status_PK == QUEUED], minlength=num_servers)
 
+    def num_samples(self) -> int:
+        return len(self.ids_P) // self.group
+
     def pop_completed(self) -> CompletedTokens:
-        """Remove and return every token with no queued assignment left."""
+        """Remove and return every sample none of whose tokens has a queued assignment left."""
         done = ~(self.status_PK == QUEUED).any(axis=1)
+        done = np.repeat(done.reshape(-1, self.group).all(axis=1), self.group)
         idx = np.flatnonzero(done)
         tidx = torch.from_numpy(idx)
         out = CompletedTokens(

@@ -1,20 +1,28 @@
-"""The slot-driven Stable-MoE trainer (DESIGN.md §2).
+"""The slot-driven Stable-MoE trainer (docs/stable-moe.md, docs/training.md).
 
 Every slot t:
 
 1. scheduled faults apply (servers go offline, their queued tokens are re-routed; others rejoin);
-2. N(t) samples arrive (the scenario's arrival process); the backbone turns each into a token and
-   the gate scores it (no graph kept);
-3. the controller (any of :mod:`edgemoe.edge`) picks K servers per token and every frequency f_j;
+2. N(t) samples arrive (the scenario's arrival process); the backbone turns each into P tokens and
+   the gate scores every token (no graph kept);
+3. the controller (any of :mod:`edgemoe.edge`) picks K servers per token and every frequency f_j; a
+   scenario's popularity skew (``gate_prior: scenario``) acts only on the controller's view of the
+   scores, never on the model; the model's routing bias takes one step toward the controller's
+   per-server load share;
 4. each live server first serves min(Q_j, D_j) tokens from its FIFO queue, D_j = f_j tau / C_j
    (fractional capacity carries over while the queue is non-empty), then appends this slot's tokens
    (a finite buffer drops the overflow);
-5. every token whose K outputs are back is trained on once: the router recomputes backbone and gate,
-   forms the loss, sends dL/dy to each serving expert, which recomputes its forward, back-propagates
-   and steps; the returned dL/dh flows into the backbone; the router steps;
-6. queues and the virtual energy queues advance; metrics are recorded; every ``eval_every`` slots the
-   test set is scored (gate top-K over live servers), every ``checkpoint_every`` slots a checkpoint is
-   written atomically.
+5. every sample whose tokens' outputs are all back is trained on once: the router recomputes
+   backbone and gate, forms the loss, sends dL/dy to each serving expert, which recomputes its
+   forward, back-propagates and steps; the returned dL/dh flows into the backbone; the router steps;
+6. the slot engine (:class:`edgemoe.edge.SlotEngine`, the same one the simulator runs) advances the
+   queues and the virtual energy queues with the counts really served; metrics are recorded; every
+   ``eval_every`` slots the test set is scored (top-K of gate scores + the learned routing bias over
+   live servers, and plain gate top-K), every ``checkpoint_every`` slots a checkpoint is written
+   atomically.
+
+With P tokens per sample the scenario's sample arrival rate is divided by P, so the token rate, and
+with it the load on every server, is the scenario's (times ``scale``).
 """
 
 from __future__ import annotations
@@ -31,23 +39,27 @@ from torch import Tensor, nn
 
 from edgemoe.config import to_dict
 from edgemoe.edge import (
-    NetworkState,
+    NetworkSpec,
     SkewedScoreGenerator,
-    advance,
+    SlotEngine,
     make_arrivals,
     make_controller,
     save_score_trace,
 )
 from edgemoe.edge.arrivals import restore_rng, rng_state
-from edgemoe.edge.controllers import auto_block, route_sequential, topk_ids
-from edgemoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from edgemoe.edge.controllers import SWITCH_COEF, auto_block, route_sequential, topk_ids
+from edgemoe.edge.spec import spec_from_dict
+from edgemoe.train.checkpoint import TraceLog, check_resumable, load_checkpoint, save_checkpoint
 from edgemoe.train.config import TrainConfig
-from edgemoe.train.data import ImageDataset, load_dataset
+from edgemoe.train.data import ImageDataset
 from edgemoe.train.model import RouterSide
 from edgemoe.train.server import ServerSpec
 from edgemoe.train.tokens import CompletedTokens, TokenTable
-from edgemoe.train.transport import InProcTransport, ServerOrder, ServerReply, Transport
+from edgemoe.train.transport import LATE, ServerOrder, ServerReply, Transport
+from edgemoe.train.transport import make_transport as _make_transport
 
+# Per-slot lists kept in the checkpoint's append-only trace file, not in the checkpoint itself.
+TRACED = ("history", "evals", "recorded", "recorded_labels")
 # Config fields that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("slots", "checkpoint_every", "transport", "record_scores")
 
@@ -106,14 +118,37 @@ def server_specs(cfg: TrainConfig, num_servers: int) -> list[ServerSpec]:
     ]
 
 
-def make_transport(cfg: TrainConfig, num_servers: int) -> Transport:
-    """The transport named by ``cfg.transport.kind``."""
-    specs = server_specs(cfg, num_servers)
-    if cfg.transport.kind == "inproc":
-        return InProcTransport(specs)
-    from edgemoe.train.dist import DistTransport
+def token_spec(spec: NetworkSpec, tokens_per_sample: int) -> NetworkSpec:
+    """The scenario with its (sample) arrival rates divided by the tokens per sample, so that the
+    token arrival rate, and the load on every server, stay the scenario's."""
+    if tokens_per_sample == 1:
+        return spec
+    data = spec.to_dict()
+    arrivals = data["arrivals"]
+    arrivals["rate"] /= tokens_per_sample
+    arrivals["rates"] = [r / tokens_per_sample for r in arrivals["rates"]]
+    return spec_from_dict(data)
 
-    return DistTransport(specs, cfg.transport)
+
+def mutual_information_bits(counts_JC: np.ndarray) -> float:
+    """MI(expert; class) in bits of a joint count table."""
+    total = counts_JC.sum()
+    if total == 0:
+        return 0.0
+    p_JC = counts_JC / total
+    outer_JC = p_JC.sum(axis=1, keepdims=True) * p_JC.sum(axis=0, keepdims=True)
+    nz = p_JC > 0
+    return float((p_JC[nz] * np.log2(p_JC[nz] / outer_JC[nz])).sum())
+
+
+def make_transport(
+    cfg: TrainConfig,
+    num_servers: int,
+    on_event: Callable[[int, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Transport:
+    """The transport named by ``cfg.transport.kind``."""
+    return _make_transport(server_specs(cfg, num_servers), cfg.transport, on_event, should_stop)
 
 
 class Trainer:
@@ -129,19 +164,16 @@ class Trainer:
         checkpoint_path: str | Path | None = None,
     ):
         self.cfg = cfg
-        self.spec = cfg.network_spec()
+        self.tokens = cfg.model.tokens_per_sample
+        self.spec = token_spec(cfg.network_spec(), self.tokens)
         self.num_servers, self.k = self.spec.num_servers, self.spec.k
-        self.data = dataset or load_dataset(
-            cfg.data.name,
-            cfg.data.data_dir,
-            train_subset=cfg.data.train_subset,
-            test_subset=cfg.data.test_subset,
-            seed=cfg.seed,
-            label=cfg.data.label,
-        )
-        prior_J = None
+        self.data = dataset or cfg.data.build(cfg.seed)
+        self.view_prior_J: np.ndarray | None = None
         if cfg.gate_prior == "scenario" and self.spec.scores.kind == "skewed":
             prior_J = np.exp(SkewedScoreGenerator(self.spec.scores, self.spec.f_max_J).log_popularity_J)
+            self.view_prior_J = (prior_J / prior_J.sum()).astype(np.float32)
+        self.controller = make_controller(cfg.policy, self.spec, **cfg.controller_params())
+        aux_coef = cfg.model.aux_coef or (SWITCH_COEF if self.controller.balance_loss else 0.0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.model = RouterSide(
@@ -151,16 +183,16 @@ class Trainer:
                 num_classes=self.data.num_classes,
                 num_experts=self.num_servers,
                 top_k=self.k,
-                prior_J=prior_J,
+                aux_coef=aux_coef,
             )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        self.controller = make_controller(cfg.policy, self.spec, **cfg.controller_params())
         arrival_seed, sample_seed = np.random.SeedSequence(cfg.seed).spawn(2)
         self.arrivals = make_arrivals(self.spec.arrivals, arrival_seed)
         self.samples = SampleStream(len(self.data.y_train_N), sample_seed)
-        self.state = NetworkState.initial(self.spec)
-        self.table = TokenTable(self.k, cfg.model.dim)
-        self.progress_J = np.zeros(self.num_servers)
+        self.engine = SlotEngine(self.spec, "whole")
+        self.state = self.engine.state
+        self.table = TokenTable(self.k, cfg.model.dim, group=self.tokens)
+        self.assign_JC = np.zeros((self.num_servers, self.data.num_classes))
         self.offline_until: dict[int, int | None] = {}
         self.requeue: dict[int, np.ndarray] = {}
         self.stall_J = np.zeros(self.num_servers)
@@ -170,30 +202,53 @@ class Trainer:
         self.evals: list[dict[str, float]] = []
         self.recorded: list[np.ndarray] = []
         self.recorded_labels: list[np.ndarray] = []
-        self.counters = {"arrived": 0, "trained": 0, "dropped_assignments": 0, "rerouted": 0, "no_expert": 0}
+        self.trace = TraceLog(TRACED)
+        self.counters = {
+            "arrived": 0,
+            "trained": 0,
+            "tokens_arrived": 0,
+            "tokens_trained": 0,
+            "served_assignments": 0,
+            "dropped_assignments": 0,
+            "rerouted": 0,
+            "no_expert": 0,
+            "late_replies": 0,
+            "late_backward": 0,
+        }
         self.keep_decisions = keep_decisions
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self._last_completed = 0
         self.decisions: list[SlotDecision] = []
-        self.transport = transport or make_transport(cfg, self.num_servers)
+        self.lost: dict[int, int] = {}
+        self.misses_J = np.zeros(self.num_servers, dtype=np.int64)
+        self.events: list[dict[str, Any]] = []
+        self.on_event: Callable[[str], None] = lambda text: None
+        self.transport = transport or make_transport(cfg, self.num_servers, self._transport_event)
 
     # ------------------------------------------------------------------------------------- faults
 
     def _live(self) -> np.ndarray:
         return np.flatnonzero(self.state.online_J)
 
-    def go_offline(self, server: int, until: int | None, *, reachable: bool = True) -> int:
+    def _event(self, server: int, what: str) -> None:
+        """Record a fault event (console and ``summary.json``)."""
+        self.events.append({"slot": self.slot, "server": server, "event": what})
+        self.on_event(f"slot {self.slot}: server {server} {what}")
+
+    def _transport_event(self, server: int, text: str) -> None:
+        self.on_event(f"slot {self.slot}: server {server} {text}")
+
+    def go_offline(self, server: int, until: int | None) -> int:
         """Mark ``server`` offline until slot ``until`` (None = for good) and re-route its queue.
 
         Each queued assignment moves to a live server that does not already hold that token,
         join-the-shortest-queue with a provisional backlog; with no such server it is dropped (the
         token then trains with its other experts). Returns the number of re-routed assignments.
         """
-        self.state.set_online(server, False)
+        self.engine.mark_offline(server)
         self.offline_until[server] = until
         self.requeue.pop(server, None)
-        if reachable:
-            self.transport.reset(server)
+        self.transport.detach(server)
         rows, cols = self.table.queued_on(server)
         if len(rows) == 0:
             return 0
@@ -205,6 +260,7 @@ class Trainer:
         new = route_sequential(utility_RJ, backlog_J, 1, auto_block(len(rows), 0))[:, 0]
         new = np.where(allowed_RJ[np.arange(len(rows)), new], new, -1)
         self.table.reassign(rows, cols, new)
+        self.engine.move(server, np.bincount(new[new >= 0], minlength=self.num_servers), len(rows))
         ids = self.table.ids_P[rows]
         for j in np.unique(new[new >= 0]):
             self.requeue[int(j)] = np.union1d(self.requeue.get(int(j), np.empty(0, np.int64)), ids[new == j])
@@ -212,12 +268,38 @@ class Trainer:
         self.counters["dropped_assignments"] += int((new < 0).sum())
         return len(rows)
 
+    def lose(self, server: int, why: str) -> None:
+        """The transport lost ``server`` (dead or too late): offline until it answers again."""
+        if not self.state.online_J[server]:
+            return
+        self.go_offline(server, None)
+        del self.offline_until[server]
+        self.lost[server] = self.slot + self.cfg.transport.rejoin_after
+        self._event(server, why)
+
+    def _rejoin(self, server: int) -> None:
+        self.transport.attach(server)
+        self.engine.mark_online(server)
+        self.misses_J[server] = 0
+
+    def _sync_transport(self) -> None:
+        """Bring back lost servers that answer again (after ``rejoin_after`` slots)."""
+        back = set(self.transport.back())
+        for server, earliest in list(self.lost.items()):
+            if server in back and self.slot >= earliest:
+                del self.lost[server]
+                self._rejoin(server)
+                self._event(server, "rejoined")
+
     def _apply_faults(self, t: int) -> None:
+        self._sync_transport()
         for server, until in list(self.offline_until.items()):
             if until is not None and until == t:
                 del self.offline_until[server]
-                self.transport.reset(server)
-                self.state.set_online(server, True)
+                if server in self.transport.back():
+                    self._rejoin(server)
+                else:  # a killed process not restarted yet: rejoins when it answers
+                    self.lost[server] = t
         for fault in self.cfg.faults:
             if fault.slot != t:
                 continue
@@ -226,21 +308,11 @@ class Trainer:
                 self.stall_J[fault.server] = fault.stall_s
             elif fault.kind == "kill":
                 self.transport.kill(fault.server)
-                self.go_offline(fault.server, until, reachable=False)
+                self.go_offline(fault.server, until)
             elif self.state.online_J[fault.server]:
                 self.go_offline(fault.server, until)
 
     # -------------------------------------------------------------------------------------- slots
-
-    def _service_plan(self, freq_J: np.ndarray) -> np.ndarray:
-        """Whole tokens each server serves this slot; fractional capacity carries over while busy."""
-        backlog_J = self.table.backlog_J(self.num_servers)
-        capacity_J = np.where(self.state.online_J, self.spec.capacity_J(freq_J), 0.0)
-        self.progress_J += capacity_J
-        serve_J = np.minimum(backlog_J, np.floor(self.progress_J + 1e-9)).astype(np.int64)
-        self.progress_J -= serve_J
-        self.progress_J[(backlog_J <= serve_J) | ~self.state.online_J] = 0.0
-        return serve_J
 
     def _orders(
         self,
@@ -272,26 +344,49 @@ class Trainer:
         self.stall_J[:] = 0.0
         return orders
 
-    def _collect(self, t: int, replies: dict[int, ServerReply | None]) -> np.ndarray:
-        """Deliver outputs, count overflow, take unreachable or late servers offline; returns S_J."""
+    def _deliver(self, j: int, reply: ServerReply, served_J: np.ndarray, overflow_J: np.ndarray) -> None:
+        self.table.deliver(j, reply.served_ids.numpy(), reply.served_y)
+        self.table.drop(j, reply.overflow_ids.numpy())
+        self.counters["dropped_assignments"] += int(reply.overflow_ids.numel())
+        overflow_J[j] += reply.overflow_ids.numel()
+        served_J[j] += reply.served_ids.numel()
+
+    def _collect(self, replies: dict[int, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Deliver outputs (late ones from earlier slots too), count misses, lose dead servers;
+        returns the assignments served and refused (finite buffer) per server."""
         served_J = np.zeros(self.num_servers)
-        deadline = self.cfg.transport.deadline
+        overflow_J = np.zeros(self.num_servers)
+        for j, late in self.transport.late_replies().items():
+            for reply in late:
+                self._deliver(j, reply, served_J, overflow_J)
         for j, reply in replies.items():
             if reply is None:
-                self.go_offline(j, None, reachable=False)
-                continue
-            if deadline is not None and reply.wall_s > deadline:
-                self.go_offline(j, t + self.cfg.transport.rejoin_after)
-                continue
-            self.table.deliver(j, reply.served_ids.numpy(), reply.served_y)
-            self.table.drop(j, reply.overflow_ids.numpy())
-            self.counters["dropped_assignments"] += int(reply.overflow_ids.numel())
-            served_J[j] = reply.served_ids.numel()
-            pending = len(self.requeue.get(j, ()))
-            mirror = int(self.table.backlog_J(self.num_servers)[j]) - pending
-            if reply.backlog != mirror:
-                raise RuntimeError(f"server {j} holds {reply.backlog} tokens but the router expects {mirror}")
-        return served_J
+                self.lose(j, "unreachable")
+            elif reply is LATE:
+                self.misses_J[j] += 1
+                self.counters["late_replies"] += 1
+                if self.misses_J[j] >= self.cfg.transport.max_misses:
+                    self.lose(j, f"late {self.misses_J[j]} slots in a row")
+            else:
+                self.misses_J[j] = 0
+                self._deliver(j, reply, served_J, overflow_J)
+        pending_J = np.zeros(self.num_servers, dtype=np.int64)
+        for j, ids in self.requeue.items():
+            pending_J[j] = len(ids)
+        mirror_J = self.table.backlog_J(self.num_servers) - pending_J
+        for j, reply in replies.items():
+            if isinstance(reply, ServerReply) and self.state.online_J[j] and reply.backlog != mirror_J[j]:
+                raise RuntimeError(
+                    f"server {j} holds {reply.backlog} tokens but the router expects {mirror_J[j]}"
+                )
+        return served_J, overflow_J
+
+    def controller_view(self, scores_TJ: np.ndarray) -> np.ndarray:
+        """The scores the controller sees: the gate's, times the scenario's popularity skew if any."""
+        if self.view_prior_J is None:
+            return scores_TJ
+        view_TJ = scores_TJ * self.view_prior_J
+        return view_TJ / view_TJ.sum(axis=1, keepdims=True)
 
     def run_slot(self) -> dict[str, float]:
         """Advance one slot; returns its metrics row."""
@@ -300,43 +395,56 @@ class Trainer:
         self._apply_faults(t)
         n = int(self.arrivals.sample(1)[0])
         samples_N = self.samples.next(n)
-        ids_N = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
-        self.next_id += n
+        samples_T = np.repeat(samples_N, self.tokens)
+        ids_T = np.arange(self.next_id, self.next_id + len(samples_T), dtype=np.int64)
+        self.next_id += len(samples_T)
         self.counters["arrived"] += n
+        self.counters["tokens_arrived"] += len(samples_T)
         with torch.no_grad():
             self.model.eval()
-            h_ND = self.model.features(self.data.x_train_NCHW[torch.from_numpy(samples_N)])
-            scores_NJ = self.model.gate(h_ND)[1].numpy().astype(np.float64)
-        self.state.backlog_J = self.table.backlog_J(self.num_servers).astype(np.float64)
-        decision = self.controller.decide(self.state, scores_NJ)
-        experts_NK, kept_NK = decision.expert_ids_NK.astype(np.int64), decision.kept_mask()
-        self.counters["dropped_assignments"] += int((~kept_NK).sum())
-        serve_J = self._service_plan(decision.freq_J)
-        self.table.add(ids_N, samples_N, t, h_ND, experts_NK, kept_NK)
-        orders = self._orders(serve_J, decision.freq_J, ids_N, h_ND, experts_NK, kept_NK)
-        served_J = self._collect(t, self.transport.step(orders))
+            h_TD = self.model.features(self.data.x_train_NCHW[torch.from_numpy(samples_N)])
+            gate_TJ = self.model.gate(h_TD)[1]
+        scores_TJ = self.controller_view(gate_TJ.numpy())
+        decision = self.controller.decide(self.state, scores_TJ)
+        experts_TK, kept_TK = decision.expert_ids_NK.astype(np.int64), decision.kept_mask()
+        arrived_J = np.bincount(experts_TK[kept_TK], minlength=self.num_servers).astype(np.float64)
+        self.model.update_route_bias(
+            gate_TJ, torch.from_numpy(arrived_J), torch.from_numpy(self.state.online_J)
+        )
+        self.counters["dropped_assignments"] += int((~kept_TK).sum())
+        serve_J = self.engine.plan(decision.freq_J).astype(np.int64)
+        self.table.add(ids_T, samples_T, t, h_TD, experts_TK, kept_TK)
+        orders = self._orders(serve_J, decision.freq_J, ids_T, h_TD, experts_TK, kept_TK)
+        served_J, overflow_J = self._collect(self.transport.step(orders))
+        self.counters["served_assignments"] += int(served_J.sum())
         completed = self.table.pop_completed()
         loss = self._train(completed)
-        arrived_J = np.bincount(experts_NK[kept_NK], minlength=self.num_servers).astype(np.float64)
-        outcome = advance(self.state, self.spec, decision.freq_J, arrived_J, served_J)
-        self.state.backlog_J = self.table.backlog_J(self.num_servers).astype(np.float64)
+        outcome = self.engine.step(decision.freq_J, arrived_J, served_J, overflow_J)
+        mirror_J = self.table.backlog_J(self.num_servers)
+        if not np.array_equal(self.state.backlog_J, mirror_J):
+            raise RuntimeError(
+                f"slot engine backlog {self.state.backlog_J} differs from the queues {mirror_J}"
+            )
         if self.keep_decisions:
             self.decisions.append(
                 SlotDecision(
-                    t, experts_NK.copy(), decision.freq_J.copy(), served_J.copy(), completed.ids_N.copy()
+                    t, experts_TK.copy(), decision.freq_J.copy(), served_J.copy(), completed.ids_N.copy()
                 )
             )
         if self.cfg.record_scores:
-            self.recorded.append(scores_NJ.astype(np.float32))
-            self.recorded_labels.append(self.data.y_train_N[torch.from_numpy(samples_N)].numpy())
+            self.recorded.append(scores_TJ.astype(np.float32))
+            self.recorded_labels.append(self.data.y_train_N[torch.from_numpy(samples_T)].numpy())
         row = self._metrics(
-            t, n, scores_NJ, experts_NK, kept_NK, served_J, outcome.energy_J, decision.freq_J, loss
+            t, len(ids_T), scores_TJ, experts_TK, kept_TK, served_J, outcome.energy_J, decision.freq_J, loss
         )
         row["wall_s"] = time.perf_counter() - start
         self.history.append(row)
         self.slot += 1
         if self.slot % self.cfg.eval_every == 0 or self.slot == self.cfg.slots:
-            self.evals.append({"slot": self.slot, "test_accuracy": self.evaluate()})
+            acc = self._test_pass(("bias", "gate"))
+            self.evals.append(
+                {"slot": self.slot, "test_accuracy": acc["bias"], "test_accuracy_gate": acc["gate"]}
+            )
         return row
 
     def _metrics(
@@ -376,85 +484,138 @@ class Trainer:
     # ----------------------------------------------------------------------------------- training
 
     def _train(self, batch: CompletedTokens) -> float:
-        """One optimizer step on the completed tokens (router and every serving expert)."""
-        self._last_completed = len(batch)
+        """One optimizer step on the completed samples (router and every serving expert)."""
+        self._last_completed = len(batch) // self.tokens
         if len(batch) == 0:
             return float("nan")
-        self.counters["trained"] += len(batch)
+        self.counters["trained"] += len(batch) // self.tokens
+        self.counters["tokens_trained"] += len(batch)
         self.counters["no_expert"] += int((~batch.kept_NK.any(axis=1)).sum())
         self.model.train()
-        samples = torch.from_numpy(batch.samples_N)
+        samples = torch.from_numpy(batch.samples_N[:: self.tokens])
         labels_N = self.data.y_train_N[samples]
-        h_ND = self.model.features(self.data.x_train_NCHW[samples])
-        logits_NE, scores_NE = self.model.gate(h_ND)
-        ids_NK, kept_NK = torch.from_numpy(batch.experts_NK), torch.from_numpy(batch.kept_NK)
-        y_NKD = batch.y_NKD.clone().requires_grad_(True)
-        out = self.model.classify(h_ND, scores_NE, ids_NK, y_NKD, kept_NK)
+        labels_T = np.repeat(labels_N.numpy(), self.tokens)
+        np.add.at(self.assign_JC, (batch.experts_NK, labels_T[:, None]), batch.kept_NK)
+        h_TD = self.model.features(self.data.x_train_NCHW[samples])
+        logits_TE, scores_TE = self.model.gate(h_TD)
+        ids_TK, kept_TK = torch.from_numpy(batch.experts_NK), torch.from_numpy(batch.kept_NK)
+        y_TKD = batch.y_NKD.clone().requires_grad_(True)
+        out = self.model.classify(h_TD, scores_TE, ids_TK, y_TKD, kept_TK)
         loss = nn.functional.cross_entropy(out, labels_N) + self.model.aux_loss(
-            logits_NE, scores_NE, ids_NK, kept_NK
+            logits_TE, scores_TE, ids_TK, kept_TK
         )
-        (grad_y_NKD,) = torch.autograd.grad(loss, y_NKD, retain_graph=True)
+        (grad_y_TKD,) = torch.autograd.grad(loss, y_TKD, retain_graph=True)
         jobs, cells = {}, {}
         for j in self._live():
             rows, cols = np.nonzero((batch.experts_NK == j) & batch.kept_NK)
             if len(rows):
                 r, c = torch.from_numpy(rows), torch.from_numpy(cols)
-                jobs[int(j)] = (batch.h_ND[r], grad_y_NKD[r, c])
+                jobs[int(j)] = (batch.h_ND[r], grad_y_TKD[r, c])
                 cells[int(j)] = r
-        grad_h_ND = torch.zeros_like(h_ND)
+        grad_h_TD = torch.zeros_like(h_TD)
         for j, grad in self.transport.backward(jobs).items():
             if grad is None:
-                self.go_offline(j, None, reachable=False)
+                self.lose(j, "unreachable")
+            elif grad is LATE:  # the expert still steps when it catches up; the backbone goes without
+                self.counters["late_backward"] += 1
             else:
-                grad_h_ND.index_add_(0, cells[j], grad)
+                grad_h_TD.index_add_(0, cells[j], grad)
         self.optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward([loss, h_ND], [torch.ones_like(loss), grad_h_ND])
+        torch.autograd.backward([loss, h_TD], [torch.ones_like(loss), grad_h_TD])
         self.optimizer.step()
         return float(loss.detach())
 
+    TEST_ROUTINGS = ("bias", "gate", "random", "zero")
+    """Test-time routings: top-K of gate scores + learned routing bias (the model's inference
+    routing), plain gate top-K, K random live experts, and every expert output zeroed."""
+
     @torch.no_grad()
-    def evaluate(self, chunk: int = 2048, *, use_experts: bool = True) -> float:
-        """Test accuracy with the gate's top-K over live servers (inference is not queued).
+    def _test_pass(self, routings: tuple[str, ...], chunk: int = 2048) -> dict[str, float]:
+        """Test accuracy under each of ``routings`` (inference is not queued); each expert runs once
+        per test token. Also fills ``self.test_assign_JC`` (assignments x class under ``bias``)."""
+        self.model.eval()
+        live = [int(j) for j in self._live()]
+        live_E = torch.from_numpy(self.state.online_J.copy())
+        correct = dict.fromkeys(routings, 0)
+        self.test_assign_JC = np.zeros_like(self.assign_JC)
+        rng = torch.Generator().manual_seed(self.cfg.seed)
+        for start in range(0, len(self.data.y_test_N), chunk):
+            x = self.data.x_test_NCHW[start : start + chunk]
+            labels_N = self.data.y_test_N[start : start + chunk]
+            h_TD = self.model.features(x)
+            _, scores_TE = self.model.gate(h_TD)
+            need_experts = any(r != "zero" for r in routings)
+            outs = self.transport.infer(h_TD, live) if need_experts else {}
+            y_JTD = torch.zeros(self.num_servers, *h_TD.shape)
+            for j, y in outs.items():
+                if isinstance(y, Tensor):  # an unreachable or late expert contributes nothing
+                    y_JTD[j] = y
+            rows_T1 = torch.arange(len(h_TD))[:, None]
+            for routing in routings:
+                if routing == "random":
+                    keys_TE = torch.rand(scores_TE.shape, generator=rng)
+                    ids_TK = self.model.route(keys_TE, live_E, biased=False)
+                else:
+                    ids_TK = self.model.route(scores_TE, live_E, biased=routing != "gate")
+                y_TKD = (
+                    y_JTD[ids_TK, rows_T1] if routing != "zero" else torch.zeros(*ids_TK.shape, h_TD.shape[1])
+                )
+                logits = self.model.classify(
+                    h_TD, scores_TE, ids_TK, y_TKD, torch.ones_like(ids_TK, dtype=torch.bool)
+                )
+                correct[routing] += int((logits.argmax(-1) == labels_N).sum())
+                if routing == "bias":
+                    labels_T = np.repeat(labels_N.numpy(), self.tokens)
+                    np.add.at(self.test_assign_JC, (ids_TK.numpy(), labels_T[:, None]), 1.0)
+        total = max(len(self.data.y_test_N), 1)
+        return {r: c / total for r, c in correct.items()}
+
+    def evaluate(self, *, use_experts: bool = True, biased: bool = True) -> float:
+        """Test accuracy under the model's inference routing (``biased=False``: plain gate top-K).
 
         ``use_experts=False`` zeroes every expert output: an ablation that shows how much of the
         accuracy the experts (and hence routing) carry.
         """
-        self.model.eval()
-        live = [int(j) for j in self._live()]
-        correct = 0
-        for start in range(0, len(self.data.y_test_N), chunk):
-            x = self.data.x_test_NCHW[start : start + chunk]
-            h_ND = self.model.features(x)
-            _, scores_NE = self.model.gate(h_ND)
-            masked = torch.full_like(scores_NE, -1.0)
-            masked[:, live] = scores_NE[:, live]
-            ids_NK = masked.topk(self.k, dim=-1).indices
-            outs = self.transport.infer(h_ND, live) if use_experts else {}
-            y_JND = torch.zeros(self.num_servers, *h_ND.shape)
-            for j, y in outs.items():
-                if y is not None:
-                    y_JND[j] = y
-            y_NKD = y_JND[ids_NK, torch.arange(len(h_ND))[:, None]]
-            logits = self.model.classify(
-                h_ND, scores_NE, ids_NK, y_NKD, torch.ones_like(ids_NK, dtype=torch.bool)
-            )
-            correct += int((logits.argmax(-1) == self.data.y_test_N[start : start + chunk]).sum())
-        return correct / max(len(self.data.y_test_N), 1)
+        routing = "zero" if not use_experts else ("bias" if biased else "gate")
+        return self._test_pass((routing,))[routing]
+
+    def diagnostics(self) -> dict[str, float]:
+        """How much routing matters to this run: test accuracy under every test routing, MI(expert;
+        class) of training and test assignments (bits), and each server's share of the training
+        assignments."""
+        acc = self._test_pass(self.TEST_ROUTINGS)
+        out = {f"test_accuracy_{r}": v for r, v in acc.items()}
+        out["mi_train_bits"] = mutual_information_bits(self.assign_JC)
+        out["mi_test_bits"] = mutual_information_bits(self.test_assign_JC)
+        share_J = self.assign_JC.sum(axis=1) / max(self.assign_JC.sum(), 1.0)
+        out.update({f"share_{j}": float(v) for j, v in enumerate(share_J)})
+        return out
 
     # ------------------------------------------------------------------------------------ running
 
     def run(
-        self, slots: int | None = None, *, on_slot: Callable[[dict[str, float]], None] | None = None
-    ) -> None:
-        """Run until ``slots`` (default ``cfg.slots``) slots have elapsed, checkpointing on schedule."""
+        self,
+        slots: int | None = None,
+        *,
+        on_slot: Callable[[dict[str, float]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Run until ``slots`` (default ``cfg.slots``) slots have elapsed, checkpointing on schedule.
+
+        ``should_stop`` is asked before every slot (e.g. a signal arrived); returns False if it stopped
+        the run early.
+        """
         end = self.cfg.slots if slots is None else slots
         while self.slot < end:
+            if should_stop is not None and should_stop():
+                return False
             row = self.run_slot()
             if on_slot is not None:
                 on_slot(row)
             every = self.cfg.checkpoint_every
             if every and self.slot % every == 0 and self.checkpoint_path is not None:
                 self.save(self.checkpoint_path)
+        return True
 
     def summary(self) -> dict[str, Any]:
         """Headline metrics of the run so far."""
@@ -470,6 +631,7 @@ class Trainer:
             "throughput_mean": mean("throughput"),
             "completed_mean": mean("completed"),
             "test_accuracy": self.evals[-1]["test_accuracy"] if self.evals else float("nan"),
+            "test_accuracy_gate": self.evals[-1]["test_accuracy_gate"] if self.evals else float("nan"),
             "backlog_mean": mean("backlog"),
             "backlog_final": rows[-1]["backlog"] if rows else 0.0,
             "energy_over_budget_max": float((energy.mean(axis=0) / self.spec.budget_J).max())
@@ -478,6 +640,8 @@ class Trainer:
             "gc_norm_mean": mean("gc_norm"),
             "in_flight": len(self.table),
             **self.counters,
+            "offline_at_end": [int(j) for j in np.flatnonzero(~self.state.online_J)],
+            "fault_events": list(self.events),
         }
 
     def save_scores(self, path: str | Path) -> None:
@@ -502,56 +666,64 @@ class Trainer:
             "servers": self.transport.state_dict(),
             "table": self.table.state_dict(),
             "network_state": self.state.state_dict(),
-            "progress_J": self.progress_J.copy(),
+            "progress_J": self.engine.progress_J.copy(),
+            "assign_JC": self.assign_JC.copy(),
             "offline_until": dict(self.offline_until),
             "requeue": {j: v.copy() for j, v in self.requeue.items()},
             "controller": self.controller.state_dict(),
             "arrivals": self.arrivals.state_dict(),
             "samples": self.samples.state_dict(),
-            "history": list(self.history),
-            "evals": list(self.evals),
-            "recorded": list(self.recorded),
-            "recorded_labels": list(self.recorded_labels),
             "counters": dict(self.counters),
+            "lost": dict(self.lost),
+            "misses_J": self.misses_J.copy(),
+            "events": list(self.events),
             "torch_rng": torch.random.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != 1:
-            raise CheckpointError("checkpoint format not understood (expected format 1)")
-        mine, theirs = to_dict(self.cfg), state["config"]
-        diff = sorted(
-            k for k in set(mine) | set(theirs) if k not in RESUMABLE_CHANGES and mine.get(k) != theirs.get(k)
-        )
-        if diff:
-            raise CheckpointError(
-                f"checkpoint was written with a different configuration (fields {diff}); "
-                "resume with the same config or start a new run"
-            )
+        check_resumable(to_dict(self.cfg), state, RESUMABLE_CHANGES)
+        self.load_traced(state)
         self.slot, self.next_id = int(state["slot"]), int(state["next_id"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.transport.load_state_dict(state["servers"])
         self.table.load_state_dict(state["table"])
         self.state.load_state_dict(state["network_state"])
-        self.progress_J = np.array(state["progress_J"], dtype=np.float64)
+        self.engine.progress_J = np.array(state["progress_J"], dtype=np.float64)
+        self.assign_JC = np.array(state["assign_JC"], dtype=np.float64)
         self.offline_until = dict(state["offline_until"])
         self.requeue = {int(j): np.array(v) for j, v in state["requeue"].items()}
         self.controller.load_state_dict(state["controller"])
         self.arrivals.load_state_dict(state["arrivals"])
         self.samples.load_state_dict(state["samples"])
-        self.history, self.evals = list(state["history"]), list(state["evals"])
-        self.recorded, self.recorded_labels = list(state["recorded"]), list(state["recorded_labels"])
-        self.counters = dict(state["counters"])
+        self.counters = {**self.counters, **state["counters"]}
+        self.events = list(state.get("events", []))
+        self.misses_J = np.array(state.get("misses_J", self.misses_J))
+        # servers lost to the transport rejoin as soon as they answer; scheduled faults keep their slots
+        self.lost = {int(j): self.slot for j in state.get("lost", {})}
+        for j in np.flatnonzero(~self.state.online_J):
+            self.transport.detach(int(j))
         torch.random.set_rng_state(state["torch_rng"])
 
     def save(self, path: str | Path) -> Path:
-        """Atomic checkpoint of everything needed to continue exactly."""
-        return save_checkpoint(path, self.state_dict())
+        """Atomic checkpoint of everything needed to continue exactly (per-slot lists appended to the
+        trace file next to it first, so the checkpoint stays the same size as the run grows)."""
+        for j in np.flatnonzero(self.state.online_J & (self.misses_J > 0)):
+            # a late server's queue is in flux; offline first, so the checkpoint is consistent
+            self.lose(int(j), "late at a checkpoint")
+        counts = self.trace.save(path, {k: getattr(self, k) for k in TRACED})
+        return save_checkpoint(path, {**self.state_dict(), "traced": counts})
 
     def resume(self, path: str | Path) -> None:
         """Load a checkpoint written by :meth:`save` (refuses corrupt or partial files)."""
         self.load_state_dict(load_checkpoint(path))
+
+    def load_traced(self, state: dict[str, Any]) -> None:
+        """Restore the per-slot lists of a checkpoint loaded from ``state["path"]``."""
+        if "traced" not in state:  # an in-memory state_dict(): the lists are already here
+            return
+        for key, values in self.trace.load(state["path"], state["traced"]).items():
+            setattr(self, key, values)
 
     def close(self) -> None:
         self.transport.close()
