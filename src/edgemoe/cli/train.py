@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     from edgemoe.config import require
     from edgemoe.train.dist import torchrun_address, under_torchrun
-    from edgemoe.train.session import check_out_dir, default_out, resolve_resume
+    from edgemoe.train.lifecycle import check_out_dir, default_out, resolve_resume
     from edgemoe.train.worker import run_launcher
 
     torch.set_num_threads(max(1, args.threads))
@@ -146,7 +146,7 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, out: Path, state: dict[st
     from edgemoe.train.checkpoint import clean_stale_temps
     from edgemoe.train.config import check_subsets
     from edgemoe.train.dist import StartupInterrupted
-    from edgemoe.train.session import RunFolder, StopSignals
+    from edgemoe.train.lifecycle import RunFolder, StopSignals
     from edgemoe.train.trainer import Trainer, make_transport
 
     data = cfg.data.build(cfg.seed)  # data problems surface before any server process starts

@@ -169,7 +169,7 @@ class ServerLauncher:
 
     Backoff: ``backoff_s * 2**n`` after the n-th consecutive quick death (capped at ``max_backoff_s``);
     a worker that stayed up ``healthy_s`` seconds resets n. ``on_event(server, text)`` is told of every
-    death and restart. Workers run in their own session, so a Ctrl-C aimed at the router's process
+    death and restart. Workers run in their own process session, so a Ctrl-C aimed at the router's process
     group reaches only the router, which then stops them in order.
     """
 
