@@ -69,7 +69,7 @@ def _coerce(tp: Any, value: Any, field: str) -> Any:
     if origin is typing.Literal:
         check_choice(value, field, args)
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         require(isinstance(value, Mapping), field, f"must be a mapping, got {type(value).__name__}")
@@ -119,7 +119,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     The dataclass's own ``__post_init__`` then runs its range checks.
     """
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls)) if f.init}
     unknown = sorted(set(data) - set(fields))
     where = f"{prefix}." if prefix else ""
     if unknown:

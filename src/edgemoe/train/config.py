@@ -102,7 +102,6 @@ class TransportConfig:
     timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        import edgemoe.train.dist  # noqa: F401 - registers "dist", so an error lists every transport
         from edgemoe.train.transport import TRANSPORTS
 
         TRANSPORTS.get(self.kind, field="transport.kind")

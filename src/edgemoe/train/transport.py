@@ -34,7 +34,7 @@ from edgemoe.registry import Registry
 from edgemoe.train.server import ExpertServer, ServerSpec
 
 # name -> transport class; ``dist`` registers itself when edgemoe.train.dist is imported (on first use)
-TRANSPORTS: Registry[Any] = Registry("transport", plugin_package="edgemoe.train")
+TRANSPORTS: Registry[Any] = Registry("transport", plugin_package="edgemoe.train", plugins=("dist",))
 
 
 class _Late:
