@@ -16,7 +16,7 @@ from edgemoe.collab.selection.problem import SelectionProblem
 from edgemoe.errors import ConfigError
 
 
-def correctness_instance(seed, q=60, n=4, top_k=1, energy_mode="routed", gap=3.0):
+def correctness_instance(seed, q=60, n=4, top_k=1, energy_mode="routed", gap=3.0, fit=1.0):
     rng = np.random.default_rng(seed)
     quality_QN = rng.random((q, n))
     return SelectionProblem(
@@ -24,7 +24,7 @@ def correctness_instance(seed, q=60, n=4, top_k=1, energy_mode="routed", gap=3.0
         probs_QNO=np.stack([quality_QN, 1 - quality_QN], axis=2),
         answer_Q=np.zeros(q, dtype=np.int64),
         logits_QN=rng.normal(size=(q, n)) * gap,
-        eligible_QN=np.ones((q, n), dtype=bool),
+        eligible_QN=rng.random((q, n)) < fit,
         energy_QN=rng.uniform(1, 10, (q, n)),
         delay_QN=np.zeros((q, n)),
         category_Q=np.zeros(q, dtype=np.int64),
@@ -51,9 +51,15 @@ def test_equal_weight_reference_is_a_random_router_on_correctness_only_data():
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000), frac=st.floats(0.1, 1.0), top_k=st.sampled_from([None, 1, 2]))
-def test_dmo_equals_exhaustive_with_routed_energy(seed, frac, top_k):
-    p = correctness_instance(seed, top_k=top_k)
+@given(
+    seed=st.integers(0, 10_000),
+    frac=st.floats(0.1, 1.0),
+    top_k=st.sampled_from([None, 1, 2]),
+    fit=st.sampled_from([1.0, 0.6]),
+)
+def test_dmo_equals_exhaustive_with_routed_energy(seed, frac, top_k, fit):
+    """Also when some experts miss some requests' latency budget (an unserved request is wrong)."""
+    p = correctness_instance(seed, top_k=top_k, fit=fit)
     budget = frac * float(p.cost_N.sum())
     d, e = dmo(p, budget), exhaustive(p, budget)
     assert d.feasible == e.feasible

@@ -64,7 +64,6 @@ def replay(
     q_order = np.arange(problem.num_questions) if order is None else np.asarray(order)
     mask_N = np.asarray(mask_N, dtype=bool)
     names = list(problem.names)
-    unserved = 1.0 / problem.num_options if problem.correctness_only else 0.0
     correct, energy, served, experts = [], [], [], []
     for q in q_order:
         # Latency eligibility is precomputed: eligible experts "take" 0 s against a 1 s budget.
@@ -86,7 +85,7 @@ def replay(
             p_y = float(mix_O[problem.answer_Q[q]])
             ok = p_y if problem.correctness_only else float(int(np.argmax(mix_O)) == problem.answer_Q[q])
         else:
-            ok = unserved
+            ok = 0.0  # unserved: wrong
         correct.append(ok)
         energy.append(route.energy_j)
         served.append(route.served)
