@@ -113,3 +113,17 @@ def test_request_id_is_propagated_to_the_experts(pair):
     assert any(h.get("x-request-id") == "trace-42" for _, h, _ in pair.servers["alpha"].requests)
     fresh = httpx.post(pair.url + "/v1/chat/completions", json=HELLO, trust_env=False)
     assert len(fresh.headers["x-request-id"]) == 16
+
+
+def test_stream_falls_back_to_a_hedge_when_the_first_ranked_expert_fails(make_gateway):
+    run = make_gateway({"first": TinyOpenAIServer(1), "hedge": TinyOpenAIServer(2)})
+    run.servers["first"].fail_status = 500
+    client = openai.OpenAI(base_url=run.url + "/v1", api_key="x", max_retries=0)
+    chunks = list(
+        client.chat.completions.create(model="m", messages=HELLO["messages"], max_tokens=4, stream=True)
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    block = chunks[-1].model_extra["moe2"]
+    assert len(text) == 4 and block["answered_by"] == "hedge" and block["failed"] == ["first"]
+    direct = client.chat.completions.create(model="hedge", messages=HELLO["messages"], max_tokens=4)
+    assert text == direct.choices[0].message.content

@@ -15,6 +15,7 @@ import json
 import pkgutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -306,7 +307,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     ws, gate = load_run(args.run)
     latency, select, energy, total = _budgets(args, ws, gate)
-    out = {"monotonicity": monotonicity(select)}
+    out: dict[str, Any] = {"monotonicity": monotonicity(select)}
     checks = []
     reference = (lambda p, b: dmo(p, b, bound="valid")) if args.no_exhaustive else exhaustive
     fractions = [float(x) for x in args.energy_fractions.split(",")]

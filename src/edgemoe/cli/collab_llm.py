@@ -11,6 +11,7 @@ import functools
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -209,7 +210,7 @@ def run_build_cache(args: argparse.Namespace) -> int:
             f"an expert failed: {exc}\nanswers so far are kept in {cache_path}; rerun the same command to resume"
         )
         return 1
-    summary = {
+    summary: dict[str, Any] = {
         "cache": str(cache_path),
         "questions": len(questions),
         "experts": [p.name for p in chosen],

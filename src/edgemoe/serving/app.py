@@ -14,13 +14,14 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Receive, Scope, Send
 
 from edgemoe.serving.metrics import LOG
 from edgemoe.serving.protocol import AnswerRequest, ChatRequest, RequestError, parse_body
@@ -34,6 +35,29 @@ CLIENT_GONE = 499  # nginx's status for "client closed the request": logged and 
 class JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
         return dumps(content)
+
+
+class EventStream(Response):
+    """Server-sent events written straight to ASGI ``send`` (no task group per response, unlike
+    Starlette's ``StreamingResponse``); the middleware cancels it if the client leaves."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None]):  # no Content-Length: the body is open-ended
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+        ]
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        try:
+            async for data in self.events:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        finally:
+            await self.events.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def error_response(err: RequestError) -> JSON:
@@ -67,7 +91,7 @@ class GatewayMiddleware:
         self.log = serve.log_requests
         self.active = 0
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -76,10 +100,10 @@ class GatewayMiddleware:
         route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         headers = dict(scope.get("headers") or [])
         request_id = _request_id(headers.get(b"x-request-id", b""))
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope.setdefault("state", {}).update(request_id=request_id, t0=t0)
         sent = {"status": 0}
 
-        async def tagged_send(message: dict) -> None:
+        async def tagged_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 sent["status"] = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
@@ -122,9 +146,7 @@ class GatewayMiddleware:
             return RequestError(413, f"request body exceeds {self.limit} bytes", code="body_too_large")
         return None
 
-    async def _serve(
-        self, scope: dict, receive: Callable, send: Callable, headers: dict[bytes, bytes]
-    ) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes]) -> None:
         """Read the whole body first (limits), then run the app, cancelling it if the client leaves."""
         body = b""
         if scope["method"] in ("POST", "PUT", "PATCH"):
@@ -144,7 +166,7 @@ class GatewayMiddleware:
         gone = asyncio.Event()
         replayed = False
 
-        async def replay() -> dict:
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -172,7 +194,7 @@ class GatewayMiddleware:
         finally:
             watcher.cancel()
 
-    async def _read_body(self, receive: Callable) -> bytes:
+    async def _read_body(self, receive: Receive) -> bytes:
         chunks, seen = [], 0
         while True:
             message = await receive()
@@ -189,9 +211,9 @@ class GatewayMiddleware:
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
         auth = headers.get(b"authorization", b"")
         given = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
-        return hmac.compare_digest(given, self.api_key)
+        return self.api_key is not None and hmac.compare_digest(given, self.api_key)
 
-    def _record(self, scope: dict, route: str, status: int, seconds: float, request_id: str) -> None:
+    def _record(self, scope: Scope, route: str, status: int, seconds: float, request_id: str) -> None:
         self.service.metrics.request(route, status, seconds)
         if not self.log or route == "/metrics":
             return
@@ -295,17 +317,16 @@ def create_app(service: MoE2Service, api_key: str | None = None) -> GatewayMiddl
         rid = request.state.request_id
         if req.stream:
             state = request.scope["state"]
-            events = await service.chat_stream(req, rid, state)
-            return StreamingResponse(
-                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        out = await service.chat(req, rid)
+            events = await service.chat_stream(req, rid, state, request.state.t0)
+            return EventStream(events)
+        out = await service.chat(req, rid, request.state.t0)
         request.state.moe2 = out["moe2"]  # the middleware's log line reports it
         return JSON(out)
 
     @app.post("/v1/moe2/answer")
     async def answer(request: Request) -> Response:
-        out = await service.answer(parse_body(await request.body(), AnswerRequest), request.state.request_id)
+        req = parse_body(await request.body(), AnswerRequest)
+        out = await service.answer(req, request.state.request_id, request.state.t0)
         request.state.moe2 = out["moe2"]
         return JSON(out)
 

@@ -23,7 +23,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgemoe.collab.backends import BackendError, ChoiceScores, Generation, LLMBackend, Message, build_backend
+from edgemoe.collab.backends.base import stream_chunks
 from edgemoe.collab.costs import estimate_prompt_tokens
 from edgemoe.collab.data import SUBJECT_CATEGORY
 from edgemoe.collab.policy import MoE2Policy, Route, aggregate
@@ -166,7 +167,12 @@ class MoE2Service:
                     400, f"{name}: no selected expert can honour this field (experts: {sorted(up)})", name,
                     "unsupported_parameter",
                 )  # fmt: skip
-        return {n for n in up if set(params) <= self.backends[n].supported_params}
+        able = {n for n in up if set(params) <= self.backends[n].supported_params}
+        if not able:
+            fields = sorted(params)
+            raise RequestError(400, f"no selected expert honours all of {fields} together", fields[0],
+                               "unsupported_parameter")  # fmt: skip
+        return able
 
     def plan(
         self,
@@ -178,9 +184,11 @@ class MoE2Service:
         gate_text: str | None = None,
         params: Mapping[str, Any] | None = None,
         model: str | None = None,
+        t0: float | None = None,
     ) -> Plan:
-        """The policy's route for this request and its deadline; 422 when no expert set fits."""
-        t0 = time.perf_counter()
+        """The policy's route for this request and its deadline (from ``t0``, when the request
+        arrived; default now); 422 when no expert set fits."""
+        t0 = time.perf_counter() if t0 is None else t0
         budget = req.latency_budget_s or self.config.collab.budgets.latency_for(category)
         available = self._candidates(params or {}, model)
         if model in self.backends:
@@ -278,8 +286,7 @@ class MoE2Service:
             if skip and o.name in skip:
                 continue
             timeout = min(self.timeouts[o.name], max(deadline - t_start, 0.0))
-            coro = asyncio.wait_for(call(self.backends[o.name], timeout), timeout)
-            tasks[asyncio.ensure_future(_as_backend_error(coro, o.name, timeout))] = o
+            tasks[asyncio.ensure_future(self._call(call, o.name, timeout))] = o
         pending = set(tasks)
         try:
             while pending and not final(plan.outcomes):
@@ -297,6 +304,15 @@ class MoE2Service:
             for o in tasks.values():
                 self._record(plan, o)
         return plan.outcomes
+
+    async def _call(
+        self, call: Callable[[LLMBackend, float], Awaitable[Any]], name: str, timeout: float
+    ) -> Any:
+        """One expert call under ``timeout`` (the call is created inside the task, so a task cancelled
+        before it starts leaves no coroutine unawaited)."""
+        return await _as_backend_error(
+            asyncio.wait_for(call(self.backends[name], timeout), timeout), name, timeout
+        )
 
     @staticmethod
     def survivors(outcomes: list[ExpertOutcome]) -> list[ExpertOutcome]:
@@ -333,7 +349,7 @@ class MoE2Service:
 
     # -- multiple choice --
 
-    async def answer(self, req: AnswerRequest, request_id: str) -> dict[str, Any]:
+    async def answer(self, req: AnswerRequest, request_id: str, t0: float | None = None) -> dict[str, Any]:
         serve = self.config.serve
         if len(req.choices) > serve.max_choices:
             raise RequestError(400, f"at most {serve.max_choices} choices, got {len(req.choices)}", "choices")
@@ -343,7 +359,7 @@ class MoE2Service:
                                "question", "prompt_too_long")  # fmt: skip
         category = self.category_of(req.category, req.subject)
         plan = self.plan(
-            req, prompt, category, 1, request_id, gate_text=gate_prompt(req.question, req.choices)
+            req, prompt, category, 1, request_id, gate_text=gate_prompt(req.question, req.choices), t0=t0
         )
         n = len(req.choices)
         await self.fan_out(plan, lambda b, _t: b.ascore_choices(prompt, n, plan.headers), _answer_decided)
@@ -380,15 +396,17 @@ class MoE2Service:
             raise RequestError(400, f"n must be <= {serve.max_n}, got {req.n}", "n")
         return messages, max_tokens, req.passthrough()
 
-    def plan_chat(self, req: ChatRequest, request_id: str) -> tuple[Plan, list[Message], int, dict[str, Any]]:
+    def plan_chat(
+        self, req: ChatRequest, request_id: str, t0: float | None = None
+    ) -> tuple[Plan, list[Message], int, dict[str, Any]]:
         messages, max_tokens, params = self._chat_inputs(req)
         prompt = "\n".join(m.content for m in messages)
         category = self.category_of(req.category)
-        plan = self.plan(req, prompt, category, max_tokens, request_id, params=params, model=req.model)
+        plan = self.plan(req, prompt, category, max_tokens, request_id, params=params, model=req.model, t0=t0)
         return plan, messages, max_tokens, params
 
-    async def chat(self, req: ChatRequest, request_id: str) -> dict[str, Any]:
-        plan, messages, max_tokens, params = self.plan_chat(req, request_id)
+    async def chat(self, req: ChatRequest, request_id: str, t0: float | None = None) -> dict[str, Any]:
+        plan, messages, max_tokens, params = self.plan_chat(req, request_id, t0)
         temperature = req.temperature or 0.0
 
         def call(b: LLMBackend, _timeout: float) -> Awaitable[Generation]:
@@ -410,15 +428,15 @@ class MoE2Service:
         }
 
     async def chat_stream(
-        self, req: ChatRequest, request_id: str, state: dict[str, Any]
-    ) -> AsyncIterator[bytes]:
+        self, req: ChatRequest, request_id: str, state: dict[str, Any], t0: float | None = None
+    ) -> AsyncGenerator[bytes, None]:
         """Server-sent events for ``req`` (OpenAI chunk format, ``[DONE]`` last).
 
         Everything that can be refused is refused before the first byte (routing; the first-ranked
         expert's first chunk, or the best hedge's answer if it fails within the deadline), so errors
         keep their HTTP status. The deadline bounds the time to the first token.
         """
-        plan, messages, max_tokens, params = self.plan_chat(req, request_id)
+        plan, messages, max_tokens, params = self.plan_chat(req, request_id, t0)
         temperature = req.temperature or 0.0
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": req.model or MODEL_ID}  # fmt: skip
@@ -435,7 +453,7 @@ class MoE2Service:
         )
         t_start = time.perf_counter()
         stream = self.backends[primary.name].astream(messages, max_tokens, temperature, params, plan.headers)
-        first: dict[str, Any] | None = None
+        first: list[dict[str, Any]] | None = None
         fallback: ExpertOutcome | None = None
         try:
             left = max(plan.deadline - t_start, 0.0)
@@ -481,27 +499,32 @@ class MoE2Service:
         self,
         plan: Plan,
         head: dict[str, Any],
-        first: dict[str, Any] | None,
-        stream: AsyncIterator[dict[str, Any]],
+        first: list[dict[str, Any]] | None,
+        stream: AsyncGenerator[list[dict[str, Any]], None],
         hedges: asyncio.Future,
         fallback: ExpertOutcome | None,
         t_start: float,
         include_usage: bool,
         state: dict[str, Any],
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         primary = plan.outcomes[0]
         try:
             if fallback is not None:
-                async for chunk in _replay(fallback.result):
-                    yield _sse({**head, "choices": chunk["choices"]})
+                yield b"".join(
+                    _sse({**head, "choices": c["choices"]}) for c in stream_chunks(fallback.result)
+                )
             else:
                 usage: dict[str, int] | None = None
-                chunk: dict[str, Any] | None = first
-                while chunk is not None:
-                    usage = chunk.get("usage") or usage
-                    if chunk.get("choices"):
-                        yield _sse({**head, "choices": chunk["choices"]})
-                    chunk = await anext(stream, None)
+                batch: list[dict[str, Any]] | None = first
+                while batch is not None:
+                    for chunk in batch:
+                        usage = chunk.get("usage") or usage
+                    data = b"".join(
+                        _sse({**head, "choices": c["choices"]}) for c in batch if c.get("choices")
+                    )
+                    if data:
+                        yield data
+                    batch = await anext(stream, None)
                 self._finish_primary(primary, usage, t_start)
                 await _cancel(hedges)
             block = self.moe2_block(plan)
@@ -556,19 +579,6 @@ async def _as_backend_error(aw: Awaitable[Any], name: str, timeout: float) -> An
         return await aw
     except asyncio.TimeoutError as exc:
         raise BackendError(f"expert {name!r}: no answer within {timeout:.3g} s", "timeout") from exc
-
-
-async def _replay(gen: Generation) -> AsyncIterator[dict[str, Any]]:
-    """A finished answer as stream chunks (the fallback when the first-ranked expert failed)."""
-    for choice in gen.openai_choices():
-        message = {k: v for k, v in (choice.get("message") or {}).items() if v is not None}
-        if "tool_calls" in message:
-            message["tool_calls"] = [{"index": j, **c} for j, c in enumerate(message["tool_calls"])]
-        index = choice.get("index", 0)
-        yield {"choices": [{"index": index, "delta": message, "logprobs": choice.get("logprobs")}]}
-        yield {
-            "choices": [{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}]
-        }
 
 
 def dumps(obj: Any) -> bytes:

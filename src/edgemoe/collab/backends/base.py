@@ -21,7 +21,7 @@ import abc
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -225,17 +225,33 @@ class LLMBackend(abc.ABC):
         temperature: float = 0.0,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
-        """OpenAI chat-completion chunks; the last carries ``usage``. Default: one chunk per choice."""
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """OpenAI chat-completion chunks in batches (the chunks that arrived together); the last chunk
+        carries ``usage``. Default: the whole answer as one batch."""
         gen = await self.agenerate(messages, max_tokens, temperature, params, headers)
-        for choice in gen.openai_choices():
-            message = {k: v for k, v in (choice.get("message") or {}).items() if v is not None}
-            delta = {"index": choice.get("index", 0), "delta": message, "logprobs": choice.get("logprobs")}
-            yield {"choices": [{**delta, "finish_reason": choice.get("finish_reason") or "stop"}]}
-        yield {"choices": [], "usage": usage_of(gen)}
+        yield [*stream_chunks(gen), {"choices": [], "usage": usage_of(gen)}]
 
     async def aclose(self) -> None:
         self.close()
+
+
+def stream_chunks(gen: Generation) -> list[dict[str, Any]]:
+    """A finished answer as the stream chunks that would have carried it (one delta per choice)."""
+    out = []
+    for choice in gen.openai_choices():
+        message = {k: v for k, v in (choice.get("message") or {}).items() if v is not None}
+        if "tool_calls" in message:  # stream deltas index their tool calls
+            message["tool_calls"] = [{"index": j, **c} for j, c in enumerate(message["tool_calls"])]
+        index = choice.get("index", 0)
+        out.append({"choices": [{"index": index, "delta": message, "logprobs": choice.get("logprobs")}]})
+        out.append(
+            {
+                "choices": [
+                    {"index": index, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}
+                ]
+            }
+        )
+    return out
 
 
 def usage_of(gen: Generation | ChoiceScores) -> dict[str, int]:

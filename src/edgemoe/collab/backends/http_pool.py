@@ -20,7 +20,7 @@ import contextlib
 import json
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -133,13 +133,13 @@ class AsyncHTTPPool:
         self, method: str, path: str, payload: Any = None, headers: Mapping[str, str] | None = None
     ) -> tuple[int, Any]:
         """Send ``payload`` as JSON (if given) and return (status, decoded JSON or text)."""
-        body, headers = self._framing(payload, headers)
+        body, head = self._framing(payload, headers)
         async with self._slots:
             for attempt in (0, 1):
                 conn = self._idle.pop() if self._idle and attempt == 0 else await self._connect()
                 reused = conn.used
                 try:
-                    status, data, reusable = await conn.request(method, self.prefix + path, headers, body)
+                    status, data, reusable = await conn.request(method, self.prefix + path, head, body)
                 except (OSError, h11.ProtocolError, PoolError) as exc:
                     conn.close()
                     if reused and attempt == 0:
@@ -160,16 +160,16 @@ class AsyncHTTPPool:
 
     async def stream(
         self, method: str, path: str, payload: Any = None, headers: Mapping[str, str] | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The reply body as it arrives; :class:`StatusError` for a status >= 400. A stale keep-alive
         connection (failing before any reply byte) is retried once on a fresh one, as in :meth:`request`."""
-        body, headers = self._framing(payload, headers)
+        body, head = self._framing(payload, headers)
         async with self._slots:
             for attempt in (0, 1):
                 conn = self._idle.pop() if self._idle and attempt == 0 else await self._connect()
                 reused, started, done = conn.used, False, False
                 try:
-                    await conn.send(method, self.prefix + path, headers, body)
+                    await conn.send(method, self.prefix + path, head, body)
                     status, error = 0, []
                     async for event in conn.events():
                         started = True

@@ -12,7 +12,7 @@ import asyncio
 import json
 import math
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -291,30 +291,34 @@ class OpenAIBackend(LLMBackend):
         temperature: float = 0.0,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
-        """The endpoint's own server-sent events, parsed; usage is always requested."""
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """The endpoint's own server-sent events, parsed, batched per network read; usage is always
+        requested."""
         path, body = self._chat_request(messages, max_tokens, temperature, params)
         body |= {"stream": True, "stream_options": {"include_usage": True}}
-        buffer = b""
+        buffer, done = b"", False
         try:
+            # Read to the end of the body (past ``[DONE]``) so the connection goes back to the pool.
             async for data in self._pool_for_async().stream("POST", path, body, headers):
                 buffer += data
-                while b"\n\n" in buffer:
+                batch = []
+                while b"\n\n" in buffer and not done:
                     event, buffer = buffer.split(b"\n\n", 1)
                     for line in event.splitlines():
-                        if not line.startswith(b"data:"):
-                            continue
-                        payload = line[5:].strip()
+                        payload = line[5:].strip() if line.startswith(b"data:") else b""
                         if payload == b"[DONE]":
-                            return
-                        try:
-                            chunk = json.loads(payload)
-                        except ValueError as exc:
-                            raise BackendError(
-                                f"expert {self.name!r}: bad stream event", "bad_reply"
-                            ) from exc
-                        if isinstance(chunk, dict):
-                            yield chunk
+                            done = True
+                        elif payload:
+                            try:
+                                chunk = json.loads(payload)
+                            except ValueError as exc:
+                                raise BackendError(
+                                    f"expert {self.name!r}: bad stream event", "bad_reply"
+                                ) from exc
+                            if isinstance(chunk, dict):
+                                batch.append(chunk)
+                if batch:
+                    yield batch
         except PoolError as exc:
             raise BackendError(f"expert {self.name!r} at {self.base_url}: {exc}", "unreachable") from exc
         except StatusError as exc:
