@@ -395,7 +395,7 @@ def dmo(problem: SelectionProblem, budget: float, bound: str = "valid") -> Selec
 
 def _single_thread_blas():
     try:
-        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+        from threadpoolctl import threadpool_limits
     except ImportError:  # scikit-learn brings it; without it, keep the defaults
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
