@@ -13,10 +13,10 @@ from edgemoe.collab.policy import EnergyQueue, route_request
 from edgemoe.collab.selection.baselines import equal_weight_reference
 from edgemoe.collab.selection.dmo import dmo, exhaustive
 from edgemoe.collab.selection.problem import SelectionProblem
-from edgemoe.errors import ConfigError
+from edgemoe.errors import ConfigError, InputError
 
 
-def correctness_instance(seed, q=60, n=4, top_k=1, energy_mode="routed", gap=3.0):
+def correctness_instance(seed, q=60, n=4, top_k=1, energy_mode="routed", gap=3.0, fit=1.0):
     rng = np.random.default_rng(seed)
     quality_QN = rng.random((q, n))
     return SelectionProblem(
@@ -24,7 +24,7 @@ def correctness_instance(seed, q=60, n=4, top_k=1, energy_mode="routed", gap=3.0
         probs_QNO=np.stack([quality_QN, 1 - quality_QN], axis=2),
         answer_Q=np.zeros(q, dtype=np.int64),
         logits_QN=rng.normal(size=(q, n)) * gap,
-        eligible_QN=np.ones((q, n), dtype=bool),
+        eligible_QN=rng.random((q, n)) < fit,
         energy_QN=rng.uniform(1, 10, (q, n)),
         delay_QN=np.zeros((q, n)),
         category_Q=np.zeros(q, dtype=np.int64),
@@ -51,9 +51,15 @@ def test_equal_weight_reference_is_a_random_router_on_correctness_only_data():
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000), frac=st.floats(0.1, 1.0), top_k=st.sampled_from([None, 1, 2]))
-def test_dmo_equals_exhaustive_with_routed_energy(seed, frac, top_k):
-    p = correctness_instance(seed, top_k=top_k)
+@given(
+    seed=st.integers(0, 10_000),
+    frac=st.floats(0.1, 1.0),
+    top_k=st.sampled_from([None, 1, 2]),
+    fit=st.sampled_from([1.0, 0.6]),
+)
+def test_dmo_equals_exhaustive_with_routed_energy(seed, frac, top_k, fit):
+    """Also when some experts miss some requests' latency budget (an unserved request is wrong)."""
+    p = correctness_instance(seed, top_k=top_k, fit=fit)
     budget = frac * float(p.cost_N.sum())
     d, e = dmo(p, budget), exhaustive(p, budget)
     assert d.feasible == e.feasible
@@ -127,7 +133,7 @@ def test_route_request_prices_energy_only_with_a_backlog():
     assert route_request(*args, queue=queue).experts == ["big"]
     queue.observe(40.0)  # backlog 38 J: big costs 380 in price, small 38
     assert route_request(*args, queue=queue).experts == ["small"]
-    with pytest.raises(ConfigError):
+    with pytest.raises(InputError):
         queue.observe(float("nan"))
     with pytest.raises(ConfigError):
         EnergyQueue(budget_j=0.0)
@@ -145,3 +151,29 @@ def test_routellm_metrics_closed_form():
     assert blind["cpt50"] == 0.5 and blind["apgr"] == pytest.approx(0.5, abs=1e-3)
     with pytest.raises(ConfigError):
         routellm_metrics(np.zeros(q), np.ones(q), np.zeros(q))
+
+
+def test_queue_credit_spends_early_savings_and_still_holds_the_budget():
+    """Cheap requests first: the plain queue ends far under budget, one with credit spends the savings
+    on the dear requests (better accuracy) and stays within B + credit / T."""
+    q = 2000
+    heavy_Q = np.arange(q) >= q // 2
+    energy_QN = np.where(heavy_Q[:, None], [8.0, 2.0], [1.0, 1.0])
+    quality_QN = np.where(heavy_Q[:, None], [0.9, 0.4], [0.6, 0.6])
+    p = SelectionProblem(
+        names=["big", "small"],
+        probs_QNO=np.stack([quality_QN, 1 - quality_QN], axis=2),
+        answer_Q=np.zeros(q, dtype=np.int64),
+        logits_QN=np.tile([1.0, 0.0], (q, 1)),
+        eligible_QN=np.ones((q, 2), dtype=bool),
+        energy_QN=energy_QN,
+        delay_QN=np.zeros((q, 2)),
+        category_Q=np.zeros(q, dtype=np.int64),
+        top_k=1,
+        correctness_only=True,
+    )
+    budget, credit = 3.0, 1000.0
+    plain = replay(p, np.ones(2, dtype=bool), queue=EnergyQueue(budget, v=2.0))
+    banked = replay(p, np.ones(2, dtype=bool), queue=EnergyQueue(budget, v=2.0, credit_j=credit))
+    assert plain.energy_j <= budget * 1.01 and banked.energy_j <= budget + credit / q + 0.05
+    assert banked.energy_j > plain.energy_j and banked.accuracy > plain.accuracy

@@ -103,8 +103,14 @@ def test_paused_server_goes_offline_without_slowing_others_and_rejoins(data, exa
 
 def test_late_reply_is_used_when_server_stays_online(data, exact_accounting):
     """With max_misses=2 one late slot keeps the server online: its tokens complete a slot later."""
-    faults = [{"server": 2, "slot": 2, "kind": "slow", "stall_s": 0.5}]
+    faults = [{"server": 0, "slot": 2, "kind": "slow", "stall_s": 0.5}]
     tr = Trainer(_cfg("inproc", slots=6, faults=faults, deadline=0.2), dataset=data, keep_decisions=True)
+    tr.run(3)
+    assert tr.decisions[2].served_J[0] == 0  # nothing back from server 0 in the slot it was late
     tr.run()
+    ref = Trainer(_cfg("inproc", slots=6, faults=[]), dataset=data, keep_decisions=True)
+    ref.run(3)
+    # its late reply is delivered in the next slot, with that slot's own service
+    assert tr.decisions[3].served_J[0] >= ref.decisions[2].served_J[0] > 0
     assert tr.state.online_J.all() and tr.counters["late_replies"] == 1 and not tr.events
     exact_accounting(tr)

@@ -116,3 +116,15 @@ def test_yaml_exponent_floats_are_numbers(tmp_path, capsys):
     assert "measure accuracy only in steps of 2.5 %" in capsys.readouterr().err
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["config"]["network"]["servers"][0]["f_max"] == 1e9
+
+
+def test_torchrun_with_the_wrong_number_of_processes_is_one_line(tmp_path, capsys, monkeypatch):
+    for name, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "3",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", "--transport", "dist", "--out", str(tmp_path / "r")]) == 2
+    assert "J+1 = 9 processes" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -120,6 +120,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="choose the enabled set under this fraction of all experts' energy instead (the queue keeps --energy)",
     )
+    st.add_argument(
+        "--credit", type=float, default=0.0, help="energy the queue may bank from cheap requests (J)"
+    )
     st.add_argument("--seed", type=int, default=0)
     st.set_defaults(func=cmd_stream)
 
@@ -374,6 +377,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         serve_categories=args.serve_categories.split(",") if args.serve_categories else None,
         order=args.order,
         v=args.v,
+        credit_j=args.credit,
         seed=args.seed,
     )
     out = run_shift(ws, gate, spec, latency)

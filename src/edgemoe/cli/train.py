@@ -109,16 +109,24 @@ def write_run(out: Path, trainer: Any, *, plots: bool = True) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from edgemoe.config import require
     from edgemoe.train.dist import torchrun_address, under_torchrun
-    from edgemoe.train.session import check_out_dir, default_out, resolve_resume
+    from edgemoe.train.lifecycle import check_out_dir, default_out, resolve_resume
     from edgemoe.train.worker import run_launcher
 
     torch.set_num_threads(max(1, args.threads))
     cfg = build_config(args)
-    if cfg.transport.kind == "dist" and under_torchrun() and int(os.environ["RANK"]) != 0:
-        # a torchrun rank > 0 keeps server RANK-1 alive (restarting it), so one death never ends the job
+    if cfg.transport.kind == "dist" and under_torchrun():
+        world, servers = int(os.environ["WORLD_SIZE"]), cfg.network_spec().num_servers
+        require(
+            world == servers + 1,
+            "torchrun --nproc-per-node",
+            f"start J+1 = {servers + 1} processes in all (rank 0 the router, ranks 1..J the servers), "
+            f"got WORLD_SIZE={world}",
+        )
         rank = int(os.environ["RANK"])
-        return run_launcher(torchrun_address(cfg.transport), [rank - 1], cfg.transport.timeout_s)
+        if rank != 0:  # keeps server rank-1 alive (restarting it): one death never ends the job
+            return run_launcher(torchrun_address(cfg.transport), [rank - 1], cfg.transport.timeout_s)
     out = check_out_dir(args.out or default_out("runs", "train"))
     state = None
     resume = resolve_resume(args.resume, out)
@@ -138,7 +146,7 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, out: Path, state: dict[st
     from edgemoe.train.checkpoint import clean_stale_temps
     from edgemoe.train.config import check_subsets
     from edgemoe.train.dist import StartupInterrupted
-    from edgemoe.train.session import RunFolder, StopSignals
+    from edgemoe.train.lifecycle import RunFolder, StopSignals
     from edgemoe.train.trainer import Trainer, make_transport
 
     data = cfg.data.build(cfg.seed)  # data problems surface before any server process starts

@@ -163,9 +163,9 @@ def read_cache(
     en = np.full((len(qids), len(experts)), np.nan)
     for i, q in enumerate(qids):
         for j, e in enumerate(experts):
-            rec = table.get((q, e))
-            if rec is None:
+            if (q, e) not in table:
                 raise DataError(str(path), f"no record for question {q!r} and expert {e!r}")
+            rec = table[(q, e)]
             p = np.asarray(rec["probs"], dtype=np.float64)
             if p.shape != (num_opt,) or not np.all(p >= 0) or not math.isclose(p.sum(), 1.0, abs_tol=1e-4):
                 raise DataError(

@@ -32,6 +32,7 @@ from edgemoe.collab.embed import Embedder
 from edgemoe.collab.gate import Gate, restricted_weights, top_k_mask
 from edgemoe.collab.profiles import Budgets, CollabConfig
 from edgemoe.config import ConfigError, check_choice, check_positive
+from edgemoe.errors import InputError
 
 
 @dataclass
@@ -39,11 +40,14 @@ class EnergyQueue:
     """Virtual energy queue (module doc). Stateful: one per request stream.
 
     ``budget_j``: target mean energy per request (J); ``v``: weight of the gate's preference, in units
-    of the budget (V = v·B joules). ``observe(e)`` after each request with its realised energy.
+    of the budget (V = v·B joules); ``credit_j``: how far the backlog may go below zero (J), so that
+    energy saved on cheap requests can be spent later (0 = the plain queue; the mean over T requests
+    is then at most B + (Q_T + credit)/T). ``observe(e)`` after each request with its energy.
     """
 
     budget_j: float
     v: float = 4.0
+    credit_j: float = 0.0
     backlog_j: float = 0.0
     requests: int = 0
     energy_j: float = 0.0
@@ -51,6 +55,7 @@ class EnergyQueue:
     def __post_init__(self) -> None:
         check_positive(self.budget_j, "energy_queue.budget_j")
         check_positive(self.v, "energy_queue.v")
+        check_positive(self.credit_j, "energy_queue.credit_j", allow_zero=True)
 
     @property
     def weight_j(self) -> float:
@@ -58,13 +63,13 @@ class EnergyQueue:
 
     def scores(self, weights_N: np.ndarray, energy_N: np.ndarray) -> np.ndarray:
         """Drift-plus-penalty value of serving with each expert: V·w_n − Q·e_n."""
-        return self.weight_j * np.asarray(weights_N) - self.backlog_j * np.asarray(energy_N)
+        return self.weight_j * np.asarray(weights_N) - max(self.backlog_j, 0.0) * np.asarray(energy_N)
 
     def observe(self, energy_j: float) -> None:
         """Account one served request's realised energy (J)."""
         if not math.isfinite(energy_j) or energy_j < 0:
-            raise ConfigError("energy_j", f"must be a finite number >= 0, got {energy_j!r}")
-        self.backlog_j = max(self.backlog_j + energy_j - self.budget_j, 0.0)
+            raise InputError("energy_j", f"must be a finite number >= 0, got {energy_j!r}")
+        self.backlog_j = max(self.backlog_j + energy_j - self.budget_j, -self.credit_j)
         self.requests += 1
         self.energy_j += energy_j
 

@@ -720,7 +720,10 @@ class Trainer:
 
     def load_traced(self, state: dict[str, Any]) -> None:
         """Restore the per-slot lists of a checkpoint loaded from ``state["path"]``."""
-        if "traced" not in state:  # an in-memory state_dict(): the lists are already here
+        if "traced" not in state:  # an in-memory state_dict(), or a checkpoint holding the lists itself
+            for key in TRACED:
+                if key in state:
+                    setattr(self, key, list(state[key]))
             return
         for key, values in self.trace.load(state["path"], state["traced"]).items():
             setattr(self, key, values)

@@ -163,7 +163,8 @@ class InProcTransport(Transport):
     """Every server in this process; time is simulated (no emulated sleeps unless asked).
 
     A reply slower than ``deadline`` wall seconds is reported :data:`LATE` and handed over by
-    :meth:`late_replies` at the next slot, as a late reply over the network would be.
+    :meth:`late_replies` at the next slot (after the next ``step``), as a late reply over the
+    network would be.
     """
 
     def __init__(self, specs: list[ServerSpec], deadline: float | None = None):
@@ -171,10 +172,14 @@ class InProcTransport(Transport):
         self.num_servers = len(specs)
         self.deadline = deadline
         self.tracked = set(range(self.num_servers))
-        self.held: dict[int, list[ServerReply]] = {}
+        self.held: dict[int, list[ServerReply]] = {}  # late in the current slot
+        self.arrived: dict[int, list[ServerReply]] = {}  # late in an earlier slot, handed over now
         self.snapshots: dict[int, dict[str, Any]] = {}
 
     def step(self, orders: dict[int, ServerOrder]) -> dict[int, Any]:
+        for j, replies in self.held.items():
+            self.arrived.setdefault(j, []).extend(replies)
+        self.held = {}
         out: dict[int, Any] = {}
         for j, order in orders.items():
             reply = handle_order(self.servers[j], order)
@@ -185,12 +190,13 @@ class InProcTransport(Transport):
         return out
 
     def late_replies(self) -> dict[int, list[ServerReply]]:
-        held, self.held = self.held, {}
-        return {j: r for j, r in held.items() if j in self.tracked}
+        arrived, self.arrived = self.arrived, {}
+        return {j: r for j, r in arrived.items() if j in self.tracked}
 
     def detach(self, server: int) -> None:
         self.tracked.discard(server)
         self.held.pop(server, None)
+        self.arrived.pop(server, None)
         self.servers[server].drain()
 
     def back(self) -> list[int]:

@@ -19,11 +19,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from edgemoe.errors import ConfigError
 from edgemoe.train.frames import LEN, frame
+
+GAVE_UP = 3  # exit code of a server process whose router stayed unreachable: not restarted
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -98,8 +100,8 @@ def _handle(server: Any, op: str, arg: Any) -> tuple[Any, Any]:
 def serve(address: tuple[str, int], index: int, *, give_up_s: float = 60.0, parent: int | None = None) -> int:
     """Serve server ``index`` for the router at ``address``; reconnect until told to stop.
 
-    Returns 0 after a ``stop`` request, 1 when the router stayed unreachable for ``give_up_s``
-    seconds or the parent process (``parent``) is gone.
+    Returns 0 after a ``stop`` request, :data:`GAVE_UP` when the router stayed unreachable for
+    ``give_up_s`` seconds or the parent process (``parent``) is gone.
     """
     import torch
 
@@ -109,12 +111,12 @@ def serve(address: tuple[str, int], index: int, *, give_up_s: float = 60.0, pare
     backoff, last_seen = 0.1, time.monotonic()
     while True:
         if parent is not None and os.getppid() != parent:
-            return 1
+            return GAVE_UP
         try:
             sock = socket.create_connection(address, timeout=5.0)
         except OSError:
             if time.monotonic() - last_seen > give_up_s:
-                return 1
+                return GAVE_UP
             time.sleep(backoff)
             backoff = min(2 * backoff, 2.0)
             continue
@@ -159,7 +161,7 @@ class _Slot:
     started: float = 0.0
     restart_at: float = 0.0
     deaths: int = 0
-    log: list[str] = field(default_factory=list)
+    exit_code: int | None = None  # set once the process ended for good (stopped, or gave up)
 
 
 class ServerLauncher:
@@ -167,7 +169,7 @@ class ServerLauncher:
 
     Backoff: ``backoff_s * 2**n`` after the n-th consecutive quick death (capped at ``max_backoff_s``);
     a worker that stayed up ``healthy_s`` seconds resets n. ``on_event(server, text)`` is told of every
-    death and restart. Workers run in their own session, so a Ctrl-C aimed at the router's process
+    death and restart. Workers run in their own process session, so a Ctrl-C aimed at the router's process
     group reaches only the router, which then stops them in order.
     """
 
@@ -207,8 +209,15 @@ class ServerLauncher:
             return
         now = time.monotonic()
         for j, slot in self.slots.items():
+            if slot.exit_code is not None:
+                continue
             if slot.proc is not None and slot.proc.poll() is not None:
                 code = slot.proc.returncode
+                if code in (0, GAVE_UP):
+                    slot.proc, slot.exit_code = None, code
+                    if code == GAVE_UP:
+                        self.on_event(j, "the router stayed unreachable; server process gave up")
+                    continue
                 slot.deaths = 0 if now - slot.started > self.healthy_s else slot.deaths + 1
                 delay = min(self.backoff_s * 2 ** max(slot.deaths - 1, 0), self.max_backoff_s)
                 slot.proc, slot.restart_at = None, now + delay
@@ -216,6 +225,11 @@ class ServerLauncher:
             if slot.proc is None and now >= slot.restart_at:
                 self._start(j)
                 self.on_event(j, f"restarted (pid {self.pid(j)})")
+
+    @property
+    def finished(self) -> bool:
+        """Every server process ended for good."""
+        return all(slot.exit_code is not None for slot in self.slots.values())
 
     def kill(self, j: int) -> None:
         """SIGKILL server ``j``'s process (fault injection); :meth:`tick` restarts it."""
@@ -241,7 +255,8 @@ class ServerLauncher:
 def run_launcher(address: tuple[str, int], servers: list[int], give_up_s: float) -> int:
     """``edgemoe worker``: keep ``servers`` running for the router at ``address`` until it is done.
 
-    Returns once every worker has exited cleanly (the router sent ``stop``) or on SIGINT/SIGTERM.
+    Returns 0 once the router has stopped every server, 1 if some gave up on an unreachable
+    router, ``128 + signal`` on SIGINT/SIGTERM.
     """
     stop = {"sig": 0}
 
@@ -251,19 +266,16 @@ def run_launcher(address: tuple[str, int], servers: list[int], give_up_s: float)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     launcher = ServerLauncher(address, servers, give_up_s=give_up_s)
-    done: set[int] = set()
-    while not stop["sig"] and len(done) < len(servers):
-        for j, slot in launcher.slots.items():
-            if slot.proc is not None and slot.proc.poll() == 0:
-                done.add(j)
-        launcher.slots = {j: s for j, s in launcher.slots.items() if j not in done}
+    while not stop["sig"] and not launcher.finished:
         launcher.tick()
         time.sleep(0.05)
     for slot in launcher.slots.values():
         if slot.proc is not None and slot.proc.poll() is None:
             slot.proc.terminate()
     launcher.close()
-    return 128 + stop["sig"] if stop["sig"] else 0
+    if stop["sig"]:
+        return 128 + stop["sig"]
+    return 0 if all(slot.exit_code == 0 for slot in launcher.slots.values()) else 1
 
 
 if __name__ == "__main__":

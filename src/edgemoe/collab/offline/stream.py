@@ -64,7 +64,6 @@ def replay(
     q_order = np.arange(problem.num_questions) if order is None else np.asarray(order)
     mask_N = np.asarray(mask_N, dtype=bool)
     names = list(problem.names)
-    unserved = 1.0 / problem.num_options if problem.correctness_only else 0.0
     correct, energy, served, experts = [], [], [], []
     for q in q_order:
         # Latency eligibility is precomputed: eligible experts "take" 0 s against a 1 s budget.
@@ -86,7 +85,7 @@ def replay(
             p_y = float(mix_O[problem.answer_Q[q]])
             ok = p_y if problem.correctness_only else float(int(np.argmax(mix_O)) == problem.answer_Q[q])
         else:
-            ok = unserved
+            ok = 0.0  # unserved: wrong
         correct.append(ok)
         energy.append(route.energy_j)
         served.append(route.served)
@@ -111,6 +110,7 @@ def shift_experiment(
     budget_j: float,
     v: float,
     order: np.ndarray | None = None,
+    credit_j: float = 0.0,
 ) -> dict:
     """The enabled set chosen on ``select`` serves ``serve``'s stream without and with the queue.
 
@@ -119,12 +119,13 @@ def shift_experiment(
     """
     mask_N = np.asarray(mask_N, dtype=bool)
     free = replay(serve, mask_N, order)
-    held = replay(serve, mask_N, order, queue=EnergyQueue(budget_j, v=v))
+    held = replay(serve, mask_N, order, queue=EnergyQueue(budget_j, v=v, credit_j=credit_j))
     energy_QN = np.where(serve.eligible_QN & mask_N[None, :], serve.energy_QN, np.inf)
     floor = energy_QN.min(axis=1)
     return {
         "budget_j": budget_j,
         "v": v,
+        "credit_j": credit_j,
         "selection_energy_j": select.energy(mask_N),
         "stream_requests": int(serve.num_questions),
         "stream_energy_floor_j": float(floor[np.isfinite(floor)].mean())
@@ -143,7 +144,7 @@ class ShiftSpec:
     """One shift experiment: the budget (J, or a fraction of all experts' reserved energy), the
     budget the enabled set is chosen under (default: the same), which categories it is chosen on
     (selection split) and which it serves (test split), stream order (``shuffled``, or ``blocks`` of
-    the serve categories in the given order), queue weight, seed."""
+    the serve categories in the given order), queue weight V/B and credit (J), seed."""
 
     energy_j: float | None = None
     energy_fraction: float | None = None
@@ -152,6 +153,7 @@ class ShiftSpec:
     serve_categories: list[str] | None = None
     order: str = "shuffled"
     v: float | None = None
+    credit_j: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -199,7 +201,7 @@ def run_shift(ws: RunData, gate: Gate, spec: ShiftSpec, latency: Budgets | None 
             )
         order = np.argsort(rank_C[ws.questions.category_Q[serve_rows]], kind="stable")
     v = spec.v if spec.v is not None else (ws.config.energy_queue_v or EnergyQueue.v)
-    out = shift_experiment(select, serve, np.asarray(res.mask), budget, v, order)
+    out = shift_experiment(select, serve, np.asarray(res.mask), budget, v, order, spec.credit_j)
     out.update(
         experts=res.experts,
         coarse_energy_budget_j=coarse,

@@ -64,7 +64,7 @@ def equal_weight_reference(problem: SelectionProblem, mask_N: np.ndarray) -> dic
         served_Q = count_Q > 0
         safe_Q = np.maximum(count_Q, 1)
         p_Q = np.where(fit_QN, problem.correct_QN, 0.0).sum(axis=1) / safe_Q
-        p_Q = np.where(served_Q, p_Q, 1.0 / problem.num_options)
+        p_Q = np.where(served_Q, p_Q, 0.0)  # unserved: wrong
         k_Q = np.minimum(count_Q, problem.top_k)
         e_Q = k_Q * np.where(fit_QN, problem.energy_QN, 0.0).sum(axis=1) / safe_Q
         return {"accuracy": float(p_Q.mean()), "energy_j": float(e_Q.mean())}

@@ -224,7 +224,9 @@ class _Bounder:
         p_bound_BQ = np.where(lost_BQ, 1.0, p_bound_BQ)
         ll_bound_B = np.log(np.maximum(p_bound_BQ, P_FLOOR)).mean(axis=1)
         if p.objective == "accuracy" and p.correctness_only:
-            acc_bound_B = p_bound_BQ.mean(axis=1)
+            # An unserved request scores 0 (wrong); served ones as for the likelihood bound.
+            acc_p_BQ = np.where(served_BQ, p_bound_BQ, best_cand_BQ)
+            acc_bound_B = np.where(lost_BQ, 1.0, acc_p_BQ).mean(axis=1)
         return acc_bound_B + TIE_EPS * ll_bound_B if p.objective == "accuracy" else ll_bound_B
 
     def _bound_top_k(
@@ -252,7 +254,7 @@ class _Bounder:
         if p.objective != "accuracy":
             return ll_BQ.mean(axis=1)
         if p.correctness_only:
-            unserved_p = 1.0 / p.num_options
+            unserved_p = 0.0  # an unserved request is wrong
             p_BQ = np.where(any_BQ, best_py_BQ, unserved_p)
             p_BQ = np.where(mem_BQN.any(axis=2), p_BQ, np.maximum(p_BQ, unserved_p))
             exact_p_BQ = np.where(served_BQ, py_BQ, unserved_p)
@@ -393,7 +395,7 @@ def dmo(problem: SelectionProblem, budget: float, bound: str = "valid") -> Selec
 
 def _single_thread_blas():
     try:
-        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+        from threadpoolctl import threadpool_limits
     except ImportError:  # scikit-learn brings it; without it, keep the defaults
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")

@@ -202,7 +202,12 @@ class SelectionProblem:
         p_y_BQ = num_BQO[:, rows, self.answer_Q] / np.where(served_BQ, den_BQ, 1.0)
         p_y_BQ = np.where(served_BQ, p_y_BQ, 1.0 / self.num_options)
         ll_B = np.log(np.maximum(p_y_BQ, P_FLOOR)).mean(axis=1)
-        acc_B = p_y_BQ.mean(axis=1) if self.correctness_only else correct_BQ.mean(axis=1)
+        # An unserved request is wrong (its likelihood is a uniform guess's).
+        acc_B = (
+            np.where(served_BQ, p_y_BQ, 0.0).mean(axis=1)
+            if self.correctness_only
+            else correct_BQ.mean(axis=1)
+        )
         value_B = acc_B + TIE_EPS * ll_B if self.objective == "accuracy" else ll_B
         return Evaluation(value_B, acc_B, ll_B)
 
