@@ -59,6 +59,8 @@ from edgemoe.moe import MoEConfig, MoELayer, RouterConfig
 HERE = Path(__file__).resolve().parent
 CAPPED_FACTOR = 1.0
 DEFAULT_SWIGLU_HIDDEN = 688  # 2/3 of 1024 rounded up to 16
+# st-moe at k=8 T=8192 (2 GB per dispatch tensor) was killed for memory on a 24 GB machine.
+ST_MOE_MAX_GB = 1.0
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,11 @@ def candidates(
             continue
         if name.startswith("st-moe") and shape.top_k < 2:
             notes.append(f"{name}: not run, st-moe-pytorch supports only k >= 2")
+            continue
+        # st-moe builds dense [T, E, C] dispatch/combine tensors (C ~ k·T/E): T²·k floats each.
+        st_moe_gb = 4 * shape.tokens**2 * shape.top_k / 2**30
+        if name.startswith("st-moe") and st_moe_gb > ST_MOE_MAX_GB:
+            notes.append(f"{name}: not run, its dense dispatch tensors need {st_moe_gb:.1f} GB each")
             continue
         try:
             module = build()
