@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgemoe.files import write_json
 from edgemoe.moe import MoEConfig, MoELayer, RouterConfig
 
 HERE = Path(__file__).resolve().parent
@@ -248,7 +249,9 @@ def gemm_peak(n: int = 2048) -> tuple[Callable[[], None], float]:
     return (lambda: torch.mm(a, b, out=c)), 2.0 * n**3
 
 
-def candidates(shape: Shape, our_backends: list[str]) -> tuple[list[Candidate], list[str]]:
+def candidates(
+    shape: Shape, our_backends: list[str], skip: frozenset[str] = frozenset()
+) -> tuple[list[Candidate], list[str]]:
     """All runnable candidates for ``shape`` plus notes on the ones that cannot run."""
     torch.manual_seed(1)
     x = torch.randn(1, shape.tokens, shape.dim)
@@ -277,6 +280,9 @@ def candidates(shape: Shape, our_backends: list[str]) -> tuple[list[Candidate], 
         ("st-moe/cf=1", False, lambda: st_moe(shape, ref)),
     ]
     for name, dropless, build in builders:
+        if name in skip:
+            notes.append(f"{name}: not run (--skip)")
+            continue
         if name.startswith("st-moe") and shape.top_k < 2:
             notes.append(f"{name}: not run, st-moe-pytorch supports only k >= 2")
             continue
@@ -323,14 +329,20 @@ def step_memory_mb(step: Callable[[], None]) -> float | None:
 
 
 def measure(
-    cands: list[Candidate], peak_step: Callable[[], None], warmup: int, rounds: int, slow_factor: float
+    cands: list[Candidate],
+    peak_step: Callable[[], None],
+    warmup: int,
+    rounds: int,
+    slow_factor: float,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, list[float]], list[str], dict[str, float | None]]:
     """Interleaved timing: each round runs every candidate once, in an order rotated per round.
 
-    A candidate whose last warm-up run took more than ``slow_factor`` times ours (and over 5 s) is
-    not re-run: its warm-up time is kept as its only sample and it is listed as ``too_slow``. Such a
-    candidate cannot be the fastest anchor, so the speedup figures do not depend on it. The first
-    warm-up round also measures each candidate's memory (:func:`step_memory_mb`).
+    A candidate whose last warm-up run took more than ``slow_factor`` times ours (and over 5 s),
+    or whose first run already took twice that, is not re-run: that run's time is kept as its only
+    sample and it is listed as ``too_slow``. Such a candidate cannot be the fastest anchor, so the
+    speedup figures do not depend on it. The first warm-up round also measures each candidate's
+    memory (:func:`step_memory_mb`).
     """
     runs = [*[(c.name, c.step) for c in cands], ("gemm-peak", peak_step)]
     times: dict[str, list[float]] = {name: [] for name, _ in runs}
@@ -338,33 +350,43 @@ def measure(
     last: dict[str, float] = {}
     too_slow: list[str] = []
     for r in range(warmup + rounds):
-        if r == warmup and slow_factor > 0:
+        if slow_factor > 0 and 1 <= r <= warmup and r in (1, warmup):
+            factor = slow_factor if r == warmup else 2 * slow_factor
             ours = last["edgemoe/sorted"]
-            too_slow = [n for n, t in last.items() if t > max(slow_factor * ours, 5.0) and n != "gemm-peak"]
-            for n in too_slow:
-                times[n].append(last[n])
+            for n, t in last.items():
+                if n not in too_slow and n != "gemm-peak" and t > max(factor * ours, 5.0):
+                    too_slow.append(n)
+                    times[n].append(t)
         shift = r % len(runs)
         for name, step in runs[shift:] + runs[:shift]:
-            if r >= warmup and name in too_slow:
+            if r >= 1 and name in too_slow:
                 continue
-            t0 = time.perf_counter()
+            t0 = clock()
             if r == 0 and warmup > 0 and name != "gemm-peak":
                 memory[name] = step_memory_mb(step)
             else:
                 step()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             last[name] = dt
             if r >= warmup:
                 times[name].append(dt)
     return times, too_slow, memory
 
 
-def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int, slow_factor: float) -> dict:
+def evaluate(
+    shape: Shape,
+    our_backends: list[str],
+    warmup: int,
+    rounds: int,
+    slow_factor: float,
+    clock: Callable[[], float] = time.perf_counter,
+    skip: frozenset[str] = frozenset(),
+) -> dict:
     load_start = loadavg()
-    cands, notes = candidates(shape, our_backends)
+    cands, notes = candidates(shape, our_backends, skip)
     peak_step, peak_flops = gemm_peak()
     # Timing (and memory) first: each candidate's first step is its memory measurement.
-    times, too_slow, memory = measure(cands, peak_step, warmup, rounds, slow_factor)
+    times, too_slow, memory = measure(cands, peak_step, warmup, rounds, slow_factor, clock)
     ref_out = cands[0].forward()
     diffs = {}
     for c in cands:
@@ -470,15 +492,16 @@ def memory_table(report: dict, min_experts: int = 64) -> str:
 def summary(rows: list[dict]) -> dict:
     """The issue's targets: default shape >= 1.2x / 0.85 of the floor; fine-grained T=8192 shapes
     >= 1.5x / 0.6 of the floor; never slower than any anchor of the same semantics anywhere."""
-    default = rows[0]
+    default = next((r for r in rows if r["shape"]["num_experts"] == 8 and r["shape"]["tokens"] == 4096), None)
     speedups = [r["speedup_vs_best_anchor"] for r in rows if r["speedup_vs_best_anchor"] is not None]
     fine_big = [r for r in rows if r["shape"]["expert_hidden"] and r["shape"]["tokens"] == 8192]
     fine_speed = [r["speedup_vs_best_anchor"] for r in fine_big if r["speedup_vs_best_anchor"] is not None]
     fine_floor = [r["fraction_of_dense_floor"] for r in fine_big]
     return {
-        "default_speedup_vs_best_anchor": default["speedup_vs_best_anchor"],
-        "default_fraction_of_dense_floor": default["fraction_of_dense_floor"],
-        "default_targets_met": (default["speedup_vs_best_anchor"] or 0) >= 1.2
+        "default_speedup_vs_best_anchor": default and default["speedup_vs_best_anchor"],
+        "default_fraction_of_dense_floor": default and default["fraction_of_dense_floor"],
+        "default_targets_met": default is not None
+        and (default["speedup_vs_best_anchor"] or 0) >= 1.2
         and default["fraction_of_dense_floor"] >= 0.85,
         "min_speedup_anywhere": min(speedups) if speedups else None,
         "never_slower": bool(speedups) and min(speedups) >= 1.0,
@@ -563,7 +586,13 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", default=None, metavar="E,K,T", help="profile ours at one fine-grained shape and exit"
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (>= 5)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="thread: one thread, each step timed by its CPU time (robust on a shared machine)",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (>= 3)")
     parser.add_argument(
         "--warmup", type=int, default=2, help="warm-up rounds (the first also measures memory)"
     )
@@ -574,6 +603,11 @@ def main(argv: list[str] | None = None) -> int:
         help="time a candidate only once if its warm-up took this many times ours (0 = never)",
     )
     parser.add_argument("--no-sweep", action="store_true", help="default shape only")
+    parser.add_argument("--tokens", default=None, help="keep only sweep shapes with these T (e.g. 8192)")
+    parser.add_argument(
+        "--shapes", default=None, metavar="E,K,T;...", help="run these fine-grained shapes only (no default)"
+    )
+    parser.add_argument("--skip", default="", help="anchors not to run, comma-separated names")
     parser.add_argument(
         "--backends", default="sorted,padded,loop", help="our backends timed at the default shape"
     )
@@ -586,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(report) + "\n\n" + memory_table(report))
         return 0
 
+    if args.clock == "thread":
+        args.threads = 1
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     torch.set_num_threads(args.threads)
     if args.profile is not None:
         num_experts, top_k, tokens = (int(v) for v in args.profile.split(","))
@@ -594,11 +631,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
-    rounds = max(5, args.rounds or (5 if args.quick else 7))
+    rounds = max(3, args.rounds or (5 if args.quick else 7))
     name = "moe_layer_quick" if args.quick else "moe_layer_fine" if args.fine else "moe_layer"
     out_path = args.out or HERE / "results" / f"{name}.json"
     default = Shape(512, 1024, 8, 2, 4096)
-    fine = [Shape.fine(e, k, t) for e in (64, 128) for k in (2, 8) for t in (1024, 8192)]
+    fine = [Shape.fine(e, k, t) for t in (8192, 1024) for e in (64, 128) for k in (2, 8)]
     shapes = [default]
     if args.quick:
         shapes += [Shape.fine(64, 2, 1024), Shape.fine(64, 8, 1024)]
@@ -607,6 +644,12 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.no_sweep:
         shapes += [Shape(512, 1024, e, k, t) for e in (4, 8, 16, 64) for k in (1, 2) for t in (1024, 8192)]
         shapes += [s for s in fine if s.top_k != 2 or s.num_experts != 64]  # E=64 k=2 is in both
+    if args.tokens:
+        keep = {int(t) for t in args.tokens.split(",")}
+        shapes = [default, *(s for s in shapes[1:] if s.tokens in keep)]
+    if args.shapes:
+        shapes = [Shape.fine(*(int(v) for v in item.split(","))) for item in args.shapes.split(";")]
+    skip = frozenset(n for n in args.skip.split(",") if n)
 
     def backend_list(text: str) -> list[str]:
         names = [b for b in text.split(",") if b]
@@ -616,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "moe_layer",
         "command": "python benchmarks/moe_layer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "threads": args.threads,
+        "clock": args.clock,
         "rounds": rounds,
         "warmup": args.warmup,
         "slow_factor": args.slow_factor,
@@ -629,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         print(f"# {shape.label()}", file=sys.stderr, flush=True)
         backends = backend_list(args.backends if shape == default else args.sweep_backends)
-        row = evaluate(shape, backends, args.warmup, rounds, args.slow_factor)
+        row = evaluate(shape, backends, args.warmup, rounds, args.slow_factor, clock, skip)
         report["shapes"].append(row)
         for name, entry in row["results"].items():
             extra = f"  ours x{entry['ours_speedup']}" if "ours_speedup" in entry else ""
@@ -641,12 +685,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    report["loadavg_end"] = loadavg()
-    report["summary"] = summary(report["shapes"])
-    text = json.dumps(report, indent=2)
-    print(text)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(text + "\n")
+        # Written after every shape, so a long sweep that is stopped keeps what it measured.
+        report["loadavg_end"] = loadavg()
+        report["complete"] = len(report["shapes"]) == len(shapes)
+        report["summary"] = summary(report["shapes"])
+        write_json(out_path, report)
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from edgemoe.collab.gate import restricted_weights
 from edgemoe.collab.offline.stream import replay
 from edgemoe.collab.policy import EnergyQueue, route_request
+from edgemoe.collab.selection.baselines import equal_weight_reference
 from edgemoe.collab.selection.dmo import dmo, exhaustive
 from edgemoe.collab.selection.problem import SelectionProblem
 from edgemoe.errors import ConfigError
@@ -39,6 +40,14 @@ def test_correctness_only_accuracy_is_the_gate_weighted_mean():
     w_QN = restricted_weights(p.logits_QN, mask[None, :])
     expected = float((w_QN * p.correct_QN).sum(axis=1).mean())
     assert p.evaluate(mask[None]).accuracy_B[0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_equal_weight_reference_is_a_random_router_on_correctness_only_data():
+    p = correctness_instance(3, top_k=1)
+    mask = np.array([True, True, False, True])
+    ref = equal_weight_reference(p, mask)
+    assert ref["accuracy"] == pytest.approx(p.correct_QN[:, mask].mean(axis=1).mean())
+    assert ref["energy_j"] == pytest.approx(p.energy_QN[:, mask].mean(axis=1).mean())
 
 
 @settings(max_examples=15, deadline=None)
@@ -122,3 +131,17 @@ def test_route_request_prices_energy_only_with_a_backlog():
         queue.observe(float("nan"))
     with pytest.raises(ConfigError):
         EnergyQueue(budget_j=0.0)
+
+
+def test_routellm_metrics_closed_form():
+    from edgemoe.collab.offline.compare import routellm_metrics
+
+    q = 100
+    weak, strong = np.zeros(q), np.r_[np.ones(50), np.zeros(50)]
+    perfect = routellm_metrics(strong - weak, weak, strong, points=1001)
+    assert perfect["cpt50"] == 0.25 and perfect["cpt80"] == 0.4
+    assert perfect["apgr"] == pytest.approx(0.75, abs=1e-3)
+    blind = routellm_metrics(np.zeros(q), np.zeros(q), np.ones(q), points=1001)
+    assert blind["cpt50"] == 0.5 and blind["apgr"] == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ConfigError):
+        routellm_metrics(np.zeros(q), np.ones(q), np.zeros(q))

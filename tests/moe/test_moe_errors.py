@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgemoe.config import ConfigError, from_dict
+from edgemoe.config import ConfigError, from_dict, to_dict
 from edgemoe.errors import InputError
 from edgemoe.moe import MoEConfig, MoELayer, RouterConfig, TopKRouterConfig
 
@@ -53,11 +53,20 @@ def test_non_finite_input_is_an_input_error_when_checked(router, score_func, bad
     assert not out.isfinite().all()
 
 
-def test_wrong_input_width():
+def test_wrong_input_is_an_input_error():
     layer = MoELayer(MoEConfig(dim=8, hidden_dim=8, num_experts=4))
-    with pytest.raises(ConfigError, match="dim=8") as exc:
+    with pytest.raises(InputError, match="dim=8") as exc:
         layer(torch.randn(5, 7))
-    assert field_of(exc) == "x"
+    assert exc.value.what == "x"
+    for ids in (
+        torch.tensor([[0, 4]] * 3),
+        torch.tensor([[0, -2]] * 3),
+        torch.tensor([[0, 1]] * 2),
+        torch.ones(3, 2),
+    ):
+        with pytest.raises(InputError, match="expert_ids_TK") as exc:
+            layer(torch.randn(3, 8), expert_ids_TK=ids)
+        assert exc.value.what == "expert_ids_TK" and not isinstance(exc.value, ConfigError)
 
 
 def test_router_field_errors():
@@ -102,6 +111,7 @@ def test_router_config_from_yaml_mapping_is_typed_per_router():
     assert type(cfg.router).__name__ == "ETRRouterConfig"
     assert cfg.router.temperature == 0.2 and cfg.router.capacity.schedule == "annealed"
     assert type(cfg.router.build(8, 4)).__name__ == "ETRRouter"
+    assert from_dict(MoEConfig, to_dict(cfg)) == cfg  # a saved config loads back as the same types
     # A plain RouterConfig resolves to the named router's typed config on construction.
     plain = MoEConfig(
         dim=8, hidden_dim=16, num_experts=4, router=RouterConfig(name="expert_choice", capacity_factor=1)

@@ -2,7 +2,8 @@
 
 Every way a tensor value reaches Python (``item``, ``tolist``, ``bool``/``int``/``float``, indexing
 with a tensor, ``nonzero``) is made to raise while the layer runs; only the expert executor may read
-(on an accelerator these reads are device syncs that stall the launch queue).
+(on an accelerator these reads are device syncs that stall the launch queue). Independently, every
+router traces as one graph under ``torch.compile(fullgraph=True)``, where a read would be a break.
 """
 
 from __future__ import annotations
@@ -105,3 +106,18 @@ def test_the_debug_check_is_the_one_read_it_adds(monkeypatch):
     guard.armed = True
     with pytest.raises(AssertionError, match="Tensor.__bool__"):
         layer(torch.randn(5, 16))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_every_router_traces_as_one_graph(router, training):
+    """A host read inside the router would be a graph break, which ``fullgraph=True`` turns into an error."""
+    torch._dynamo.reset()  # each case compiles Router.forward afresh (the recompile limit is per code)
+    torch.manual_seed(0)
+    built = ROUTERS[router].build(16, 4)
+    built.train(training)
+    x = torch.randn(40, 16)
+    traced = torch.compile(built, fullgraph=True, backend="eager")
+    routing, reference = traced(x), built(x)
+    assert torch.equal(routing.kept_TK, reference.kept_TK)
+    torch.testing.assert_close(routing.weights_TK, reference.weights_TK)

@@ -149,7 +149,7 @@ def test_layout_choice_follows_padding_waste():
         return SortedPlan(torch.arange(n), ids, torch.arange(n), torch.arange(n).view(n, 1), counts, n)
 
     assert choose_layout(plan([10, 10, 9, 11])).grid == (4, 11)
-    assert choose_layout(plan([40, 1, 1, 1])).grid is None
+    assert choose_layout(plan([40, 0, 0, 0])).grid is None
 
 
 @pytest.mark.parametrize("name", EXECUTOR_NAMES)

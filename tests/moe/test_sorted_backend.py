@@ -78,6 +78,30 @@ def w_in_grad(layer, x, g, backend):
     return grads_of(layer, x, g, backend)[names.index("experts.w_in_EDF")]
 
 
+def test_skewed_loads_use_a_tail_grid_and_stay_exact():
+    from edgemoe.moe.dispatch import sort_by_expert
+    from edgemoe.moe.grouped import choose_layout
+
+    layer = make_layer(num_experts=8, top_k=2)
+    torch.manual_seed(3)
+    # Experts 0 and 5 get most tokens; the others a few each: grid of the typical load + a tail.
+    first = torch.where(torch.rand(120) < 0.5, 0, 5)
+    second = torch.randint(1, 5, (120,))
+    ids = torch.stack([first, second], dim=1)
+    x = torch.randn(120, 10, dtype=torch.double, requires_grad=True)
+    g = torch.randn(120, 10, dtype=torch.double)
+    routing = layer.router(x, expert_ids_TK=ids)
+    layout = choose_layout(sort_by_expert(routing))
+    assert layout.tail is not None and {0, 5} <= set(layout.tail.experts_M.tolist())
+    params = [x, *layer.parameters()]
+    results = []
+    for backend in ("loop", "sorted"):
+        out, _ = layer(x, expert_ids_TK=ids, executor=executor_named(backend))
+        results.append([out, *torch.autograd.grad((out * g).sum(), params)])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, **TIGHT)
+
+
 def test_weight_gradients_reuse_storage_across_zero_grad_steps():
     layer = make_layer()
     w_in = layer.experts.w_in_EDF
@@ -161,6 +185,19 @@ def test_inference_forward_matches_and_keeps_buffers_for_reuse():
     torch.testing.assert_close(got, want, **TIGHT)
     torch.testing.assert_close(again, want, **TIGHT)
     assert len(layer.experts.buffers._free) > 0
+
+
+def test_inference_mode_and_training_steps_alternate():
+    layer = make_layer()
+    x = torch.randn(21, 10, dtype=torch.double)
+    g = torch.randn(21, 10, dtype=torch.double)
+    want = grads_of(layer, x, g, "loop")
+    for _ in range(2):
+        with torch.inference_mode():
+            out, _ = layer(x, executor=executor_named("sorted"))
+        torch.testing.assert_close(out, layer(x, executor=executor_named("loop"))[0].detach(), **TIGHT)
+        for got, ref in zip(grads_of(layer, x, g, "sorted"), want):
+            torch.testing.assert_close(got, ref, **TIGHT)
 
 
 def test_compiled_default_backend_gives_eager_outputs_and_gradients():

@@ -218,7 +218,7 @@ def test_missed_deadline_goes_offline_then_rejoins(digits):
         policy="stable-moe",
         slots=6,
         faults=[{"server": 1, "slot": 2, "kind": "slow", "stall_s": 0.3}],
-        transport={"deadline": 0.15, "rejoin_after": 2},
+        transport={"deadline": 0.15, "rejoin_after": 2, "max_misses": 1},
     )
     tr = Trainer(train_config_from_dict(cfg), dataset=digits, keep_decisions=True)
     tr.run(3)

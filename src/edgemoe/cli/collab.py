@@ -15,6 +15,7 @@ import json
 import pkgutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -112,6 +113,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--order", default="shuffled", choices=("shuffled", "blocks"), help="stream order")
     st.add_argument(
         "--v", type=float, default=None, help="queue weight V in units of the budget (default: run's)"
+    )
+    st.add_argument(
+        "--coarse-energy-fraction",
+        type=float,
+        default=None,
+        help="choose the enabled set under this fraction of all experts' energy instead (the queue keeps --energy)",
     )
     st.add_argument("--seed", type=int, default=0)
     st.set_defaults(func=cmd_stream)
@@ -300,7 +307,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     ws, gate = load_run(args.run)
     latency, select, energy, total = _budgets(args, ws, gate)
-    out = {"monotonicity": monotonicity(select)}
+    out: dict[str, Any] = {"monotonicity": monotonicity(select)}
     checks = []
     reference = (lambda p, b: dmo(p, b, bound="valid")) if args.no_exhaustive else exhaustive
     fractions = [float(x) for x in args.energy_fractions.split(",")]
@@ -351,55 +358,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _category_rows(ws, split: str, names: str | None) -> np.ndarray:
-    from edgemoe.config import check_choice
-
-    idx = ws.index(split)
-    if not names:
-        return idx
-    cats = list(ws.config.categories)
-    wanted = []
-    for c in names.split(","):
-        check_choice(c, "--categories", cats)
-        wanted.append(cats.index(c))
-    return idx[np.isin(ws.questions.category_Q[idx], wanted)]
-
-
 def cmd_stream(args: argparse.Namespace) -> int:
-    from edgemoe.collab.offline.runs import load_run, problem
-    from edgemoe.collab.offline.stream import shift_experiment
+    from edgemoe.collab.offline.runs import load_run
+    from edgemoe.collab.offline.stream import ShiftSpec, run_shift
     from edgemoe.collab.offline.sweep import uniform_latency
-    from edgemoe.collab.policy import EnergyQueue
-    from edgemoe.collab.selection.dmo import dmo
-    from edgemoe.config import require
     from edgemoe.report.collab import plot_stream
 
     ws, gate = load_run(args.run)
     latency = ws.config.budgets if args.latency is None else uniform_latency(ws.config.budgets, args.latency)
-    sel_rows = _category_rows(ws, "select", args.select_categories)
-    serve_rows = _category_rows(ws, "test", args.serve_categories)
-    require(len(sel_rows) > 0 and len(serve_rows) > 0, "--select-categories", "selects no questions")
-    select = problem(ws, gate, budgets=latency, index=sel_rows)
-    serve = problem(ws, gate, budgets=latency, index=serve_rows)
-    total = float(select.cost_N[select.usable_N].sum())
-    if args.energy is not None:
-        budget = args.energy
-    else:
-        require(args.energy_fraction is not None, "--energy", "give --energy J or --energy-fraction F")
-        budget = args.energy_fraction * total
-    res = dmo(select, budget)
-    require(res.feasible, "--energy", res.reason)
-    rng = np.random.default_rng(args.seed)
-    order = (
-        rng.permutation(len(serve_rows))
-        if args.order == "shuffled"
-        else np.argsort(ws.questions.category_Q[serve_rows], kind="stable")
+    spec = ShiftSpec(
+        energy_j=args.energy,
+        energy_fraction=args.energy_fraction,
+        coarse_energy_fraction=args.coarse_energy_fraction,
+        select_categories=args.select_categories.split(",") if args.select_categories else None,
+        serve_categories=args.serve_categories.split(",") if args.serve_categories else None,
+        order=args.order,
+        v=args.v,
+        seed=args.seed,
     )
-    v = args.v if args.v is not None else (ws.config.energy_queue_v or EnergyQueue.v)
-    out = shift_experiment(select, serve, np.asarray(res.mask), budget, v, order)
-    out["experts"] = res.experts
-    out["select_categories"] = args.select_categories or "all"
-    out["serve_categories"] = args.serve_categories or "all"
+    out = run_shift(ws, gate, spec, latency)
     folder = run_dir(args.out, str(Path(args.run)), "stream")
     trace = out.pop("running_energy_without_j"), out.pop("running_energy_with_j")
     _write_csv(
@@ -410,6 +387,6 @@ def cmd_stream(args: argparse.Namespace) -> int:
         ],
     )
     write_json(folder / "summary.json", out)
-    plot_stream(trace[0], trace[1], budget, folder)
+    plot_stream(trace[0], trace[1], out["budget_j"], folder)
     print(json.dumps(out, indent=2))
     return 0

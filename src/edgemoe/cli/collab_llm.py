@@ -11,6 +11,7 @@ import functools
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -209,7 +210,7 @@ def run_build_cache(args: argparse.Namespace) -> int:
             f"an expert failed: {exc}\nanswers so far are kept in {cache_path}; rerun the same command to resume"
         )
         return 1
-    summary = {
+    summary: dict[str, Any] = {
         "cache": str(cache_path),
         "questions": len(questions),
         "experts": [p.name for p in chosen],
@@ -273,8 +274,12 @@ def _accuracy_table(cache, questions) -> dict[str, dict[str, float]]:
     return table
 
 
+def _seconds(x: float) -> str:
+    return "—" if x != x else f"{x:.2f}"
+
+
 def run_compare(args: argparse.Namespace) -> int:
-    from edgemoe.collab.offline.compare import compare, ridge_router, routellm_metrics
+    from edgemoe.collab.offline.compare import compare, routellm_report
     from edgemoe.collab.offline.runs import load_run, problem
     from edgemoe.collab.selection.baselines import best_single
 
@@ -291,21 +296,7 @@ def run_compare(args: argparse.Namespace) -> int:
     result = {"split": args.split, "questions": int(len(ws.index(args.split))), "rows": rows}
     if args.routellm:
         require(len(ws.config.experts) == 2, "--routellm", "needs a run with exactly two experts")
-        test = problem(ws, gate, args.split)
-        idx = ws.index(args.split)
-        strong = int(np.argmax(select.correct_QN.mean(axis=0)))
-        weak = 1 - strong
-        # The ranking score is the trained gate's own preference (calibration only shifts it).
-        raw_QN = gate.raw_logits(ws.emb_QD[idx], ws.questions.category_Q[idx])
-        result["routellm"] = routellm_metrics(
-            raw_QN[:, strong] - raw_QN[:, weak], test.correct_QN[:, weak], test.correct_QN[:, strong]
-        )
-        result["routellm"]["strong"] = test.names[strong]
-        pred_QN = ridge_router(ws, idx)
-        ridge = routellm_metrics(
-            pred_QN[:, strong] - pred_QN[:, weak], test.correct_QN[:, weak], test.correct_QN[:, strong]
-        )
-        result["routellm_ridge_router"] = {k: ridge[k] for k in ("apgr", "cpt50", "cpt80")}
+        result.update(routellm_report(ws, gate, args.split))
     write_json(out / "compare.json", result)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with (out / "compare.csv").open("w", newline="") as fh:
@@ -324,7 +315,7 @@ def run_compare(args: argparse.Namespace) -> int:
             continue
         lines.append(
             f"| {r['method']} | {budget} | {r['experts']} | {r['accuracy']:.4f} | {r['energy_j']:.1f} "
-            f"| {r['latency_mean_s']:.2f} | {r['latency_max_s']:.2f} |"
+            f"| {_seconds(r['latency_mean_s'])} | {_seconds(r['latency_max_s'])} |"
         )
     table = "\n".join(lines) + "\n"
     if "routellm" in result:

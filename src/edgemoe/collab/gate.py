@@ -49,6 +49,9 @@ class GateConfig:
 class Gate(nn.Module):
     """MLP gate over ``[embedding, one-hot category]``; knows its experts' and categories' names."""
 
+    calibration_C2: torch.Tensor
+    prior_N: torch.Tensor
+
     def __init__(self, embed_dim: int, experts: list[str], categories: list[str], cfg: GateConfig):
         super().__init__()
         self.experts = list(experts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from edgemoe.config import (
     ConfigError,
@@ -129,7 +129,11 @@ class ExpertProfile:
     @property
     def power(self) -> float:
         """Power draw while computing (W)."""
-        return float(self.power_w if self.power_w is not None else self.preset.power_w)
+        if self.power_w is not None:
+            return float(self.power_w)
+        p = self.preset
+        assert p is not None  # __post_init__ requires power_w for hardware without a preset
+        return float(p.power_w)
 
     @property
     def seconds_per_prompt_token(self) -> float:
@@ -138,6 +142,7 @@ class ExpertProfile:
         if self.prefill_tokens_per_s is not None:
             return 1.0 / self.prefill_tokens_per_s
         p = self.preset
+        assert p is not None  # __post_init__ requires a speed for hardware without a preset
         return self.params_b / (p.ref_params_b * p.prefill_tokens_per_s)
 
     @property
@@ -147,6 +152,7 @@ class ExpertProfile:
         if self.decode_tokens_per_s is not None:
             return 1.0 / self.decode_tokens_per_s
         p = self.preset
+        assert p is not None  # __post_init__ requires a speed for hardware without a preset
         return self.params_b / (p.ref_params_b * p.decode_tokens_per_s)
 
 
@@ -257,7 +263,7 @@ def load_collab_config(source: str | Path | Mapping[str, Any]) -> CollabConfig:
     experts = data.get("experts")
     require(isinstance(experts, list), "experts", "must be a list of expert profiles")
     parsed = []
-    for i, raw in enumerate(experts):
+    for i, raw in enumerate(cast(list, experts)):
         require(isinstance(raw, Mapping), f"experts[{i}]", "must be a mapping")
         try:
             parsed.append(from_dict(ExpertProfile, raw))

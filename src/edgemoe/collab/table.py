@@ -140,9 +140,13 @@ def concat_tables(first: RoutingTable, second: RoutingTable, prefix: str = "test
             second.source, "mixes option distributions and correctness-only results with the other file"
         )
     order = [second.models.index(m) for m in first.models]
-    cat = lambda a, b: None if a is None else np.concatenate([a, b])  # noqa: E731
-    o = 0 if first.probs_QNO is None else max(first.probs_QNO.shape[2], second.probs_QNO.shape[2])
-    pad = lambda a: None if a is None else np.pad(a, ((0, 0), (0, 0), (0, o - a.shape[2])))  # noqa: E731
+    probs_QNO, answer_Q = None, None
+    if first.probs_QNO is not None and second.probs_QNO is not None:
+        o = max(first.probs_QNO.shape[2], second.probs_QNO.shape[2])
+        pad = lambda a: np.pad(a, ((0, 0), (0, 0), (0, o - a.shape[2])))  # noqa: E731
+        probs_QNO = np.concatenate([pad(first.probs_QNO), pad(second.probs_QNO[:, order])])
+    if first.answer_Q is not None and second.answer_Q is not None:
+        answer_Q = np.concatenate([first.answer_Q, second.answer_Q])
     return RoutingTable(
         qid=list(first.qid) + [f"{prefix}{q}" for q in second.qid],
         prompt=first.prompt + second.prompt,
@@ -154,10 +158,8 @@ def concat_tables(first: RoutingTable, second: RoutingTable, prefix: str = "test
         prompt_tokens_QN=np.concatenate([first.prompt_tokens_QN, second.prompt_tokens_QN[:, order]]),
         output_tokens_QN=np.concatenate([first.output_tokens_QN, second.output_tokens_QN[:, order]]),
         cost_QN=np.concatenate([first.cost_QN, second.cost_QN[:, order]]),
-        probs_QNO=None
-        if first.probs_QNO is None
-        else np.concatenate([pad(first.probs_QNO), pad(second.probs_QNO[:, order])]),
-        answer_Q=cat(first.answer_Q, second.answer_Q),
+        probs_QNO=probs_QNO,
+        answer_Q=answer_Q,
         source=f"{first.source}+{second.source}",
     )
 
@@ -214,7 +216,7 @@ class _Builder:
         qid: str | None,
         prompt: Any,
         category: str | None,
-        num_options: int | None,
+        num_options: Any,
         models: dict[str, dict[str, Any]],
         answer: int | None = None,
     ) -> None:

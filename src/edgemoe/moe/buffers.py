@@ -32,7 +32,7 @@ class SortedBuffers:
     ``max_buffers`` are kept.
     """
 
-    def __init__(self, max_buffers: int = 8):
+    def __init__(self, max_buffers: int = 12):
         self.max_buffers = max_buffers
         self._free: list[Tensor] = []
 
@@ -51,9 +51,12 @@ class SortedBuffers:
         return buf[:numel].view(rows, cols)
 
     def give(self, *tensors: Tensor | None) -> None:
-        """Return buffers obtained from :meth:`take` once nothing uses them any more."""
+        """Return buffers obtained from :meth:`take` once nothing uses them any more.
+
+        Buffers made under ``torch.inference_mode`` are dropped: they cannot be written outside it.
+        """
         for t in tensors:
-            if t is not None:
+            if t is not None and not t.is_inference():
                 self._free.append(t._base if t._base is not None else t)
         self._free.sort(key=Tensor.numel, reverse=True)
         del self._free[self.max_buffers :]
@@ -88,4 +91,5 @@ class GradBuffers:
         if not reusable:
             buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
             self._bufs[key] = buf
+        assert buf is not None  # reused only when there was one
         return buf.view(buf.shape)

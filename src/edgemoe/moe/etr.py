@@ -326,7 +326,11 @@ CapacitySchedule = FixedCapacity | AnnealedCapacity | FalsePositiveCapacity
 
 def build_capacity_schedule(cfg: CapacityConfig) -> CapacitySchedule:
     """The schedule object named by ``cfg.schedule``."""
-    kinds = {"fixed": FixedCapacity, "annealed": AnnealedCapacity, "fpr": FalsePositiveCapacity}
+    kinds: dict[str, type[CapacitySchedule]] = {
+        "fixed": FixedCapacity,
+        "annealed": AnnealedCapacity,
+        "fpr": FalsePositiveCapacity,
+    }
     return kinds[cfg.schedule](cfg)
 
 
@@ -343,6 +347,7 @@ class ETRRouter(Router):
     """
 
     cfg: ETRRouterConfig
+    locality_target_E: torch.Tensor
 
     def __init__(self, dim: int, num_experts: int, cfg: ETRRouterConfig):
         super().__init__(dim, num_experts, cfg)

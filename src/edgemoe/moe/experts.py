@@ -20,6 +20,8 @@ from edgemoe.moe.buffers import GradBuffers, SortedBuffers
 class GroupedExperts(nn.Module):
     """E independent expert MLPs of width ``dim -> hidden_dim -> dim`` (no biases)."""
 
+    buffers: SortedBuffers  # type: ignore[assignment]  # shadows nn.Module.buffers()
+
     def __init__(
         self, dim: int, hidden_dim: int, num_experts: int, kind: str = "swiglu", init_std: float = 0.02
     ):

@@ -18,7 +18,7 @@ from edgemoe.errors import InputError
 from edgemoe.moe.backends import EXECUTORS, ExpertExecutor, build_executor
 from edgemoe.moe.config import RouterConfig, resolve_router_config
 from edgemoe.moe.experts import GroupedExperts
-from edgemoe.moe.routing import Routing
+from edgemoe.moe.routing import Routing, check_input
 
 
 @dataclass
@@ -95,7 +95,7 @@ class MoELayer(nn.Module):
         self, x: Tensor, expert_ids_TK: Tensor | None = None, executor: ExpertExecutor | None = None
     ) -> tuple[Tensor, Routing]:
         """``executor`` overrides the layer's own for this call (e.g. a reference to compare with)."""
-        require(
+        check_input(
             x.dim() >= 1 and x.shape[-1] == self.config.dim,
             "x",
             f"last dimension must be dim={self.config.dim}, got shape {tuple(x.shape)}",

@@ -26,6 +26,7 @@ from edgemoe.moe.losses import load_balance_loss, z_loss
 from edgemoe.moe.routing import (
     Routing,
     apply_capacity,
+    check_input,
     expert_capacity,
     expert_choice,
     expert_choice_slots,
@@ -140,19 +141,19 @@ class Router(nn.Module, ABC):
         host are range-checked there (no device sync); ids already on an accelerator are trusted.
         """
         num_tokens, num_experts = scores_TE.shape
-        require(
+        check_input(
             expert_ids_TK.dim() == 2 and expert_ids_TK.shape[0] == num_tokens,
             "expert_ids_TK",
             f"must have shape [T={num_tokens}, K], got {tuple(expert_ids_TK.shape)}",
         )
-        require(
+        check_input(
             not expert_ids_TK.is_floating_point() and expert_ids_TK.dtype != torch.bool,
             "expert_ids_TK",
             f"must be an integer tensor, got {expert_ids_TK.dtype}",
         )
         if expert_ids_TK.device.type == "cpu":
             bad = (expert_ids_TK < -1) | (expert_ids_TK >= num_experts)
-            require(
+            check_input(
                 not bool(bad.any()),
                 "expert_ids_TK",
                 f"ids must be in [0, {num_experts}) or -1 for an empty slot",
@@ -166,7 +167,7 @@ class Router(nn.Module, ABC):
         )
 
     def forward(self, x_TD: Tensor, expert_ids_TK: Tensor | None = None) -> Routing:
-        require(
+        check_input(
             x_TD.dim() == 2 and x_TD.shape[-1] == self.dim,
             "x",
             f"router input must be [T, {self.dim}], got {tuple(x_TD.shape)}",

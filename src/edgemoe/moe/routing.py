@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from edgemoe.errors import InputError
 from edgemoe.moe.losses import count_per_expert, router_entropy
 
 
@@ -98,6 +99,12 @@ class Routing:
     @property
     def top_k(self) -> int:
         return self.expert_ids_TK.shape[1]
+
+
+def check_input(cond: bool, what: str, message: str) -> None:
+    """Raise :class:`~edgemoe.errors.InputError` for run-time data (``what``) unless ``cond`` holds."""
+    if not cond:
+        raise InputError(what, message)
 
 
 def combine_weights(gate_TK: Tensor, kept_TK: Tensor, renormalize: bool) -> Tensor:
@@ -236,7 +243,7 @@ def apply_capacity(
     capacity_factor: float,
     priority: str,
     num_experts: int,
-) -> tuple[Tensor, int | None]:
+) -> tuple[Tensor, int | Tensor | None]:
     """Kept mask and capacity of token-choice routing under the documented capacity semantics.
 
     Only proposed slots compete for capacity. Returns ``(kept_TK, capacity)``; capacity is None

@@ -50,7 +50,7 @@ def plot_sweep(rows: list[dict], folder: str | Path) -> list[Path]:
             ax.set_xlabel(xlabel)
             ax.set_title(title)
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel("MMLU accuracy")
+        axes[0].set_ylabel("accuracy (expected, on correctness-only data)")
         axes[1].legend(fontsize=8)
         fig.tight_layout()
         path = folder / f"accuracy_vs_{sweep}.png"

@@ -153,6 +153,8 @@ class RouterSide(nn.Module):
     Tokens are handled flat, ``T = N * P`` rows in sample order (a sample's P tokens are adjacent).
     """
 
+    route_bias_E: Tensor
+
     def __init__(
         self,
         cfg: ModelConfig,

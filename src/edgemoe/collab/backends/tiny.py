@@ -30,6 +30,8 @@ class TinyCharLM(nn.Module):
     fixed logit to chosen characters, which lets tests build experts with known preferences.
     """
 
+    bias_V: torch.Tensor
+
     def __init__(self, dim: int = 32, seed: int = 0, letter_bias: Mapping[str, float] | None = None):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)

@@ -8,8 +8,9 @@ correctness-only data) and the realised mean energy and latency per request on t
 - a top-1 router on the same embeddings: one ridge regression per expert predicts its quality from
   the prompt embedding and category (fitted on the training split), each request goes to the argmax;
 - MoE² with every expert enabled, and, per energy budget, MoE² with the DMO-selected set (chosen on the
-  selection split), equal weights on that same set (no gate: its gate-free reference), and the best
-  single expert within the budget.
+  selection split), equal weights on that same set (no gate: its gate-free reference,
+  :func:`~edgemoe.collab.selection.baselines.equal_weight_reference`; no latency figures), and the
+  best single expert within the budget.
 
 :func:`routellm_metrics` computes RouteLLM's cost–quality summary for a two-expert run: the
 performance gap recovered (PGR) as a function of the share of calls to the strong expert, its area
@@ -23,7 +24,7 @@ import numpy as np
 from edgemoe.collab.costs import RequestCosts
 from edgemoe.collab.gate import Gate
 from edgemoe.collab.offline.runs import RunData, problem
-from edgemoe.collab.selection.baselines import best_single, uniform_gate
+from edgemoe.collab.selection.baselines import best_single, equal_weight_reference, uniform_gate
 from edgemoe.collab.selection.dmo import dmo
 from edgemoe.collab.selection.problem import SelectionProblem
 from edgemoe.errors import ConfigError
@@ -115,7 +116,18 @@ def compare(
             continue
         mask = np.asarray(res.mask, dtype=bool)
         rows.append(_row("MoE² (DMO)", test, mask, energy_budget_j=budget))
-        rows.append(_row("equal weights on the DMO set", flat, mask, energy_budget_j=budget))
+        ref = equal_weight_reference(test, mask)
+        rows.append(
+            {
+                "method": "equal weights on the DMO set",
+                "experts": " ".join(n for n, on in zip(test.names, mask) if on),
+                "accuracy": ref["accuracy"],
+                "energy_j": ref["energy_j"],
+                "latency_mean_s": float("nan"),
+                "latency_max_s": float("nan"),
+                "energy_budget_j": budget,
+            }
+        )
         rows.append(_row("best single within budget", test, np.asarray(single.mask), energy_budget_j=budget))
     return rows
 
@@ -153,4 +165,26 @@ def routellm_metrics(
         "cpt80": cpt(0.8),
         "share": share.tolist(),
         "pgr": pgr.tolist(),
+    }
+
+
+def routellm_report(ws: RunData, gate: Gate, split: str = "test") -> dict:
+    """RouteLLM's metrics on a two-expert run for the MoE² gate (its own logit difference, before
+    calibration) and for the ridge router; the strong expert is the better one on the selection split."""
+    select = problem(ws, gate, "select")
+    test = problem(ws, gate, split)
+    idx = ws.index(split)
+    strong = int(np.argmax(select.correct_QN.mean(axis=0)))
+    weak = 1 - strong
+    raw_QN = gate.raw_logits(ws.emb_QD[idx], ws.questions.category_Q[idx])
+    gate_m = routellm_metrics(
+        raw_QN[:, strong] - raw_QN[:, weak], test.correct_QN[:, weak], test.correct_QN[:, strong]
+    )
+    pred_QN = ridge_router(ws, idx)
+    ridge = routellm_metrics(
+        pred_QN[:, strong] - pred_QN[:, weak], test.correct_QN[:, weak], test.correct_QN[:, strong]
+    )
+    return {
+        "routellm": {**gate_m, "strong": test.names[strong]},
+        "routellm_ridge_router": {k: ridge[k] for k in ("apgr", "cpt50", "cpt80")},
     }

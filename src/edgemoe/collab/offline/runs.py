@@ -36,6 +36,7 @@ from edgemoe.collab.embed import EMBEDDER_KINDS, CachedEmbedder, Embedder, embed
 from edgemoe.collab.gate import Gate, GateConfig, train_gate
 from edgemoe.collab.policy import EnergyQueue, MoE2Policy
 from edgemoe.collab.profiles import MMLU_CATEGORIES, Budgets, CollabConfig, load_collab_config
+from edgemoe.collab.selection.baselines import equal_weight_reference
 from edgemoe.collab.selection.problem import SelectionProblem, build_problem
 from edgemoe.collab.synthetic_answers import GeneratorConfig, default_experts, generate_cache
 from edgemoe.collab.table import (
@@ -101,6 +102,16 @@ class RunData:
         return np.flatnonzero(self.split_Q == SPLITS.index(split))
 
     @property
+    def prompt_tokens(self) -> np.ndarray:
+        """Prompt tokens per question (filled in ``__post_init__``)."""
+        return np.asarray(self.prompt_tokens_Q, dtype=np.float64)
+
+    @property
+    def output_tokens(self) -> np.ndarray:
+        """Output tokens per question (filled in ``__post_init__``)."""
+        return np.asarray(self.output_tokens_Q, dtype=np.float64)
+
+    @property
     def correct_QN(self) -> np.ndarray:
         return self.cache.probs_QNO[np.arange(len(self.questions)), :, self.questions.answer_Q]
 
@@ -108,7 +119,7 @@ class RunData:
         """Delay/energy of questions ``idx`` from the profiles and their token counts (measured
         latencies and energies in the cache take precedence)."""
         c = request_costs(
-            self.config.experts, self.prompt_tokens_Q[idx], self.config.request, self.output_tokens_Q[idx]
+            self.config.experts, self.prompt_tokens[idx], self.config.request, self.output_tokens[idx]
         )
         return with_measurements(c, self.cache.latency_QN[idx], self.cache.energy_QN[idx])
 
@@ -181,7 +192,7 @@ def problem(
         logits,
         ws.costs(idx),
         latency_budget_Q(budgets, list(cfg.categories), qs.category_Q),
-        top_k=cfg.top_k if top_k == "config" else top_k,
+        top_k=cfg.top_k if isinstance(top_k, str) else top_k,
         objective=objective or cfg.objective,
         correctness_only=ws.correctness_only,
         energy_mode=cfg.energy,
@@ -195,15 +206,18 @@ def calibrate(
 
     For every category and (τ, β) in ``grid`` it scores the full expert set with the configured fine
     level on that category's validation questions and keeps the best; ties go to the earlier entry
-    (equal weights first, then the trained gate). Returns per category the choice and the validation
-    objective of the gate (1, 0), of equal weights (0, 0) and of the choice.
+    (equal weights first, then the trained gate). With a top-k fine level, (0, 0) would rank experts
+    by their order in the config, so it is not a candidate there. Returns per category the choice,
+    the validation accuracy of the trained gate, of the gate-free reference on the full set (equal
+    weights; a random router under top-k, see ``equal_weight_reference``) and of the choice.
     """
     train = ws.index("train")
     prior_N = np.log(np.maximum(ws.correct_QN[train].mean(axis=0), 1e-3)) if len(train) else None
     gate.set_calibration(np.tile([1.0, 0.0], (len(gate.categories), 1)), prior_N)
     sel = problem(ws, gate, "select")
     raw_QN = gate.raw_logits(ws.emb_QD[ws.index("select")], sel.category_Q)
-    every = np.ones((1, sel.num_experts), dtype=bool)
+    every_N = np.ones(sel.num_experts, dtype=bool)
+    candidates = [g for g in grid if sel.top_k is None or g != (0.0, 0.0)]
     chosen, report = [], {}
     for c, name in enumerate(gate.categories):
         rows = np.flatnonzero(sel.category_Q == c)
@@ -212,20 +226,21 @@ def calibrate(
             report[name] = {"tau": 1.0, "beta": 0.0, "validation_questions": 0}
             continue
         base = _take(sel, rows)
-        vals = []
-        for tau, beta in grid:
+        trials = []
+        for tau, beta in candidates:
             logits = tau * raw_QN[rows] + beta * gate.prior_N.numpy()[None, :]
-            trial = dataclasses.replace(base, logits_QN=logits, weight_logits_QN=logits)
-            vals.append(float(trial.evaluate(every).value_B[0]))
-        best = int(np.argmax(vals))
-        chosen.append(grid[best])
+            trials.append(
+                dataclasses.replace(base, logits_QN=logits, weight_logits_QN=logits).evaluate(every_N[None])
+            )
+        best = int(np.argmax([t.value_B[0] for t in trials]))
+        chosen.append(candidates[best])
         report[name] = {
-            "tau": grid[best][0],
-            "beta": grid[best][1],
+            "tau": candidates[best][0],
+            "beta": candidates[best][1],
             "validation_questions": int(len(rows)),
-            "gate": vals[grid.index((1.0, 0.0))],
-            "equal_weights": vals[grid.index((0.0, 0.0))],
-            "chosen": vals[best],
+            "gate_accuracy": float(trials[candidates.index((1.0, 0.0))].accuracy_B[0]),
+            "equal_weights_accuracy": equal_weight_reference(base, every_N)["accuracy"],
+            "chosen_accuracy": float(trials[best].accuracy_B[0]),
         }
     gate.set_calibration(np.array(chosen))
     return report
@@ -241,7 +256,7 @@ def _take(p: SelectionProblem, rows: np.ndarray) -> SelectionProblem:
         energy_QN=p.energy_QN[rows],
         delay_QN=p.delay_QN[rows],
         category_Q=p.category_Q[rows],
-        weight_logits_QN=p.weight_logits_QN[rows],
+        weight_logits_QN=p.combine_QN[rows],
     )
 
 
@@ -319,11 +334,12 @@ class DataSpec:
         if self.parts:
             fit = _joined([with_category(self.load_table(p), c) for c, p in self.parts.items()])
         else:
-            fit = self.load_table(self.path)
+            fit = self.load_table(str(self.path))
+        test: RoutingTable | None = None
         if self.test_parts:
             test = _joined([with_category(self.load_table(p), c) for c, p in self.test_parts.items()])
-        else:
-            test = self.load_table(self.test_path) if self.test_path else None
+        elif self.test_path:
+            test = self.load_table(self.test_path)
         return fit, test
 
     def load_table(self, name: str) -> RoutingTable:
@@ -492,7 +508,7 @@ def table_questions(
     """A routing table as questions + answer cache (correctness-only data: [P(right), P(wrong)])."""
     sel = [table.models.index(n) for n in experts]
     q = len(table)
-    if table.correctness_only:
+    if table.probs_QNO is None or table.answer_Q is None:
         quality_QN = table.quality_QN[:, sel]
         probs_QNO = np.stack([quality_QN, 1.0 - quality_QN], axis=2)
         answer_Q = np.zeros(q, dtype=np.int64)
@@ -573,8 +589,8 @@ def save_run(folder: Path, spec: RunSpec, ws: RunData, gate: Gate, extra: dict |
             "category": int(ws.questions.category_Q[i]),
             "num_options": len(ws.questions.choices[i]),
             "answer": int(ws.questions.answer_Q[i]),
-            "prompt_tokens": float(ws.prompt_tokens_Q[i]),
-            "output_tokens": float(ws.output_tokens_Q[i]),
+            "prompt_tokens": float(ws.prompt_tokens[i]),
+            "output_tokens": float(ws.output_tokens[i]),
         }
         for i in range(len(ws.questions))
     ]

@@ -13,8 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgemoe.collab.gate import Gate
+from edgemoe.collab.offline.runs import RunData, problem
 from edgemoe.collab.policy import EnergyQueue, route_request
+from edgemoe.collab.profiles import Budgets
+from edgemoe.collab.selection.dmo import dmo
 from edgemoe.collab.selection.problem import SelectionProblem
+from edgemoe.config import check_choice, require
 
 
 @dataclass
@@ -73,7 +78,7 @@ def replay(
             0.0,
             problem.top_k,
             queue=queue,
-            weight_logits_N=problem.weight_logits_QN[q],
+            weight_logits_N=problem.combine_QN[q],
         )
         if route.served:
             idx = [names.index(e) for e in route.experts]
@@ -131,3 +136,74 @@ def shift_experiment(
         "running_energy_without_j": free.running_energy_j.tolist(),
         "running_energy_with_j": held.running_energy_j.tolist(),
     }
+
+
+@dataclass
+class ShiftSpec:
+    """One shift experiment: the budget (J, or a fraction of all experts' reserved energy), the
+    budget the enabled set is chosen under (default: the same), which categories it is chosen on
+    (selection split) and which it serves (test split), stream order (``shuffled``, or ``blocks`` of
+    the serve categories in the given order), queue weight, seed."""
+
+    energy_j: float | None = None
+    energy_fraction: float | None = None
+    coarse_energy_fraction: float | None = None
+    select_categories: list[str] | None = None
+    serve_categories: list[str] | None = None
+    order: str = "shuffled"
+    v: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(
+            (self.energy_j is None) != (self.energy_fraction is None),
+            "--energy",
+            "give one of --energy J or --energy-fraction F",
+        )
+        check_choice(self.order, "--order", ("shuffled", "blocks"))
+
+
+def category_rows(ws: RunData, split: str, names: list[str] | None) -> np.ndarray:
+    """Questions of ``split`` whose category is in ``names`` (all when None)."""
+    idx = ws.index(split)
+    if not names:
+        return idx
+    cats = list(ws.config.categories)
+    for c in names:
+        check_choice(c, "categories", cats)
+    return idx[np.isin(ws.questions.category_Q[idx], [cats.index(c) for c in names])]
+
+
+def run_shift(ws: RunData, gate: Gate, spec: ShiftSpec, latency: Budgets | None = None) -> dict:
+    """Choose the set by DMO on the selection questions of ``select_categories``, serve the test
+    questions of ``serve_categories`` without and with the energy queue (:func:`shift_experiment`)."""
+    sel_rows = category_rows(ws, "select", spec.select_categories)
+    serve_rows = category_rows(ws, "test", spec.serve_categories)
+    require(len(sel_rows) > 0, "--select-categories", "selects no selection questions")
+    require(len(serve_rows) > 0, "--serve-categories", "selects no test questions")
+    select = problem(ws, gate, budgets=latency, index=sel_rows)
+    serve = problem(ws, gate, budgets=latency, index=serve_rows)
+    total = float(select.cost_N[select.usable_N].sum())
+    budget = spec.energy_j if spec.energy_j is not None else float(spec.energy_fraction or 0.0) * total
+    coarse = budget if spec.coarse_energy_fraction is None else spec.coarse_energy_fraction * total
+    res = dmo(select, coarse)
+    require(res.feasible, "--energy", res.reason)
+    if spec.order == "shuffled":
+        order = np.random.default_rng(spec.seed).permutation(len(serve_rows))
+    else:  # blocks, in the order the categories were given
+        cats = list(ws.config.categories)
+        rank_C = np.arange(len(cats))
+        if spec.serve_categories:
+            rank_C = np.array(
+                [spec.serve_categories.index(c) if c in spec.serve_categories else 0 for c in cats]
+            )
+        order = np.argsort(rank_C[ws.questions.category_Q[serve_rows]], kind="stable")
+    v = spec.v if spec.v is not None else (ws.config.energy_queue_v or EnergyQueue.v)
+    out = shift_experiment(select, serve, np.asarray(res.mask), budget, v, order)
+    out.update(
+        experts=res.experts,
+        coarse_energy_budget_j=coarse,
+        select_categories=spec.select_categories or "all",
+        serve_categories=spec.serve_categories or "all",
+    )
+    return out

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from edgemoe.collab.profiles import Budgets
-from edgemoe.collab.selection.baselines import BASELINES, uniform_gate
+from edgemoe.collab.selection.baselines import BASELINES, equal_weight_reference, uniform_gate
 from edgemoe.collab.selection.dmo import SelectionResult, dmo, exhaustive, fits
 from edgemoe.collab.selection.problem import SelectionProblem
 from edgemoe.config import check_choice
@@ -31,8 +31,8 @@ def solve(
     if method == "exhaustive":
         return exhaustive(problem, budget)
     if method == "random":
-        return BASELINES["random"](problem, budget, seed=seed)
-    return BASELINES[method](problem, budget)
+        return BASELINES.get("random", field="method")(problem, budget, seed=seed)
+    return BASELINES.get(method, field="method")(problem, budget)
 
 
 def _row(
@@ -75,11 +75,11 @@ def _row(
         for c, v in split["latency"].items()
     )
     if res.method.startswith("dmo"):
-        # The gate-free reference on the same set: equal weights over all of it.
+        # The gate-free reference on the same set (selection.baselines.equal_weight_reference).
         for name, prob in (("select", select), ("test", test)):
-            flat = uniform_gate(prob)
-            flat.top_k = None
-            row[f"{name}_accuracy_equal_weights"] = flat.realised(mask)["accuracy"]
+            ref = equal_weight_reference(prob, mask)
+            row[f"{name}_accuracy_equal_weights"] = ref["accuracy"]
+            row[f"{name}_energy_equal_weights_j"] = ref["energy_j"]
     row.update(
         test_accuracy=tst["accuracy"],
         test_log_likelihood=tst["log_likelihood"],
@@ -145,7 +145,7 @@ def uniform_latency(budgets: Budgets, seconds: float | None) -> Budgets:
 
 def summarise(rows: list[dict]) -> dict:
     """Headline figures: DMO == exhaustive, MoE² vs every baseline, margin over the best single expert."""
-    by = {}
+    by: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by.setdefault((r.get("sweep", ""), r["energy_budget_j"], r["latency_budget_s"]), {})[r["method"]] = r
     exact, dominates, within, margins, test_margins, test_over = [], [], [], [], [], []

@@ -393,7 +393,7 @@ def dmo(problem: SelectionProblem, budget: float, bound: str = "valid") -> Selec
 
 def _single_thread_blas():
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
     except ImportError:  # scikit-learn brings it; without it, keep the defaults
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
@@ -426,7 +426,7 @@ def _dmo(problem: SelectionProblem, budget: float, bound: str) -> SelectionResul
             heapq.heappush(s.heap, node)
         s.deferred = []
         s.run(fallback=True)
-        changed = before is not None and not np.array_equal(before, s.best_mask)
+        changed = before is not None and s.best_mask is not None and not np.array_equal(before, s.best_mask)
     return result_for(
         problem,
         f"dmo-{bound}",

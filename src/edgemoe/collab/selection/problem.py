@@ -90,10 +90,11 @@ class SelectionProblem:
         if self.top_k is not None and self.top_k >= n:
             self.top_k = None
         # Combine weights may come from other logits than the top-k ranking (a calibrated gate).
-        if self.weight_logits_QN is None:
-            self.weight_logits_QN = self.logits_QN
+        self.combine_QN: np.ndarray = (
+            self.logits_QN if self.weight_logits_QN is None else self.weight_logits_QN
+        )
         # Unnormalised gate weights, scaled so the best eligible expert of each question has 1.
-        self.gate_QN = _scaled_weights(self.weight_logits_QN, self.eligible_QN)
+        self.gate_QN = _scaled_weights(self.combine_QN, self.eligible_QN)
         rows = np.arange(q)
         self.correct_QN = self.probs_QNO[rows, :, self.answer_Q]
         self.gp_NQO = np.ascontiguousarray((self.gate_QN[:, :, None] * self.probs_QNO).transpose(1, 0, 2))
@@ -101,7 +102,7 @@ class SelectionProblem:
         self.cost_N = (self.energy_QN * self.eligible_QN).mean(axis=0)
         # Reserved energy is additive (feasibility is down-closed); routed energy under top-k is not.
         self.additive = self.top_k is None or self.energy_mode == "reserved"
-        self.usable_N = self.eligible_QN.any(axis=0)
+        self.usable_N: np.ndarray = np.asarray(self.eligible_QN.any(axis=0))
         # Sorted-by-logit views for the top-k fine level (eligible experts first).
         order_QN = np.argsort(-np.where(self.eligible_QN, self.logits_QN, -np.inf), axis=1, kind="stable")
         self.rank_order_QN = order_QN
@@ -181,7 +182,7 @@ class SelectionProblem:
         sel_KN = np.asarray(masks_BN, dtype=bool)[b_K[:, None], order_KN] & self.eligible_sorted_QN[q_K]
         if self.top_k is not None:
             sel_KN &= np.cumsum(sel_KN, axis=1) <= self.top_k
-        z_KN = np.where(sel_KN, np.take_along_axis(self.weight_logits_QN[q_K], order_KN, axis=1), -np.inf)
+        z_KN = np.where(sel_KN, np.take_along_axis(self.combine_QN[q_K], order_KN, axis=1), -np.inf)
         w_KN = np.where(sel_KN, np.exp(z_KN - z_KN.max(axis=1, keepdims=True)), 0.0)
         probs_KNO = np.take_along_axis(self.probs_QNO[q_K], order_KN[:, :, None], axis=1)
         num_BQO, den_BQ = num_BQO.copy(), den_BQ.copy()
@@ -228,11 +229,10 @@ class SelectionProblem:
         delay_Q = costs.set_delay(routed_QN)
         served_Q = routed_QN.any(axis=1)
         cats = sorted(set(self.category_Q.tolist()))
-        names = categories or [str(c) for c in cats]
         lat = {}
         for c in cats:
             sel_c = (self.category_Q == c) & served_Q
-            lat[names[c]] = {
+            lat[categories[c] if categories else str(c)] = {
                 "mean_s": float(delay_Q[sel_c].mean()) if sel_c.any() else 0.0,
                 "max_s": float(delay_Q[sel_c].max()) if sel_c.any() else 0.0,
             }
