@@ -524,7 +524,11 @@ class MoE2Service:
                     )
                     if data:
                         yield data
-                    batch = await anext(stream, None)
+                    # The whole stream gets the expert's timeout: a stalled stream ends as a failure.
+                    left = max(t_start + self.timeouts[primary.name] - time.perf_counter(), 0.0)
+                    batch = await _as_backend_error(
+                        asyncio.wait_for(anext(stream, None), left), primary.name, left
+                    )
                 self._finish_primary(primary, usage, t_start)
                 await _cancel(hedges)
             block = self.moe2_block(plan)
