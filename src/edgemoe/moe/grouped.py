@@ -33,8 +33,9 @@ from edgemoe.moe.dispatch import RowLayout, SortedPlan, combine_rows, grid_layou
 from edgemoe.moe.experts import GroupedExperts
 
 MAX_GRID_WASTE = 1.0
-# Cost of moving one expert to the tail grid, in GEMM rows: copying its weights and adding its
-# weight-gradient part back move ~24·D·H bytes, ~30 rows of its 36·D·H GEMM FLOPs per row.
+# Cost of moving one expert to the tail grid, in GEMM rows: copying its 3·D·H weights and adding
+# its weight-gradient part back move ~60·D·H bytes; a row's six GEMMs are 18·D·H FLOPs, so at
+# ~10 FLOPs per byte (CPU GEMM rate / memory bandwidth) an expert costs ~33 rows.
 TAIL_EXPERT_ROWS = 32
 
 
@@ -94,10 +95,11 @@ def _gemm(
         end = num_experts * cap
         torch.bmm(a_RK[:end].view(num_experts, cap, -1), w_EKM, out=out_RM[:end].view(num_experts, cap, -1))
         if layout.tail is not None:
+            assert w_tail is not None, "a tail grid needs the tail experts' weights"
             num, cap = w_tail.shape[0], layout.tail.capacity
             torch.bmm(a_RK[end:rows].view(num, cap, -1), w_tail, out=out_RM[end:rows].view(num, cap, -1))
     else:
-        for e, s, t in layout.ranges:
+        for e, s, t in layout.ranges or ():
             torch.mm(a_RK[s:t], w_EKM[e], out=out_RM[s:t])
     if extra_rows:
         out_RM[rows:].zero_()
@@ -122,9 +124,10 @@ def _wgrad(a_RK: Tensor, g_RM: Tensor, layout: RowLayout, out_EKM: Tensor, bufs:
             out_EKM.index_add_(0, tail.experts_M, part_MKM)
             bufs.give(part_MKM)
         return out_EKM
-    if len(layout.ranges) < out_EKM.shape[0]:
+    ranges = layout.ranges or []
+    if len(ranges) < out_EKM.shape[0]:
         out_EKM.zero_()
-    for e, s, t in layout.ranges:
+    for e, s, t in ranges:
         torch.mm(a_RK[s:t].t(), g_RM[s:t], out=out_EKM[e])
     return out_EKM
 
@@ -149,6 +152,7 @@ def _act_backward(
     """
     if kind != "swiglu":
         return torch.ops.aten.gelu_backward.grad_input(da_RH, h_RF, grad_input=dh_RF)
+    assert s_RH is not None and scratch_RH is not None, "SwiGLU's backward needs silu(gate) and a scratch"
     gate_RH, up_RH = h_RF.chunk(2, dim=-1)
     dgate_RH, dup_RH = dh_RF.chunk(2, dim=-1)
     torch.mul(da_RH, up_RH, out=scratch_RH)
