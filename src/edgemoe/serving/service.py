@@ -117,7 +117,11 @@ class MoE2Service:
         gate = embedder = None
         if serve.run:
             gate, embedder = load_fitted_gate(Path(serve.run), self.names)
-        queue = EnergyQueue(serve.energy_budget_j, serve.energy_queue_v) if serve.energy_budget_j is not None else None
+        queue = (
+            EnergyQueue(serve.energy_budget_j, serve.energy_queue_v)
+            if serve.energy_budget_j is not None
+            else None
+        )
         self.policy = MoE2Policy(collab, gate, embedder, serve.enabled or self.names, energy_queue=queue)
         self.top_k = serve.top_k if serve.top_k is not None else collab.top_k
         cats = collab.categories
