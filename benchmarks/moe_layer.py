@@ -1,4 +1,4 @@
-"""MoE layer forward+backward throughput: every edgemoe backend against external anchors.
+"""MoE layer forward+backward throughput and memory: every edgemoe backend against external anchors.
 
 Anchors, built with the same d, hidden, experts, k, tokens and weights (copied from ours where the
 anchor's layout allows, so outputs can be compared): Hugging Face transformers' Mixtral sparse
@@ -10,16 +10,32 @@ rows, i.e. the same active FLOPs with no routing, no dispatch and no activation.
 Every candidate runs ``(out * g).sum().backward()`` on a fixed ``x``/``g``; runs are interleaved
 (one run of each candidate per round, the order rotating each round) and the median over the
 measured rounds is reported, because the CPU may be shared. ``fraction_of_gemm_peak`` divides
-achieved FLOP/s by the FLOP/s of a 2048² fp32 matmul timed in the same rounds.
+achieved FLOP/s by the FLOP/s of a 2048² fp32 matmul timed in the same rounds. The load average
+(``/proc/loadavg``) is recorded at the start and end of every shape.
 
-    python benchmarks/moe_layer.py            # default shape + sweep, JSON to stdout and results/
-    python benchmarks/moe_layer.py --quick    # default shape and one E=64 shape, fewer rounds
+Memory: each candidate's first step (the first warm-up round) is also measured as resident-set
+growth, ``VmHWM`` after the step minus ``VmRSS`` before it (peak reset through
+``/proc/self/clear_refs``, free heap returned with ``malloc_trim`` first, Linux only). It includes
+whatever a candidate keeps between steps (our reused activation and gradient storage) and the
+parameter gradients every candidate allocates.
+
+Shapes: the default (d=512, SwiGLU hidden 688, E=8, k=2, T=4096); the coarse sweep E ∈ {4, 8, 16,
+64}, k ∈ {1, 2}, T ∈ {1024, 8192} at the same hidden size; and the fine-grained sweep E ∈ {64, 128},
+k ∈ {2, 8}, T ∈ {1024, 8192} with the expert hidden size 688·2/k, so every token has the default
+shape's active FLOPs (fine-grained experts are narrower).
+
+    python benchmarks/moe_layer.py            # default shape + both sweeps, JSON to stdout and results/
+    python benchmarks/moe_layer.py --fine     # default shape + the fine-grained sweep
+    python benchmarks/moe_layer.py --quick    # default shape and two E=64 shapes, fewer rounds
+    python benchmarks/moe_layer.py --profile 64,2,8192   # torch.profiler table of ours at one shape
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import io
 import json
 import logging
@@ -37,10 +53,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgemoe.files import write_json
 from edgemoe.moe import MoEConfig, MoELayer, RouterConfig
 
 HERE = Path(__file__).resolve().parent
 CAPPED_FACTOR = 1.0
+DEFAULT_SWIGLU_HIDDEN = 688  # 2/3 of 1024 rounded up to 16
 
 
 @dataclass(frozen=True)
@@ -50,11 +68,17 @@ class Shape:
     num_experts: int
     top_k: int
     tokens: int
+    expert_hidden: int = 0  # the SwiGLU hidden size; 0 = derived from ``hidden``
+
+    @classmethod
+    def fine(cls, num_experts: int, top_k: int, tokens: int) -> Shape:
+        """A fine-grained shape: hidden 688·2/k, the default shape's active FLOPs per token."""
+        return cls(512, 1024, num_experts, top_k, tokens, expert_hidden=DEFAULT_SWIGLU_HIDDEN * 2 // top_k)
 
     @property
     def swiglu_hidden(self) -> int:
-        """2/3 of ``hidden`` rounded up to a multiple of 16 (the LLaMA/Mixtral convention)."""
-        return 16 * math.ceil(2 * self.hidden / 3 / 16)
+        """``expert_hidden``, else 2/3 of ``hidden`` rounded up to 16 (the LLaMA/Mixtral convention)."""
+        return self.expert_hidden or 16 * math.ceil(2 * self.hidden / 3 / 16)
 
     def active_flops(self) -> float:
         """Forward + backward FLOPs of the expert GEMMs over the T·k active rows."""
@@ -62,7 +86,7 @@ class Shape:
         return 3 * 2 * self.tokens * self.top_k * (self.dim * 2 * h + h * self.dim)
 
     def label(self) -> str:
-        return f"E={self.num_experts} k={self.top_k} T={self.tokens}"
+        return f"E={self.num_experts} k={self.top_k} T={self.tokens} H={self.swiglu_hidden}"
 
 
 @dataclass
@@ -126,7 +150,7 @@ def build_ours(shape: Shape, backend: str, capacity_factor: float) -> MoELayer:
         hidden_dim=shape.swiglu_hidden,
         num_experts=shape.num_experts,
         router=router,
-        backend=backend,
+        executor=backend,
     )
     torch.manual_seed(0)
     return MoELayer(cfg)
@@ -225,7 +249,9 @@ def gemm_peak(n: int = 2048) -> tuple[Callable[[], None], float]:
     return (lambda: torch.mm(a, b, out=c)), 2.0 * n**3
 
 
-def candidates(shape: Shape, our_backends: list[str]) -> tuple[list[Candidate], list[str]]:
+def candidates(
+    shape: Shape, our_backends: list[str], skip: frozenset[str] = frozenset()
+) -> tuple[list[Candidate], list[str]]:
     """All runnable candidates for ``shape`` plus notes on the ones that cannot run."""
     torch.manual_seed(1)
     x = torch.randn(1, shape.tokens, shape.dim)
@@ -234,7 +260,7 @@ def candidates(shape: Shape, our_backends: list[str]) -> tuple[list[Candidate], 
     out: list[Candidate] = []
     ref = build_ours(shape, "sorted", 0.0)
     for backend in our_backends:
-        layer = build_ours(shape, backend, 0.0)
+        layer = ref if backend == "sorted" else build_ours(shape, backend, 0.0)
         out.append(
             Candidate(
                 f"edgemoe/{backend}", "ours", True, fwd_bwd(layer, x, g, first), forward_of(layer, x, first)
@@ -254,6 +280,9 @@ def candidates(shape: Shape, our_backends: list[str]) -> tuple[list[Candidate], 
         ("st-moe/cf=1", False, lambda: st_moe(shape, ref)),
     ]
     for name, dropless, build in builders:
+        if name in skip:
+            notes.append(f"{name}: not run (--skip)")
+            continue
         if name.startswith("st-moe") and shape.top_k < 2:
             notes.append(f"{name}: not run, st-moe-pytorch supports only k >= 2")
             continue
@@ -269,47 +298,100 @@ def candidates(shape: Shape, our_backends: list[str]) -> tuple[list[Candidate], 
     return out, notes
 
 
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where /proc is missing)."""
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def step_memory_mb(step: Callable[[], None]) -> float | None:
+    """Run ``step`` once and return its resident-set growth (peak minus before), MB; None if unsupported."""
+    try:
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib("VmRSS")
+    except OSError:
+        step()
+        return None
+    step()
+    return round((_status_kib("VmHWM") - before) / 1024, 1)
+
+
 def measure(
-    cands: list[Candidate], peak_step: Callable[[], None], warmup: int, rounds: int, slow_factor: float
-) -> tuple[dict[str, list[float]], list[str]]:
+    cands: list[Candidate],
+    peak_step: Callable[[], None],
+    warmup: int,
+    rounds: int,
+    slow_factor: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[dict[str, list[float]], list[str], dict[str, float | None]]:
     """Interleaved timing: each round runs every candidate once, in an order rotated per round.
 
-    A candidate whose last warm-up run took more than ``slow_factor`` times ours (and over 5 s) is
-    not re-run: its warm-up time is kept as its only sample and it is listed as ``too_slow``. Such a
-    candidate cannot be the fastest anchor, so the speedup figures do not depend on it.
+    A candidate whose last warm-up run took more than ``slow_factor`` times ours (and over 5 s),
+    or whose first run already took twice that, is not re-run: that run's time is kept as its only
+    sample and it is listed as ``too_slow``. Such a candidate cannot be the fastest anchor, so the
+    speedup figures do not depend on it. The first warm-up round also measures each candidate's
+    memory (:func:`step_memory_mb`).
     """
     runs = [*[(c.name, c.step) for c in cands], ("gemm-peak", peak_step)]
     times: dict[str, list[float]] = {name: [] for name, _ in runs}
+    memory: dict[str, float | None] = {}
     last: dict[str, float] = {}
     too_slow: list[str] = []
     for r in range(warmup + rounds):
-        if r == warmup and slow_factor > 0:
+        if slow_factor > 0 and 1 <= r <= warmup and r in (1, warmup):
+            factor = slow_factor if r == warmup else 2 * slow_factor
             ours = last["edgemoe/sorted"]
-            too_slow = [n for n, t in last.items() if t > max(slow_factor * ours, 5.0) and n != "gemm-peak"]
-            for n in too_slow:
-                times[n].append(last[n])
+            for n, t in last.items():
+                if n not in too_slow and n != "gemm-peak" and t > max(factor * ours, 5.0):
+                    too_slow.append(n)
+                    times[n].append(t)
         shift = r % len(runs)
         for name, step in runs[shift:] + runs[:shift]:
-            if r >= warmup and name in too_slow:
+            if r >= 1 and name in too_slow:
                 continue
-            t0 = time.perf_counter()
-            step()
-            dt = time.perf_counter() - t0
+            t0 = clock()
+            if r == 0 and warmup > 0 and name != "gemm-peak":
+                memory[name] = step_memory_mb(step)
+            else:
+                step()
+            dt = clock() - t0
             last[name] = dt
             if r >= warmup:
                 times[name].append(dt)
-    return times, too_slow
+    return times, too_slow, memory
 
 
-def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int, slow_factor: float) -> dict:
-    cands, notes = candidates(shape, our_backends)
+def evaluate(
+    shape: Shape,
+    our_backends: list[str],
+    warmup: int,
+    rounds: int,
+    slow_factor: float,
+    clock: Callable[[], float] = time.perf_counter,
+    skip: frozenset[str] = frozenset(),
+) -> dict:
+    load_start = loadavg()
+    cands, notes = candidates(shape, our_backends, skip)
+    peak_step, peak_flops = gemm_peak()
+    # Timing (and memory) first: each candidate's first step is its memory measurement.
+    times, too_slow, memory = measure(cands, peak_step, warmup, rounds, slow_factor, clock)
     ref_out = cands[0].forward()
     diffs = {}
     for c in cands:
         if c.forward is not None and c.dropless:
             diffs[c.name] = float((c.forward() - ref_out).abs().max())
-    peak_step, peak_flops = gemm_peak()
-    times, too_slow = measure(cands, peak_step, warmup, rounds, slow_factor)
     med = {name: statistics.median(v) for name, v in times.items()}
     peak = peak_flops / med.pop("gemm-peak")
     ours_dropless = med["edgemoe/sorted"]
@@ -324,6 +406,7 @@ def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int, sl
             "tokens_per_s": round(shape.tokens / t, 1),
             "dropless": c.dropless,
             "runs": len(times[c.name]),
+            "first_step_rss_growth_mb": memory.get(c.name),
         }
         if c.name in too_slow:
             entry["too_slow"] = True
@@ -335,6 +418,8 @@ def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int, sl
     best_anchor = min(anchor_ratios, key=anchor_ratios.get) if anchor_ratios else None
     return {
         "shape": {**asdict(shape), "swiglu_hidden": shape.swiglu_hidden},
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
         "results": results,
         "best_anchor": best_anchor,
         "speedup_vs_best_anchor": round(anchor_ratios[best_anchor], 3) if best_anchor else None,
@@ -352,20 +437,29 @@ def evaluate(shape: Shape, our_backends: list[str], warmup: int, rounds: int, sl
     }
 
 
-def markdown_table(report: dict) -> str:
-    """The docs/benchmarks.md table of a results JSON (median ms per candidate, ratios)."""
-    names = []
+def _label(row: dict) -> str:
+    shape = row["shape"]
+    return f"E={shape['num_experts']} k={shape['top_k']} T={shape['tokens']} H={shape['swiglu_hidden']}"
+
+
+def _names(report: dict) -> list[str]:
+    names: list[str] = []
     for row in report["shapes"]:
         for name in row["results"]:
             if name not in names:
                 names.append(name)
+    return names
+
+
+def markdown_table(report: dict) -> str:
+    """The docs/benchmarks.md table of a results JSON (median ms per candidate, ratios)."""
+    names = _names(report)
     lines = [
         "| shape | " + " | ".join(names) + " | speedup vs best anchor | of dense floor | of GEMM peak |",
         "|---" * (len(names) + 4) + "|",
     ]
     for row in report["shapes"]:
-        shape = row["shape"]
-        label = f"E={shape['num_experts']} k={shape['top_k']} T={shape['tokens']}"
+        label = _label(row)
         cells = []
         for name in names:
             entry = row["results"].get(name)
@@ -378,6 +472,98 @@ def markdown_table(report: dict) -> str:
         frac = f"{row['fraction_of_dense_floor']:.2f} | {row['fraction_of_gemm_peak']:.2f}"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {best} | {frac} |")
     return "\n".join(lines)
+
+
+def memory_table(report: dict, min_experts: int = 64) -> str:
+    """First-step resident-set growth (MB) per candidate at the shapes with >= ``min_experts``."""
+    names = [n for n in _names(report) if n != "dense-floor"]
+    lines = ["| shape | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for row in report["shapes"]:
+        if row["shape"]["num_experts"] < min_experts:
+            continue
+        cells = []
+        for name in names:
+            mb = row["results"].get(name, {}).get("first_step_rss_growth_mb")
+            cells.append("n/a" if mb is None else f"{mb:.0f}")
+        lines.append(f"| {_label(row)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> dict:
+    """The issue's targets: default shape >= 1.2x / 0.85 of the floor; fine-grained T=8192 shapes
+    >= 1.5x / 0.6 of the floor; never slower than any anchor of the same semantics anywhere."""
+    default = next((r for r in rows if r["shape"]["num_experts"] == 8 and r["shape"]["tokens"] == 4096), None)
+    speedups = [r["speedup_vs_best_anchor"] for r in rows if r["speedup_vs_best_anchor"] is not None]
+    fine_big = [r for r in rows if r["shape"]["expert_hidden"] and r["shape"]["tokens"] == 8192]
+    fine_speed = [r["speedup_vs_best_anchor"] for r in fine_big if r["speedup_vs_best_anchor"] is not None]
+    fine_floor = [r["fraction_of_dense_floor"] for r in fine_big]
+    return {
+        "default_speedup_vs_best_anchor": default and default["speedup_vs_best_anchor"],
+        "default_fraction_of_dense_floor": default and default["fraction_of_dense_floor"],
+        "default_targets_met": default is not None
+        and (default["speedup_vs_best_anchor"] or 0) >= 1.2
+        and default["fraction_of_dense_floor"] >= 0.85,
+        "min_speedup_anywhere": min(speedups) if speedups else None,
+        "never_slower": bool(speedups) and min(speedups) >= 1.0,
+        "fine_t8192_min_speedup": min(fine_speed) if fine_speed else None,
+        "fine_t8192_min_fraction_of_dense_floor": min(fine_floor) if fine_floor else None,
+        "fine_t8192_targets_met": bool(fine_speed) and min(fine_speed) >= 1.5 and min(fine_floor) >= 0.6,
+    }
+
+
+def cpu_time_by_op(step: Callable[[], None], steps: int) -> dict[str, float]:
+    """CPU seconds of the calling thread per ATen op and input shapes, averaged over ``steps``.
+
+    Thread CPU time is what a single-threaded step costs regardless of other jobs on the machine
+    (wall-clock profiles on a shared CPU mostly measure the neighbours).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    totals: dict[str, float] = {}
+
+    class Timer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            t0 = time.thread_time()
+            out = func(*args, **(kwargs or {}))
+            key = f"{func.__name__} {shapes}"
+            totals[key] = totals.get(key, 0.0) + (time.thread_time() - t0) / steps
+            return out
+
+    with Timer():
+        for _ in range(steps):
+            step()
+    return totals
+
+
+def profile_table(shape: Shape, steps: int = 2) -> str:
+    """Where our default backend's step goes at ``shape``: torch.profiler's table (wall time at
+    the configured threads, grouped by op and input shapes) and single-thread CPU time per op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(1)
+    x, g = torch.randn(1, shape.tokens, shape.dim), torch.randn(1, shape.tokens, shape.dim)
+    step = fwd_bwd(build_ours(shape, "sorted", 0.0), x, g, first)
+    for _ in range(2):
+        step()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    wall = (time.perf_counter() - t0) / steps
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=28, max_shapes_column_width=60
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    totals = cpu_time_by_op(step, steps)
+    torch.set_num_threads(threads)
+    total = sum(totals.values())
+    lines = [f"# single-thread CPU time per step: {1000 * total:.0f} ms"]
+    for key, sec in sorted(totals.items(), key=lambda kv: -kv[1])[:16]:
+        lines.append(f"{1000 * sec:8.1f} ms {100 * sec / total:5.1f} %  {key}")
+    head = f"# {shape.label()}: {steps} steps, {1000 * wall:.0f} ms/step wall, loadavg {loadavg()}"
+    return "\n".join([head, table, *lines])
 
 
 def versions() -> dict[str, str | None]:
@@ -394,10 +580,22 @@ def versions() -> dict[str, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="default shape + E=64 only, 5 rounds")
+    parser.add_argument("--quick", action="store_true", help="default shape + two E=64 shapes, 5 rounds")
+    parser.add_argument("--fine", action="store_true", help="default shape + the fine-grained sweep only")
+    parser.add_argument(
+        "--profile", default=None, metavar="E,K,T", help="profile ours at one fine-grained shape and exit"
+    )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (>= 5)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="thread: one thread, each step timed by its CPU time (robust on a shared machine)",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (>= 3)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="warm-up rounds (the first also measures memory)"
+    )
     parser.add_argument(
         "--slow-factor",
         type=float,
@@ -405,6 +603,11 @@ def main(argv: list[str] | None = None) -> int:
         help="time a candidate only once if its warm-up took this many times ours (0 = never)",
     )
     parser.add_argument("--no-sweep", action="store_true", help="default shape only")
+    parser.add_argument("--tokens", default=None, help="keep only sweep shapes with these T (e.g. 8192)")
+    parser.add_argument(
+        "--shapes", default=None, metavar="E,K,T;...", help="run these fine-grained shapes only (no default)"
+    )
+    parser.add_argument("--skip", default="", help="anchors not to run, comma-separated names")
     parser.add_argument(
         "--backends", default="sorted,padded,loop", help="our backends timed at the default shape"
     )
@@ -413,21 +616,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, default=None, help="print the markdown table of a results JSON")
     args = parser.parse_args(argv)
     if args.table is not None:
-        print(markdown_table(json.loads(args.table.read_text())))
+        report = json.loads(args.table.read_text())
+        print(markdown_table(report) + "\n\n" + memory_table(report))
         return 0
 
+    if args.clock == "thread":
+        args.threads = 1
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     torch.set_num_threads(args.threads)
+    if args.profile is not None:
+        num_experts, top_k, tokens = (int(v) for v in args.profile.split(","))
+        print(profile_table(Shape.fine(num_experts, top_k, tokens)))
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
-    rounds = max(5, args.rounds or (5 if args.quick else 7))
-    out_path = args.out or HERE / "results" / ("moe_layer_quick.json" if args.quick else "moe_layer.json")
+    rounds = max(3, args.rounds or (5 if args.quick else 7))
+    name = "moe_layer_quick" if args.quick else "moe_layer_fine" if args.fine else "moe_layer"
+    out_path = args.out or HERE / "results" / f"{name}.json"
     default = Shape(512, 1024, 8, 2, 4096)
+    fine = [Shape.fine(e, k, t) for t in (8192, 1024) for e in (64, 128) for k in (2, 8)]
     shapes = [default]
     if args.quick:
-        shapes.append(Shape(512, 1024, 64, 2, 1024))
+        shapes += [Shape.fine(64, 2, 1024), Shape.fine(64, 8, 1024)]
+    elif args.fine:
+        shapes += fine
     elif not args.no_sweep:
         shapes += [Shape(512, 1024, e, k, t) for e in (4, 8, 16, 64) for k in (1, 2) for t in (1024, 8192)]
+        shapes += [s for s in fine if s.top_k != 2 or s.num_experts != 64]  # E=64 k=2 is in both
+    if args.tokens:
+        keep = {int(t) for t in args.tokens.split(",")}
+        shapes = [default, *(s for s in shapes[1:] if s.tokens in keep)]
+    if args.shapes:
+        shapes = [Shape.fine(*(int(v) for v in item.split(","))) for item in args.shapes.split(";")]
+    skip = frozenset(n for n in args.skip.split(",") if n)
 
     def backend_list(text: str) -> list[str]:
         names = [b for b in text.split(",") if b]
@@ -437,19 +659,21 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "moe_layer",
         "command": "python benchmarks/moe_layer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "threads": args.threads,
+        "clock": args.clock,
         "rounds": rounds,
         "warmup": args.warmup,
         "slow_factor": args.slow_factor,
         "dtype": "float32",
         "loss": "(out * g).sum()",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "loadavg_start": loadavg(),
         "versions": versions(),
         "shapes": [],
     }
     for shape in shapes:
         print(f"# {shape.label()}", file=sys.stderr, flush=True)
         backends = backend_list(args.backends if shape == default else args.sweep_backends)
-        row = evaluate(shape, backends, args.warmup, rounds, args.slow_factor)
+        row = evaluate(shape, backends, args.warmup, rounds, args.slow_factor, clock, skip)
         report["shapes"].append(row)
         for name, entry in row["results"].items():
             extra = f"  ours x{entry['ours_speedup']}" if "ours_speedup" in entry else ""
@@ -461,21 +685,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    sweep = report["shapes"][1:] if len(report["shapes"]) > 1 else report["shapes"]
-    speedups = [r["speedup_vs_best_anchor"] for r in sweep if r["speedup_vs_best_anchor"] is not None]
-    e64 = [r["speedup_vs_best_anchor"] for r in sweep if r["shape"]["num_experts"] == 64]
-    report["summary"] = {
-        "default_speedup_vs_best_anchor": report["shapes"][0]["speedup_vs_best_anchor"],
-        "default_target_1_15x_met": (report["shapes"][0]["speedup_vs_best_anchor"] or 0) >= 1.15,
-        "sweep_min_speedup": min(speedups) if speedups else None,
-        "sweep_never_slower": bool(speedups) and min(speedups) >= 1.0,
-        "e64_min_speedup": min(e64) if e64 else None,
-        "e64_target_2x_met": bool(e64) and min(e64) >= 2.0,
-    }
-    text = json.dumps(report, indent=2)
-    print(text)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(text + "\n")
+        # Written after every shape, so a long sweep that is stopped keeps what it measured.
+        report["loadavg_end"] = loadavg()
+        report["complete"] = len(report["shapes"]) == len(shapes)
+        report["summary"] = summary(report["shapes"])
+        write_json(out_path, report)
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -68,10 +69,13 @@ def _coerce(tp: Any, value: Any, field: str) -> Any:
     if origin is typing.Literal:
         check_choice(value, field, args)
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         require(isinstance(value, Mapping), field, f"must be a mapping, got {type(value).__name__}")
+        loader = getattr(tp, "from_mapping", None)  # a base config that picks its subclass by name
+        if loader is not None:
+            return loader(value, field)
         return from_dict(tp, value, prefix=field)
     if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
         require(isinstance(value, (list, tuple)), field, f"must be a list, got {type(value).__name__}")
@@ -115,7 +119,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     The dataclass's own ``__post_init__`` then runs its range checks.
     """
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls)) if f.init}
     unknown = sorted(set(data) - set(fields))
     where = f"{prefix}." if prefix else ""
     if unknown:
@@ -138,13 +142,46 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1.0e9``, ``1e9`` and ``-2E-3`` are numbers.
+
+    (PyYAML follows YAML 1.1, whose float rule needs a dot and a signed exponent, so ``1e9`` and
+    ``1.0e9`` would stay strings.)
+    """
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML text; a syntax error becomes a one-line :class:`ConfigError` naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(where, f"is not valid YAML{at}: {problem}; fix the syntax there") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with a clear error for a missing file or a non-mapping document."""
+    """Read a YAML mapping, with a clear error for a missing, malformed or non-mapping file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("--config", f"file {str(path)!r} does not exist")
-    with path.open() as fh:
-        data = yaml.safe_load(fh) or {}
+    data = parse_yaml(path.read_text(), f"--config {path}") or {}
     require(isinstance(data, Mapping), "--config", f"{path} must contain a YAML mapping at top level")
     return dict(data)
 
@@ -153,7 +190,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=3`` -> (["a", "b"], 3); the value is parsed as YAML so numbers and lists work."""
     require("=" in text, "--set", f"override {text!r} must look like key.sub=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), parse_yaml(raw, f"--set {key.strip()}")
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:

@@ -22,11 +22,18 @@ class Registry(Generic[T]):
 
     ``plugin_package``: an unknown identifier ``foo`` is looked up once in module
     ``<plugin_package>.foo`` (which registers itself on import) before the lookup fails.
+    ``plugins``: names known to live in such modules; they are listed among the valid names before
+    their module is imported (so an error message lists every choice without importing them all).
     """
 
-    def __init__(self, kind: str, *, plugin_package: str | None = None) -> None:
+    def __init__(
+        self, kind: str, *, plugin_package: str | None = None, plugins: tuple[str, ...] = ()
+    ) -> None:
+        if plugins and plugin_package is None:
+            raise ValueError("plugins need a plugin_package to be imported from")
         self.kind = kind
         self.plugin_package = plugin_package
+        self.plugins = plugins
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -45,8 +52,8 @@ class Registry(Generic[T]):
         self._entries[name] = obj
 
     def names(self) -> list[str]:
-        """Registered names, sorted (plug-ins appear once imported)."""
-        return sorted(self._entries)
+        """Every valid name, sorted: registered ones and the declared plug-ins."""
+        return sorted(set(self._entries) | set(self.plugins))
 
     def get(self, name: str, field: str) -> T:
         """The component called ``name``; ``field`` is the user-facing setting that named it."""

@@ -11,12 +11,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgemoe.collab.backends import BackendConfig, BackendError, Message, build_backend, mc_prompt
+from edgemoe.collab.backends import (
+    BackendError,
+    LlamaCppConfig,
+    Message,
+    OpenAIConfig,
+    TinyConfig,
+    build_backend,
+)
 from edgemoe.collab.backends.base import letter_from_text, smoothed_one_hot
 from edgemoe.collab.backends.local import letter_token_ids, letters_from_logits
 from edgemoe.collab.backends.openai_http import first_token_top_logprobs, letters_from_top
-from edgemoe.collab.backends.tiny import TinyOpenAIServer
+from edgemoe.collab.prompts import mc_prompt
 from edgemoe.config import ConfigError
+from edgemoe.testing import TinyOpenAIServer
 
 PROMPT = mc_prompt(
     "Which gas do plants absorb?", ["Oxygen", "Nitrogen", "Carbon dioxide", "Helium"], "biology"
@@ -32,9 +40,7 @@ def server():
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_http_logprobs_equal_the_local_letter_softmax(server, endpoint):
     """With the full vocabulary in the top logprobs, HTTP scoring equals the model's own letter softmax."""
-    remote = build_backend(
-        "r", BackendConfig(kind="openai", url=server.url, mc_endpoint=endpoint, top_logprobs=100)
-    )
+    remote = build_backend("r", OpenAIConfig(url=server.url, mc_endpoint=endpoint, top_logprobs=100))
     try:
         scores = remote.score_choices(PROMPT, 4)
     finally:
@@ -47,14 +53,14 @@ def test_http_logprobs_equal_the_local_letter_softmax(server, endpoint):
 
 
 def test_local_tiny_backend_matches_the_served_model(server):
-    local = build_backend("l", BackendConfig(kind="tiny", seed=3))
+    local = build_backend("l", TinyConfig(seed=3))
     np.testing.assert_allclose(
         local.score_choices(PROMPT, 4).logprobs, server.model.letter_logprobs(PROMPT, 4)
     )
 
 
 def test_async_path_equals_sync_path(server):
-    backend = build_backend("r", BackendConfig(kind="openai", url=server.url + "/v1"))
+    backend = build_backend("r", OpenAIConfig(url=server.url + "/v1"))
 
     async def both():
         try:
@@ -65,7 +71,7 @@ def test_async_path_equals_sync_path(server):
             await backend.aclose()
 
     scores, gen = asyncio.run(both())
-    sync = build_backend("s", BackendConfig(kind="openai", url=server.url))
+    sync = build_backend("s", OpenAIConfig(url=server.url))
     try:
         assert scores.logprobs == sync.score_choices(PROMPT, 4).logprobs
         assert gen.text == sync.generate([Message("user", "hi")], 5).text and gen.completion_tokens == 5
@@ -75,7 +81,7 @@ def test_async_path_equals_sync_path(server):
 
 def test_endpoint_without_logprobs_falls_back_to_the_written_letter():
     with TinyOpenAIServer(0, offer_logprobs=False, letter_bias={"C": 20.0}) as srv:
-        backend = build_backend("t", BackendConfig(kind="openai", url=srv.url))
+        backend = build_backend("t", OpenAIConfig(url=srv.url))
         scores = backend.score_choices(PROMPT, 4)
         backend.close()
     assert scores.source == "text" and scores.answer == 2
@@ -86,7 +92,7 @@ def test_unreachable_endpoint_raises_backend_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again on exit: nothing listens there
-    backend = build_backend("gone", BackendConfig(kind="openai", url=f"http://127.0.0.1:{port}", timeout_s=2))
+    backend = build_backend("gone", OpenAIConfig(url=f"http://127.0.0.1:{port}", timeout_s=2))
     with pytest.raises(BackendError, match="gone"):
         backend.score_choices(PROMPT, 4)
 
@@ -138,14 +144,12 @@ def test_text_helpers():
 
 def test_backend_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="url"):
-        BackendConfig(kind="openai")
+        OpenAIConfig()
     with pytest.raises(ConfigError, match="path"):
-        BackendConfig(kind="llama_cpp")
+        LlamaCppConfig()
     with pytest.raises(ConfigError, match="timeout_s"):
-        BackendConfig(kind="tiny", timeout_s=0)
+        TinyConfig(timeout_s=0)
     with pytest.raises(ConfigError, match="api_key_env"):
-        build_backend(
-            "x", BackendConfig(kind="openai", url="http://127.0.0.1:1", api_key_env="EDGEMOE_UNSET_KEY_VAR")
-        )
+        build_backend("x", OpenAIConfig(url="http://127.0.0.1:1", api_key_env="EDGEMOE_UNSET_KEY_VAR"))
     with pytest.raises(ConfigError, match="package"):
-        build_backend("x", BackendConfig(kind="llama_cpp", package="edgemoe_no_such_model_package"))
+        build_backend("x", LlamaCppConfig(package="edgemoe_no_such_model_package"))

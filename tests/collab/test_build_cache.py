@@ -17,13 +17,13 @@ import pytest
 import yaml
 
 from edgemoe.cli.collab_llm import register_collab
-from edgemoe.collab.backends import BackendConfig, build_backend
-from edgemoe.collab.backends.tiny import TinyOpenAIServer
+from edgemoe.collab.backends import TinyConfig, build_backend
 from edgemoe.collab.build_cache import build_cache, question_prompt, repair_tail, stratified_subset
 from edgemoe.collab.cache import iter_records, read_cache
 from edgemoe.collab.data import load_mmlu
 from edgemoe.collab.profiles import ExpertProfile
 from edgemoe.config import ConfigError
+from edgemoe.testing import TinyOpenAIServer
 
 SUBJECTS = {"abstract_algebra": 6, "philosophy": 5, "sociology": 4, "anatomy": 5}  # one per category
 
@@ -49,7 +49,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 class Counting:
     """Wraps a backend factory and counts the questions it is asked."""
 
-    def __init__(self, cfg: BackendConfig, name: str):
+    def __init__(self, cfg: TinyConfig, name: str):
         self.cfg, self.name, self.calls = cfg, name, 0
 
     def __call__(self):
@@ -68,7 +68,7 @@ def test_interrupted_run_resumes_without_redoing_or_losing_answers(tmp_path):
     questions = stratified_subset(load_mmlu(write_mmlu(tmp_path / "mmlu")), per_category=3, seed=1)
     assert len(questions) == 12 and np.bincount(questions.category_Q).tolist() == [3, 3, 3, 3]
     profiles = [ExpertProfile("a", hardware="jetson-orin-nano"), ExpertProfile("b", hardware="rtx-4090")]
-    counters = [Counting(BackendConfig(kind="tiny", seed=s), p.name) for s, p in zip((1, 2), profiles)]
+    counters = [Counting(TinyConfig(seed=s), p.name) for s, p in zip((1, 2), profiles)]
     out = tmp_path / "answers.jsonl"
 
     first = build_cache(list(zip(profiles, counters)), questions, out, progress=False, max_answers=7)
@@ -88,7 +88,7 @@ def test_interrupted_run_resumes_without_redoing_or_losing_answers(tmp_path):
     # A third run has nothing left to do; the cache matches the experts answering directly.
     assert build_cache(list(zip(profiles, counters)), questions, out, progress=False).answered == 0
     cache = read_cache(out, qids=questions.qid, experts=["a", "b"])
-    ref = build_backend("a", BackendConfig(kind="tiny", seed=1))
+    ref = build_backend("a", TinyConfig(seed=1))
     for i in (0, 5, 11):
         np.testing.assert_allclose(
             cache.probs_QNO[i, 0], ref.score_choices(question_prompt(questions, i), 4).probs

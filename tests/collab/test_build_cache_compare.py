@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from edgemoe.cli.collab_llm import register_collab
-from edgemoe.collab.pipeline import build_workspace, fit, load_run_spec, problem, save_run
+from edgemoe.collab.offline.runs import build_run_data, fit, load_run_spec, problem, save_run
 
 
 def test_compare_rows_match_the_cache(tmp_path):
@@ -23,7 +23,7 @@ def test_compare_rows_match_the_cache(tmp_path):
             "gate": {"steps": 20, "hidden": 8},
         }
     )
-    ws = build_workspace(spec)
+    ws = build_run_data(spec)
     gate = fit(ws, spec.gate)
     save_run(tmp_path / "run", spec, ws, gate)
     parser = argparse.ArgumentParser()
@@ -37,11 +37,15 @@ def test_compare_rows_match_the_cache(tmp_path):
         expected = float((probs_QNO[:, n].argmax(-1) == answer_Q).mean())
         assert rows[f"single: {name}"]["accuracy"] == expected
     uniform = float((probs_QNO.mean(axis=1).argmax(-1) == answer_Q).mean())
-    assert rows["uniform ensemble"]["accuracy"] == uniform
-    assert rows["uniform ensemble"]["experts"] == "small big"
+    assert rows["uniform ensemble (all)"]["accuracy"] == uniform
+    assert rows["uniform ensemble (all)"]["experts"] == "small big"
     # Energy: the core's per-question figure for that expert (modelled here: the cache is simulated).
     test = problem(ws, gate, "test")
     for n, name in enumerate(ws.config.expert_names):
-        assert rows[f"single: {name}"]["energy_j_per_request"] == np.float64(test.energy_QN[:, n].mean())
-    assert rows["uniform ensemble"]["energy_j_per_request"] == np.float64(test.energy_QN.sum(axis=1).mean())
-    assert (tmp_path / "run/compare/compare.md").read_text().count("\n") == 2 + len(rows)
+        assert rows[f"single: {name}"]["energy_j"] == np.float64(test.energy_QN[:, n].mean())
+    assert rows["uniform ensemble (all)"]["energy_j"] == np.float64(test.energy_QN.sum(axis=1).mean())
+    assert (tmp_path / "run/compare/compare.md").read_text().count("\n") == 2 + len(
+        json.loads((tmp_path / "run/compare/compare.json").read_text())["rows"]
+    )
+    # The oracle is at least as good as every single expert and every other row.
+    assert rows["oracle (per question)"]["accuracy"] >= max(r.get("accuracy", 0) for r in rows.values())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edgemoe.collab.cache import AnswerCache, append_records, done_keys, make_record, read_cache
-from edgemoe.config import ConfigError
+from edgemoe.errors import DataError
 
 
 def _cache():
@@ -41,11 +41,11 @@ def test_append_resume_and_last_record_wins(tmp_path):
 def test_missing_pair_and_bad_probs_are_clear(tmp_path):
     path = tmp_path / "c.jsonl"
     append_records(path, [make_record("q0", "a", [0.5, 0.5, 0, 0]), make_record("q1", "b", [0.5, 0.5, 0, 0])])
-    with pytest.raises(ConfigError, match="no record for question 'q0' and expert 'b'"):
+    with pytest.raises(DataError, match="no record for question 'q0' and expert 'b'"):
         read_cache(path)
     bad = tmp_path / "bad.jsonl"
     append_records(bad, [make_record("q0", "a", [0.9, 0.9, 0, 0])])
-    with pytest.raises(ConfigError, match="summing to 1"):
+    with pytest.raises(DataError, match="summing to 1"):
         read_cache(bad)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="does not exist"):
         read_cache(tmp_path / "none.jsonl")

@@ -3,16 +3,18 @@
 import json
 
 import numpy as np
+import pytest
 
 from edgemoe.cli import build_parser, main
-from edgemoe.collab.assumptions import optimality_gap
 from edgemoe.collab.data import synthetic_questions
 from edgemoe.collab.gate import GateConfig, train_gate
-from edgemoe.collab.pipeline import load_policy
+from edgemoe.collab.offline.assumptions import optimality_gap
+from edgemoe.collab.offline.runs import load_policy
 from edgemoe.collab.profiles import MMLU_CATEGORIES
-from edgemoe.collab.simulate import default_experts, generate_cache
+from edgemoe.collab.synthetic_answers import default_experts, generate_cache
 
 
+@pytest.mark.slow
 def test_fit_select_sweep_eval(tmp_path):
     run = tmp_path / "run"
     fit = [

@@ -9,6 +9,7 @@ from edgemoe.collab.data import SUBJECT_CATEGORY, default_mmlu_dir, load_mmlu
 from edgemoe.collab.embed import HashingEmbedder, make_embedder
 from edgemoe.collab.profiles import MMLU_CATEGORIES
 from edgemoe.config import ConfigError
+from edgemoe.errors import DataError
 
 
 def _write(folder, subject, rows):
@@ -38,10 +39,10 @@ def test_category_map_covers_mmlu():
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEMOE_MMLU_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(ConfigError) as info:
+    monkeypatch.setenv("EDGEMOE_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError) as info:
         default_mmlu_dir()
-    assert info.value.field == "data_dir" and "EDGEMOE_MMLU_DIR" in str(info.value)
+    assert str(tmp_path / "nowhere" / "qa" / "mmlu") in str(info.value) and "EDGEMOE_DATA" in str(info.value)
 
 
 def test_hashing_embedder_is_deterministic_and_normalised():

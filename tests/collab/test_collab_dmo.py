@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgemoe.collab.assumptions import monotonicity
-from edgemoe.collab.baselines import BASELINES
-from edgemoe.collab.dmo import dmo, exhaustive
-from edgemoe.collab.problem import SelectionProblem
+from edgemoe.collab.offline.assumptions import monotonicity
+from edgemoe.collab.selection.baselines import BASELINES
+from edgemoe.collab.selection.dmo import dmo, exhaustive
+from edgemoe.collab.selection.problem import SelectionProblem
 
 
 def instance(seed, n, q=24, monotone=False, top_k=None, objective="accuracy", elig=0.9):
@@ -102,7 +102,11 @@ def test_coverage_instances_are_monotone_in_accuracy():
 @pytest.mark.parametrize("method", ["dmo", "exhaustive", *BASELINES])
 def test_infeasible_budgets_give_a_clear_answer(method):
     p = instance(1, 5)
-    solve = {"dmo": dmo, "exhaustive": exhaustive, **BASELINES}[method]
+    solve = {
+        "dmo": dmo,
+        "exhaustive": exhaustive,
+        **{n: BASELINES.get(n, field="method") for n in BASELINES},
+    }[method]
     res = solve(p, 0.5 * p.cost_N.min())
     assert not res.feasible and res.experts == [] and res.reason.startswith("no feasible set")
     slow = instance(1, 5, elig=0.0)

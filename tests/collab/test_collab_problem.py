@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgemoe.collab.assumptions import monotonicity
-from edgemoe.collab.baselines import best_single, greedy, random_feasible
-from edgemoe.collab.dmo import dmo
 from edgemoe.collab.gate import route_weights
-from edgemoe.collab.problem import TIE_EPS, SelectionProblem
+from edgemoe.collab.offline.assumptions import monotonicity
+from edgemoe.collab.selection.baselines import best_single, greedy, random_feasible
+from edgemoe.collab.selection.dmo import dmo
+from edgemoe.collab.selection.problem import TIE_EPS, SelectionProblem
 
 
 def instance(seed, n=5, q=20, top_k=None, objective="accuracy"):

@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from edgemoe.cli.collab_llm import register_collab
-from edgemoe.collab.backends import BackendConfig, build_backend
-from edgemoe.collab.backends.tiny import TinyOpenAIServer
+from edgemoe.collab.backends import OpenAIConfig, build_backend
 from edgemoe.collab.costs import request_costs
 from edgemoe.collab.profiles import ExpertProfile, RequestModel, load_collab_config
 from edgemoe.collab.profiling import profile_backend
+from edgemoe.testing import TinyOpenAIServer
 
 PROMPT_TOKEN_S = 2e-4  # 5,000 prompt tokens/s
 OUTPUT_TOKEN_S = 1e-2  # 100 output tokens/s
@@ -27,7 +27,7 @@ def server():
 
 def test_profile_recovers_the_prefill_and_decode_rates(server):
     profile = ExpertProfile("edge", hardware="jetson-orin-nano")
-    backend = build_backend("edge", BackendConfig(kind="openai", url=server.url))
+    backend = build_backend("edge", OpenAIConfig(url=server.url))
     try:
         result = profile_backend(backend, profile, prompt_chars=1024, decode_tokens=24, repeats=2)
     finally:

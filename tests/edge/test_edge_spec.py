@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import yaml
 
-from edgemoe.config import ConfigError
 from edgemoe.edge import (
     NetworkState,
     ScoreTrace,
@@ -19,6 +18,7 @@ from edgemoe.edge import (
     spec_from_dict,
 )
 from edgemoe.edge.spec import SCENARIOS, ArrivalSpec
+from edgemoe.errors import ConfigError, DataError, InputError
 
 
 def paper_dict(**overrides):
@@ -76,7 +76,7 @@ def test_bad_specs_name_the_field(change, field):
 
 
 def test_k_larger_than_servers_message():
-    with pytest.raises(ConfigError, match=r"^k: .*J=1"):
+    with pytest.raises(ConfigError, match=r"^k: .*E=1"):
         spec_from_dict(paper_dict(k=2, servers=SCENARIOS["paper"]["servers"][:1]))
 
 
@@ -84,9 +84,9 @@ def test_nan_scores_rejected_by_controllers():
     spec = load_scenario("paper")
     scores = np.full((3, 8), 0.125)
     scores[1, 2] = np.nan
-    with pytest.raises(ConfigError, match=r"^scores_NJ: .*row 1"):
+    with pytest.raises(InputError, match=r"^scores_NE: .*row 1"):
         make_controller("stable-moe", spec).decide(NetworkState.initial(spec), scores)
-    with pytest.raises(ConfigError, match=r"^scores_NJ: must have shape"):
+    with pytest.raises(InputError, match=r"^scores_NE: must have shape"):
         make_controller("topk", spec).decide(NetworkState.initial(spec), np.ones((3, 7)))
 
 
@@ -107,7 +107,7 @@ def test_yaml_spec_with_csv_trace(tmp_path):
     np.testing.assert_array_equal(arrivals.sample(7), [5, 7, 0, 5, 7, 0, 5])
     bad = paper_dict(arrivals={"kind": "trace", "trace": "missing.csv"})
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(ConfigError, match="arrivals.trace"):
+    with pytest.raises(DataError, match=r"missing\.csv: arrival trace \(arrivals.trace\) does not exist"):
         make_arrivals(load_spec(tmp_path / "bad.yaml").arrivals)
 
 
@@ -141,14 +141,17 @@ def test_score_trace_roundtrip_and_validation(tmp_path):
     np.testing.assert_array_equal(trace.scores, scores)
     np.testing.assert_array_equal(trace.counts, [3, 0, 7])
     np.testing.assert_array_equal(trace.slot_labels(2), labels[3:])
-    with pytest.raises(ConfigError, match="^offsets"):
+    with pytest.raises(InputError, match="^offsets"):
         ScoreTrace(scores, np.array([0, 3, 9]))
-    with pytest.raises(ConfigError, match="^labels"):
+    with pytest.raises(InputError, match="^labels"):
         ScoreTrace(scores, offsets, labels[:4])
     bad = scores.copy()
     bad[0, 0] = np.nan
-    with pytest.raises(ConfigError, match="^scores"):
+    with pytest.raises(InputError, match="^scores"):
         save_score_trace(tmp_path / "bad.npz", bad, offsets)
+    assert not (tmp_path / "bad.npz").exists()
+    with pytest.raises(DataError, match="score trace"):
+        load_score_trace(tmp_path / "absent.npz")
 
 
 def test_replay_workload_cycles_recording(tmp_path):

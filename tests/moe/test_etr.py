@@ -9,18 +9,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgemoe.config import ConfigError
-from edgemoe.moe import MoEConfig, MoELayer, available_backends
-from edgemoe.moe.config import RouterConfig
+from edgemoe.config import ConfigError, from_dict
+from edgemoe.moe import EXECUTORS, MoEConfig, RouterConfig
 from edgemoe.moe.etr import (
     AnnealedCapacity,
     CapacityConfig,
     CapacityObservation,
     ETRRouter,
+    ETRRouterConfig,
     FalsePositiveCapacity,
     FixedCapacity,
-    capacity_slots,
-    expert_choice,
     false_positive_counts,
     grap_affinity,
     locality_loss,
@@ -28,13 +26,13 @@ from edgemoe.moe.etr import (
     slots_to_mask,
     token_choice,
 )
-from edgemoe.moe.router import build_router
+from edgemoe.moe.routing import expert_capacity, expert_choice
 
 
-def make_router(dim: int = 16, experts: int = 4, top_k: int = 1, **options) -> ETRRouter:
-    return build_router(
-        RouterConfig(name="etr", top_k=top_k, renormalize=False, options=options), dim, experts
-    )
+def make_router(dim: int = 16, experts: int = 4, top_k: int = 1, **fields) -> ETRRouter:
+    """An ETR router from a mapping, as a YAML config gives it."""
+    cfg = RouterConfig.from_mapping({"name": "etr", "top_k": top_k, "renormalize": False, **fields})
+    return cfg.build(dim, experts)
 
 
 def obs(rearranged: float = 0.1, fp: float = 0.0, tpe: float = 10.0) -> CapacityObservation:
@@ -158,7 +156,7 @@ def test_expert_keeps_exactly_its_top_c_candidates_by_affinity(seed, tokens, cap
     gen = torch.Generator().manual_seed(seed)
     aff_TE = torch.randn(tokens, 4, generator=gen)
     cand_TE = torch.rand(tokens, 4, generator=gen) < density
-    kept_TE = expert_choice(aff_TE, cand_TE, capacity)
+    kept_TE = expert_choice(aff_TE, capacity, cand_TE)
     assert not (kept_TE & ~cand_TE).any()
     for e in range(4):
         cand = cand_TE[:, e].nonzero().squeeze(-1)
@@ -172,7 +170,7 @@ def test_router_caps_every_expert_and_never_reassigns():
     router = make_router(dim=32, experts=4, top_k=2, score_threshold=0.8, capacity={"factor": 0.5})
     x = torch.randn(128, 32)
     routing = router(x)
-    cap = capacity_slots(0.5, 128, 4, 2)
+    cap = expert_capacity(0.5, 128, 4, 2)
     assert routing.capacity == cap
     assert (routing.stats.tokens_per_expert_E <= cap).all()
     # kept slots are a subset of proposals: a dropped token is not moved to another expert
@@ -180,7 +178,7 @@ def test_router_caps_every_expert_and_never_reassigns():
     aff_TE = grap_affinity(x, 4)
     proposed_TE = slots_to_mask(routing.expert_ids_TK, routing.proposed_TK, 4)
     kept_TE = slots_to_mask(routing.expert_ids_TK, routing.kept_TK, 4)
-    assert torch.equal(kept_TE, expert_choice(aff_TE, proposed_TE, cap))
+    assert torch.equal(kept_TE, expert_choice(aff_TE, cap, proposed_TE))
     assert (routing.weights_TK[~routing.kept_TK] == 0).all()
     assert routing.extras["rearranged_fraction"] == pytest.approx(
         float((~routing.kept_TK & routing.proposed_TK).any(-1).float().mean())
@@ -286,36 +284,83 @@ def test_false_positive_schedule_tracks_the_measured_rate_within_bounds():
     assert schedule.factor == pytest.approx(0.8)
 
 
-def test_router_schedule_advances_in_training_only_and_is_in_telemetry():
+def test_router_schedule_advances_on_step_after_training_forwards_only():
     router = make_router(capacity={"schedule": "annealed", "factor": 1.1, "floor": 0.66, "anneal_steps": 4})
     x = torch.randn(40, 16)
-    seen = [router(x).extras["capacity_factor"] for _ in range(6)]
-    assert seen[0] == 1.1 and seen[-1] == pytest.approx(0.66)
+    seen = []
+    for _ in range(6):
+        seen.append(router(x).extras["capacity_factor"])
+        assert router.capacity_factor == seen[-1]  # forward alone never moves the schedule
+        router.step()
+    assert seen[0] == 1.1 and seen[1] == pytest.approx(1.1 - 0.44 / 4) and seen[-1] == pytest.approx(0.66)
     router.eval()
     assert router(x).extras["capacity_factor"] == pytest.approx(0.66)
     assert router.capacity_factor == pytest.approx(0.66)
+    fresh = make_router(capacity={"schedule": "annealed", "anneal_steps": 4})
+    fresh.eval()
+    fresh(x)
+    fresh.step()  # nothing observed in training: no step
+    assert fresh.capacity_factor == 1.1
+
+
+def test_step_feeds_the_schedule_the_pooled_training_statistics():
+    router = make_router(top_k=2, score_threshold=0.8, capacity={"factor": 0.5})
+    batches = [torch.randn(n, 16) for n in (30, 50)]
+    routings = [router(x) for x in batches]
+    seen = []
+    router.schedule.observe = seen.append
+    router.step()
+    rearranged = sum(float(r.extras["rearranged_fraction"]) * r.num_tokens for r in routings)
+    false_pos = sum(
+        float(false_positive_counts(r.logits_TE, slots_to_mask(r.expert_ids_TK, r.proposed_TK, 4)).sum())
+        for r in routings
+    )
+    assert len(seen) == 1
+    assert seen[0].rearranged_fraction == pytest.approx(rearranged / 80)
+    assert seen[0].false_positives_per_expert == pytest.approx(false_pos / 4)
+    assert seen[0].tokens_per_expert == pytest.approx(80 * 2 / 4)
+    router.step()
+    assert len(seen) == 1
 
 
 def test_router_capacity_factor_defaults_to_the_shared_field():
-    router = build_router(RouterConfig(name="etr", top_k=1, capacity_factor=1.25), 16, 4)
+    router = RouterConfig(name="etr", top_k=1, capacity_factor=1.25).build(16, 4)
     assert router.capacity_factor == 1.25
-    with pytest.raises(ConfigError, match="router.options.capacity.floor"):
+    assert ETRRouterConfig(capacity_factor=0.5).capacity == CapacityConfig(factor=0.5, floor=0.5)
+    assert ETRRouterConfig(capacity_factor=0.8, capacity=CapacityConfig(factor=0.8)).capacity.factor == 0.8
+    with pytest.raises(ConfigError, match="router.capacity_factor: conflicts"):
+        ETRRouterConfig(capacity_factor=0.8, capacity=CapacityConfig(factor=0.9))
+    with pytest.raises(ConfigError, match="router.capacity.floor"):
         make_router(capacity={"schedule": "annealed", "factor": 0.5, "floor": 0.9})
-    with pytest.raises(ConfigError, match="router.options.bogus"):
+    with pytest.raises(ConfigError, match="router.bogus: unknown field; allowed fields are .*temperature"):
         make_router(bogus=1)
+    with pytest.raises(ConfigError, match="router.temperature"):
+        ETRRouterConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match="model.moe.router.capacity.fpr_ema") as exc:
+        from_dict(
+            MoEConfig,
+            {
+                "dim": 16,
+                "hidden_dim": 8,
+                "num_experts": 4,
+                "router": {"name": "etr", "capacity": {"fpr_ema": 2}},
+            },
+            prefix="model.moe",
+        )
+    assert exc.value.field == "model.moe.router.capacity.fpr_ema"
 
 
 # ------------------------------------------------------------------------------------------- layer
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("executor", EXECUTORS.names())
 @pytest.mark.parametrize("training", [True, False])
-def test_layer_with_every_backend_matches_the_per_slot_reference(backend, training):
+def test_layer_with_every_executor_matches_the_per_slot_reference(executor, training):
     torch.manual_seed(3)
-    router = RouterConfig(
-        name="etr", top_k=2, renormalize=False, options={"score_threshold": 0.7, "capacity": {"factor": 0.6}}
+    router = ETRRouterConfig(
+        top_k=2, renormalize=False, score_threshold=0.7, capacity=CapacityConfig(factor=0.6)
     )
-    layer = MoELayer(MoEConfig(dim=16, hidden_dim=24, num_experts=4, router=router, backend=backend))
+    layer = MoEConfig(dim=16, hidden_dim=24, num_experts=4, router=router, executor=executor).build()
     layer.train(training)
     x = torch.randn(48, 16, requires_grad=True)
     out, routing = layer(x)
@@ -338,7 +383,7 @@ def test_single_phase_ablations():
     aff_TE = grap_affinity(x, 4)
     token_only = make_router(selection="token", capacity={"factor": 0.5})
     routing = token_only(x)
-    cap = capacity_slots(0.5, 64, 4)
+    cap = expert_capacity(0.5, 64, 4)
     first = routing.expert_ids_TK[:, 0]
     position_TE = torch.nn.functional.one_hot(first, 4).cumsum(0) - 1
     expected = position_TE.gather(-1, first[:, None]).squeeze(-1) < cap
@@ -348,7 +393,7 @@ def test_single_phase_ablations():
         expert_only.train(training)
         routing = expert_only(x)
         assert routing.capacity == cap and routing.top_k == 4
-        assert torch.equal(routing.kept_TK, expert_choice(aff_TE, torch.ones_like(routing.kept_TK), cap))
+        assert torch.equal(routing.kept_TK, expert_choice(aff_TE, cap))
 
 
 def test_external_routing_uses_the_etr_gate_and_leaves_the_schedule_alone():
@@ -366,6 +411,8 @@ def test_schedule_progress_survives_a_state_dict_round_trip():
     router = make_router(**options)
     for _ in range(9):
         router(torch.randn(32, 16))
+        router.step()
+    assert router.schedule.step == 9
     fresh = make_router(**options)
     fresh.load_state_dict(router.state_dict())
     assert vars(fresh.schedule) == vars(router.schedule) and fresh.capacity_factor == router.capacity_factor

@@ -1,11 +1,11 @@
-"""MoELayer behaviour: dense equivalence, backend agreement, external routing, shapes."""
+"""MoELayer behaviour: dense equivalence, executor agreement, external routing, shapes."""
 
 import pytest
 import torch
 
-from edgemoe.moe import MoEConfig, MoELayer, RouterConfig, available_backends
+from edgemoe.moe import EXECUTORS, MoEConfig, MoELayer, RouterConfig, build_executor
 
-BACKENDS = available_backends()
+EXECUTOR_NAMES = EXECUTORS.names()
 
 
 def make_layer(kind="swiglu", num_experts=4, top_k=2, cf=0.0, name="topk", dim=12, hidden=20, **router_kw):
@@ -41,8 +41,8 @@ def test_k_equals_e_matches_dense_weighted_sum(kind, score_func):
     ref = dense(ref_x)
     (ref * g).sum().backward()
     ref_grads = [ref_x.grad] + [p.grad for p in layer.parameters()]
-    for backend in BACKENDS:
-        out, grads, _ = run(layer, x, g, backend=backend)
+    for name in EXECUTOR_NAMES:
+        out, grads, _ = run(layer, x, g, executor=build_executor(name))
         torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-12)
         for got, want in zip(grads, ref_grads):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -53,13 +53,13 @@ def test_k_equals_e_matches_dense_weighted_sum(kind, score_func):
     ("name", "top_k", "cf"),
     [("topk", 2, 0.0), ("topk", 1, 1.0), ("topk", 2, -0.7), ("expert_choice", 1, 1.5)],
 )
-def test_backends_agree_fwd_and_grads(kind, name, top_k, cf):
+def test_executors_agree_fwd_and_grads(kind, name, top_k, cf):
     layer = make_layer(kind=kind, num_experts=5, top_k=top_k, cf=cf, name=name).float()
     x = torch.randn(61, 12)
     g = torch.randn(61, 12)
-    ref_out, ref_grads, _ = run(layer, x, g, backend="loop")
-    for backend in BACKENDS:
-        out, grads, _ = run(layer, x, g, backend=backend)
+    ref_out, ref_grads, _ = run(layer, x, g, executor=build_executor("loop"))
+    for executor in EXECUTOR_NAMES:
+        out, grads, _ = run(layer, x, g, executor=build_executor(executor))
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
         for got, want in zip(grads, ref_grads):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -69,9 +69,9 @@ def test_unrouted_tokens_get_zero_output_and_experts_with_no_tokens_zero_grad():
     layer = make_layer(num_experts=4, top_k=1)
     x = torch.randn(6, 12, dtype=torch.double)
     ids = torch.tensor([[0], [0], [-1], [2], [-1], [0]])
-    for backend in BACKENDS:
+    for name in EXECUTOR_NAMES:
         out, grads, routing = run(
-            layer, x, torch.ones(6, 12, dtype=torch.double), expert_ids_TK=ids, backend=backend
+            layer, x, torch.ones(6, 12, dtype=torch.double), expert_ids_TK=ids, executor=build_executor(name)
         )
         assert torch.all(out[2] == 0) and torch.all(out[4] == 0)
         w_in_grad = grads[2]
@@ -110,7 +110,7 @@ def test_external_routing_rejects_bad_ids():
         layer(x, expert_ids_TK=torch.tensor([[0, 1]] * 2))
 
 
-def test_batch_shape_is_preserved_and_auto_backend_runs():
+def test_batch_shape_is_preserved_and_auto_executor_runs():
     layer = make_layer()
     x = torch.randn(3, 4, 12, dtype=torch.double)
     out, routing = layer(x)
@@ -121,18 +121,18 @@ def test_batch_shape_is_preserved_and_auto_backend_runs():
 
 @pytest.mark.parametrize("strategy", ["grid", "split"])
 @pytest.mark.parametrize("cf", [0.0, 1.0])
-def test_sorted_backend_grid_and_split_layouts_match_loop(strategy, cf):
-    from edgemoe.moe.backends import LoopBackend, SortedBackend
+def test_sorted_executor_grid_and_split_layouts_match_loop(strategy, cf):
+    from edgemoe.moe.backends import LoopExecutor, SortedExecutor
 
     layer = make_layer(num_experts=6, top_k=2, cf=cf).float()
     x = torch.randn(50, 12)
     g = torch.randn(50, 12)
     results = []
-    for backend in (LoopBackend(), SortedBackend(strategy)):
+    for executor in (LoopExecutor(), SortedExecutor(strategy)):
         layer.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_(True)
         routing = layer.router(xx)
-        out = backend(layer.experts, xx, routing)
+        out = executor(layer.experts, xx, routing)
         (out * g).sum().backward()
         results.append([out.detach(), xx.grad] + [p.grad for p in layer.parameters()])
     for got, want in zip(results[1], results[0]):
@@ -149,48 +149,53 @@ def test_layout_choice_follows_padding_waste():
         return SortedPlan(torch.arange(n), ids, torch.arange(n), torch.arange(n).view(n, 1), counts, n)
 
     assert choose_layout(plan([10, 10, 9, 11])).grid == (4, 11)
-    assert choose_layout(plan([40, 1, 1, 1])).grid is None
+    assert choose_layout(plan([40, 0, 0, 0])).grid is None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_kept_slot_and_no_tokens_give_zeros(backend):
+@pytest.mark.parametrize("name", EXECUTOR_NAMES)
+def test_no_kept_slot_and_no_tokens_give_zeros(name):
     layer = make_layer(num_experts=4)
+    layer.executor = build_executor(name)
     x = torch.randn(5, 12, dtype=torch.double, requires_grad=True)
-    out, routing = layer(x, expert_ids_TK=torch.full((5, 2), -1), backend=backend)
+    out, routing = layer(x, expert_ids_TK=torch.full((5, 2), -1))
     out.sum().backward()
     assert not out.any() and not x.grad.any()
     assert float(routing.stats.unrouted_fraction) == 1.0
-    empty, _ = layer(torch.randn(0, 12, dtype=torch.double), backend=backend)
+    empty, _ = layer(torch.randn(0, 12, dtype=torch.double))
     assert empty.shape == (0, 12)
 
 
-def test_sorted_backend_refuses_a_second_backward_through_one_forward():
-    layer = make_layer()
-    out, _ = layer(torch.randn(7, 12, dtype=torch.double), backend="sorted")
-    out.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="retain_graph"):
-        out.sum().backward()
-
-
-def test_sorted_backend_buffer_reuse_across_steps_stays_exact():
+def test_sorted_executor_buffer_reuse_across_steps_stays_exact():
     layer = make_layer(num_experts=4, top_k=2).float()
+    loop, sorted_ = build_executor("loop"), build_executor("sorted")
     for num_tokens in (40, 37, 52, 40):
         x = torch.randn(num_tokens, 12)
         g = torch.randn(num_tokens, 12)
-        ref = run(layer, x, g, backend="loop")
-        got = run(layer, x, g, backend="sorted")
+        ref = run(layer, x, g, executor=loop)
+        got = run(layer, x, g, executor=sorted_)
         torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
         for a, b in zip(got[1], ref[1]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # Two forwards before their backwards (gradient accumulation order) are independent.
     x1, x2 = torch.randn(30, 12, requires_grad=True), torch.randn(30, 12, requires_grad=True)
-    out1, _ = layer(x1, backend="sorted")
-    out2, _ = layer(x2, backend="sorted")
+    out1, _ = layer(x1, executor=sorted_)
+    out2, _ = layer(x2, executor=sorted_)
     out1.sum().backward()
     out2.sum().backward()
-    ref1, ref2 = layer(x1, backend="loop")[0], layer(x2, backend="loop")[0]
+    ref1, ref2 = layer(x1, executor=loop)[0], layer(x2, executor=loop)[0]
     torch.testing.assert_close(out1, ref1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out2, ref2, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(ref1.sum() + ref2.sum(), [x1, x2])
     torch.testing.assert_close(x1.grad, grads[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x2.grad, grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_builds_and_keeps_one_executor():
+    cfg = MoEConfig(dim=12, hidden_dim=20, num_experts=4, executor="padded")
+    layer = cfg.build()
+    executor = layer.executor
+    assert type(executor).__name__ == "PaddedExecutor"
+    layer(torch.randn(6, 12))
+    layer(torch.randn(6, 12))
+    assert layer.executor is executor
+    assert type(MoEConfig(dim=12, hidden_dim=20, num_experts=4).build().executor).__name__ == "SortedExecutor"

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgemoe.moe import RouterConfig, build_router
+from edgemoe.moe import RouterConfig
 
 
 @settings(max_examples=60, deadline=None)
@@ -30,7 +30,7 @@ def test_token_choice_routing_properties(
         renormalize=renormalize,
     )
     torch.manual_seed(seed)
-    router = build_router(cfg, dim=5, num_experts=num_experts)
+    router = cfg.build(dim=5, num_experts=num_experts)
     routing = router(torch.randn(num_tokens, 5) * 3)
 
     ids, kept, w = routing.expert_ids_TK, routing.kept_TK, routing.weights_TK

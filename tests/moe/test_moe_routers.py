@@ -10,7 +10,6 @@ from edgemoe.moe import (
     MoELayer,
     RouterConfig,
     apply_capacity,
-    build_router,
     load_balance_loss,
     z_loss,
 )
@@ -61,7 +60,7 @@ def test_negative_capacity_factor_is_dynamic_but_capped():
 
 def test_topk_router_capacity_caps_every_expert():
     torch.manual_seed(1)
-    router = build_router(RouterConfig(top_k=2, capacity_factor=1.0), dim=8, num_experts=4)
+    router = RouterConfig(top_k=2, capacity_factor=1.0).build(dim=8, num_experts=4)
     routing = router(torch.randn(50, 8))
     cap = math.ceil(1.0 * 2 * 50 / 4)
     assert routing.capacity == cap
@@ -73,7 +72,7 @@ def test_topk_router_capacity_caps_every_expert():
 @pytest.mark.parametrize(("num_tokens", "cf"), [(40, 1.0), (37, 2.0), (10, 0.3)])
 def test_expert_choice_takes_exactly_c_tokens_per_expert(num_tokens, cf):
     torch.manual_seed(2)
-    router = build_router(RouterConfig(name="expert_choice", capacity_factor=cf), dim=8, num_experts=5)
+    router = RouterConfig(name="expert_choice", capacity_factor=cf).build(dim=8, num_experts=5)
     x = torch.randn(num_tokens, 8)
     routing = router(x)
     cap = max(1, math.ceil(cf * num_tokens / 5))
@@ -120,7 +119,7 @@ def test_load_balance_and_z_loss_closed_forms():
 
 
 def test_topk_router_returns_both_aux_losses_with_gradient():
-    router = build_router(RouterConfig(top_k=1), dim=6, num_experts=3)
+    router = RouterConfig(top_k=1).build(dim=6, num_experts=3)
     routing = router(torch.randn(7, 6))
     assert set(routing.aux_losses) == {"load_balance", "z_loss"}
     logits = router.proj(torch.randn(7, 6))
@@ -131,7 +130,7 @@ def test_topk_router_returns_both_aux_losses_with_gradient():
 
 def test_jitter_only_while_training():
     torch.manual_seed(4)
-    router = build_router(RouterConfig(top_k=1, jitter=0.5), dim=6, num_experts=3)
+    router = RouterConfig(top_k=1, jitter=0.5).build(dim=6, num_experts=3)
     x = torch.randn(30, 6)
     router.eval()
     a, b = router(x).scores_TE, router(x).scores_TE

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from edgemoe.config import ConfigError
+from edgemoe.errors import ConfigError, DataError
 from edgemoe.train import data as D
 
 
@@ -62,7 +62,7 @@ def test_truncated_idx_is_refused(tmp_path):
     path = tmp_path / "x"
     _write_idx(path, _images(4, 5, 5, 1, 0)[..., 0], gz=False)
     path.write_bytes(path.read_bytes()[:-3])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(DataError, match="truncated"):
         D.read_idx(path)
 
 
@@ -171,13 +171,36 @@ def test_patchify_shapes_and_order():
 def test_bad_names_and_missing_files_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="data.name"):
         D.load_dataset("imagenet")
-    with pytest.raises(FileNotFoundError, match="data directory for 'svhn'"):
+    with pytest.raises(DataError, match="data directory for 'svhn'"):
         D.load_dataset("svhn", tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="train_32x32.mat"):
+    with pytest.raises(DataError, match="train_32x32.mat"):
         D.load_dataset("svhn", tmp_path)
-    with pytest.raises(FileNotFoundError, match="cifar10_jpeg.zip"):
+    with pytest.raises(DataError, match="cifar10_jpeg.zip"):
         D.load_dataset("cifar10", tmp_path)
-    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
         D.load_dataset("fashion-mnist", tmp_path)
     with pytest.raises(ConfigError, match="data.train_subset"):
         D.load_dataset("digits", train_subset=0)
+
+
+def test_dataset_root_follows_the_data_root_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEMOE_DATA", str(tmp_path / "env"))
+    assert D.dataset_root("cifar10") == tmp_path / "env" / "cifar10"
+    # --data-dir names the data root ...
+    (tmp_path / "root" / "cifar10").mkdir(parents=True)
+    assert D.dataset_root("cifar10", tmp_path / "root") == tmp_path / "root" / "cifar10"
+    # ... or directly the folder (or zip) that holds the dataset's files.
+    assert D.dataset_root("cifar10", tmp_path / "c10.zip") == tmp_path / "c10.zip"
+    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST", tmp_path / "debian")
+    assert D.dataset_root("fashion-mnist") == tmp_path / "env" / "fashion-mnist"
+    (tmp_path / "debian").mkdir()
+    assert D.dataset_root("fashion-mnist") == tmp_path / "debian"
+
+
+def test_missing_dataset_says_where_files_go_and_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEMOE_DATA", str(tmp_path))
+    with pytest.raises(DataError) as err:
+        D.load_dataset("cifar10")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'cifar10'}: data directory for 'cifar10' not found")
+    assert "EDGEMOE_DATA" in message and "cifar-10-python.tar.gz" in message

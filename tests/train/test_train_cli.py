@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from edgemoe.cli import main
 
 TINY = ["--set", "model.dim=16", "--set", "model.expert_hidden=16", "--set", "model.channels=4"]
@@ -45,8 +47,20 @@ def test_profile_reports_every_server(tmp_path):
     assert len(report["servers"]) == 8
     assert all(s["s_per_token"] > 0 and s["cycles_per_token"] > 0 for s in report["servers"])
     assert "cycles_per_token" in (out / "servers.yaml").read_text()
+    # the printed servers.yaml is a valid train config as it stands
+    run = tmp_path / "from-profile"
+    args = ["train", "--config", str(out / "servers.yaml"), "--slots", "2", "--scale", "0.05"]
+    assert (
+        main([*args, "--train-subset", "100", "--test-subset", "20", "--out", str(run), "--no-plots", *TINY])
+        == 0
+    )
+    assert (
+        json.loads((run / "summary.json").read_text())["config"]["network"]["servers"][0]["cycles_per_token"]
+        > 0
+    )
 
 
+@pytest.mark.slow
 def test_demo_summary_maps_each_policy(tmp_path, capsys):
     args = ["demo", "--slots", "3", "--scale", "0.05", "--seeds", "0", "--out", str(tmp_path)]
     assert main(args) == 0
@@ -69,3 +83,48 @@ def test_demo_summary_maps_each_policy(tmp_path, capsys):
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "comparison.csv").is_file()
     out = capsys.readouterr().out
     assert "stable-moe vs topk" in out and "stable-moe vs bias-capacity" in out and "MI train" in out
+
+
+def test_rough_edges_are_one_line_errors(tmp_path, capsys):
+    def err_of(*args: str) -> str:
+        assert main(["train", "--out", str(tmp_path / "r"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        return err
+
+    err = err_of("--router", "foo")
+    assert "model.router" in err and "'etr'" in err and "'topk'" in err
+    err = err_of("--transport", "grpc")
+    assert "transport.kind" in err and "'dist'" in err and "'inproc'" in err
+    err = err_of("--train-subset", "10000000")
+    assert "data.train_subset" in err and "has 1438" in err
+    assert "data.test_subset" in err_of("--test-subset", "3")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("slots: [1, 2\n")
+    err = err_of("--config", str(bad))
+    assert "bad.yaml" in err and "line 2" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "network:\n  servers:\n    - {f_max: 1.0e9, cycles_per_token: 1e8, kappa: 1.0e-28, energy_budget: 0.5, count: 3}\n"
+    )
+    args = ["train", "--config", str(cfg), "--slots", "1", "--scale", "0.05", "--train-subset", "50"]
+    assert main([*args, "--test-subset", "40", "--out", str(tmp_path / "r"), "--no-plots", *TINY]) == 0
+    assert "measure accuracy only in steps of 2.5 %" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["config"]["network"]["servers"][0]["f_max"] == 1e9
+
+
+def test_torchrun_with_the_wrong_number_of_processes_is_one_line(tmp_path, capsys, monkeypatch):
+    for name, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "3",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", "--transport", "dist", "--out", str(tmp_path / "r")]) == 2
+    assert "J+1 = 9 processes" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -10,6 +10,7 @@ import torch
 from edgemoe.config import ConfigError
 from edgemoe.edge import Workload, load_score_trace, spec_from_dict
 from edgemoe.edge.controllers import CONTROLLER_NAMES
+from edgemoe.errors import DataError
 from edgemoe.train.checkpoint import CheckpointError
 from edgemoe.train.config import train_config_from_dict
 from edgemoe.train.data import load_dataset
@@ -72,7 +73,7 @@ def test_any_registered_router_and_backbone(model, digits):
     tr = Trainer(train_config_from_dict(cfg), dataset=digits)
     tr.run()
     assert tr.counters["trained"] > 0 and np.isfinite(tr.history[-1]["loss"])
-    assert tr.model.router.registered_name == cfg["model"].get("router", "topk")
+    assert tr.model.router.cfg.name == cfg["model"].get("router", "topk")
 
 
 def test_service_follows_frequency_and_fifo(digits):
@@ -208,7 +209,7 @@ def test_bad_configs_name_the_field(overrides, field):
 
 def test_missing_data_dir_is_clear(tmp_path):
     cfg = train_config_from_dict(tiny(data={"name": "fashion-mnist", "data_dir": str(tmp_path / "nope")}))
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(DataError, match="nope"):
         Trainer(cfg)
 
 
@@ -217,7 +218,7 @@ def test_missed_deadline_goes_offline_then_rejoins(digits):
         policy="stable-moe",
         slots=6,
         faults=[{"server": 1, "slot": 2, "kind": "slow", "stall_s": 0.3}],
-        transport={"deadline": 0.15, "rejoin_after": 2},
+        transport={"deadline": 0.15, "rejoin_after": 2, "max_misses": 1},
     )
     tr = Trainer(train_config_from_dict(cfg), dataset=digits, keep_decisions=True)
     tr.run(3)

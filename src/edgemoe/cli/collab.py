@@ -13,13 +13,34 @@ import dataclasses
 import importlib
 import json
 import pkgutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 import edgemoe.cli as cli_pkg
 from edgemoe.cli.common import add_config_args, load_config_dict, run_dir, write_json
+
+EXHAUSTIVE_WARN_EXPERTS = 16
+
+
+def exhaustive_warning(n: int) -> str:
+    return (
+        f"{n} experts: exhaustive search ('collab sweep', 'collab eval') evaluates up to 2^{n} = {2**n:,} "
+        "subsets per budget and will take minutes; pass --no-exhaustive to skip it (DMO is exact)"
+    )
+
+
+def objective_note(correctness_only: bool, objective: str) -> str:
+    if correctness_only:
+        return (
+            f"{objective} on correctness-only data: each expert gives only its probability of being right, "
+            "so the ensemble's probability of the correct answer is the gate-weighted mean of the experts' "
+            "and 'accuracy' is that expected accuracy"
+        )
+    return f"{objective} of the gate-weighted mixture of the experts' option distributions"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,11 +51,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit = sub.add_parser("fit", help="build a run: answer cache, embeddings, gate trained on the full set")
     add_config_args(fit)
     fit.add_argument("--experts", type=int, default=None, help="simulate a default zoo of N experts")
-    fit.add_argument("--data-dir", default=None, help="MMLU folder (default: ../shared/data/qa/mmlu)")
+    fit.add_argument(
+        "--data-dir", default=None, help="data root (default: $EDGEMOE_DATA or the per-user data folder)"
+    )
     fit.add_argument("--limit-per-subject", type=int, default=None)
     fit.add_argument("--synthetic", type=int, default=None, metavar="Q", help="use Q synthetic questions")
+    fit.add_argument(
+        "--table",
+        default=None,
+        metavar="PATH",
+        help="a router benchmark file/folder (relative: under the data root)",
+    )
+    fit.add_argument(
+        "--format", default=None, help="reader for --table: table | routerdc | routellm | routerbench"
+    )
     fit.add_argument("--cache", default=None, help="answer cache (JSONL); default: simulate from profiles")
     fit.add_argument("--embedder", default=None, choices=("auto", "minilm", "hashing"))
+    fit.add_argument("--embed-cache", default=None, metavar="DIR", help="keep prompt embeddings in DIR")
     fit.add_argument("--out", default=None)
     fit.set_defaults(func=cmd_fit)
 
@@ -68,6 +101,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     ev.set_defaults(func=cmd_eval)
 
+    st = sub.add_parser(
+        "stream",
+        help="select on one question mix, serve another: realised energy with and without the energy queue",
+    )
+    _run_args(st)
+    st.add_argument("--select-categories", default=None, help="comma list: select on these (default: all)")
+    st.add_argument(
+        "--serve-categories", default=None, help="comma list: serve these test questions (default: all)"
+    )
+    st.add_argument("--order", default="shuffled", choices=("shuffled", "blocks"), help="stream order")
+    st.add_argument(
+        "--v", type=float, default=None, help="queue weight V in units of the budget (default: run's)"
+    )
+    st.add_argument(
+        "--coarse-energy-fraction",
+        type=float,
+        default=None,
+        help="choose the enabled set under this fraction of all experts' energy instead (the queue keeps --energy)",
+    )
+    st.add_argument(
+        "--credit", type=float, default=0.0, help="energy the queue may bank from cheap requests (J)"
+    )
+    st.add_argument("--seed", type=int, default=0)
+    st.set_defaults(func=cmd_stream)
+
     for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
         if info.name.startswith("_") or info.name == "collab":
             continue
@@ -90,7 +148,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from edgemoe.collab.pipeline import build_workspace, fit, load_run_spec, problem, save_run
+    from edgemoe.collab.offline.runs import build_run_data, calibrate, fit, load_run_spec, problem, save_run
 
     data = load_config_dict(args)
     if args.experts is not None:
@@ -103,32 +161,48 @@ def cmd_fit(args: argparse.Namespace) -> int:
         d["limit_per_subject"] = args.limit_per_subject
     if args.synthetic:
         d.update(source="synthetic", synthetic_questions=args.synthetic)
+    if args.table:
+        d.update(source="table", path=args.table)
+    if args.format:
+        d["format"] = args.format
     data["data"] = d
     if args.cache:
         data["cache"] = args.cache
     if args.embedder:
         data["embedder"] = args.embedder
+    if args.embed_cache:
+        data["embed_cache"] = args.embed_cache
     spec = load_run_spec(data)
     out = run_dir(args.out, "runs", "collab-fit")
-    with tqdm(total=3, desc="collab fit") as bar:
-        ws = build_workspace(spec)
+    with tqdm(total=4, desc="collab fit") as bar:
+        ws = build_run_data(spec)
         bar.update()
         gate = fit(ws, spec.gate)
+        bar.update()
+        calibration = calibrate(ws, gate)
         bar.update()
         save_run(out, spec, ws, gate)
         bar.update()
     sel = problem(ws, gate, "select")
     singles = sel.evaluate(np.eye(sel.num_experts, dtype=bool))
+    n = sel.num_experts
     summary = {
         "run": str(out),
         "questions": len(ws.questions),
         "split_sizes": {s: int(len(ws.index(s))) for s in ("train", "select", "test")},
         "experts": ws.config.expert_names,
+        "categories": list(ws.config.categories),
         "embedding_dim": int(ws.emb_QD.shape[1]),
         "embedder": ws.embedder,
+        "objective": objective_note(ws.correctness_only, ws.config.objective),
+        "gate_calibration": calibration,
+        "equal_weight_categories": [c for c, r in calibration.items() if (r["tau"], r["beta"]) == (0.0, 0.0)],
         "single_expert_select_accuracy": dict(zip(sel.names, singles.accuracy_B.round(4).tolist())),
         "energy_per_request_j": dict(zip(sel.names, sel.cost_N.round(4).tolist())),
     }
+    if n > EXHAUSTIVE_WARN_EXPERTS:
+        summary["warning"] = exhaustive_warning(n)
+        print(f"warning: {summary['warning']}", file=sys.stderr)
     write_json(out / "summary.json", summary)
     rows = [
         {
@@ -148,8 +222,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _budgets(args: argparse.Namespace, ws, gate):
-    from edgemoe.collab.pipeline import problem
-    from edgemoe.collab.sweep import uniform_latency
+    from edgemoe.collab.offline.runs import problem
+    from edgemoe.collab.offline.sweep import uniform_latency
 
     latency = ws.config.budgets if args.latency is None else uniform_latency(ws.config.budgets, args.latency)
     select = problem(ws, gate, "select", latency)
@@ -164,8 +238,8 @@ def _budgets(args: argparse.Namespace, ws, gate):
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from edgemoe.collab.pipeline import load_run, problem
-    from edgemoe.collab.sweep import solve
+    from edgemoe.collab.offline.runs import load_run, problem
+    from edgemoe.collab.offline.sweep import solve
 
     ws, gate = load_run(args.run)
     latency, select, energy, _ = _budgets(args, ws, gate)
@@ -191,13 +265,15 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from edgemoe.collab.pipeline import load_run, problem
-    from edgemoe.collab.sweep import METHODS, run_budgets, summarise, uniform_latency
+    from edgemoe.collab.offline.runs import load_run, problem
+    from edgemoe.collab.offline.sweep import METHODS, run_budgets, summarise, uniform_latency
     from edgemoe.report.collab import plot_sweep
 
     ws, gate = load_run(args.run)
     latency, select, energy, total = _budgets(args, ws, gate)
     methods = [m for m in METHODS if not (args.no_exhaustive and m == "exhaustive")]
+    if "exhaustive" in methods and select.num_experts > EXHAUSTIVE_WARN_EXPERTS:
+        print(f"warning: {exhaustive_warning(select.num_experts)}", file=sys.stderr)
     cats = list(ws.config.categories)
 
     def make(split, budgets):
@@ -228,13 +304,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from edgemoe.collab.assumptions import monotonicity, optimality_gap
-    from edgemoe.collab.dmo import dmo, exhaustive
-    from edgemoe.collab.pipeline import fit, load_run
+    from edgemoe.collab.offline.assumptions import monotonicity, optimality_gap
+    from edgemoe.collab.offline.runs import fit, load_run
+    from edgemoe.collab.selection.dmo import dmo, exhaustive
 
     ws, gate = load_run(args.run)
     latency, select, energy, total = _budgets(args, ws, gate)
-    out = {"monotonicity": monotonicity(select)}
+    out: dict[str, Any] = {"monotonicity": monotonicity(select)}
     checks = []
     reference = (lambda p, b: dmo(p, b, bound="valid")) if args.no_exhaustive else exhaustive
     fractions = [float(x) for x in args.energy_fractions.split(",")]
@@ -282,4 +358,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if isinstance(out["optimality_gap"], dict):
         brief["optimality_gap"] = {k: v for k, v in out["optimality_gap"].items() if k != "rows"}
     print(json.dumps(brief, indent=2))
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from edgemoe.collab.offline.runs import load_run
+    from edgemoe.collab.offline.stream import ShiftSpec, run_shift
+    from edgemoe.collab.offline.sweep import uniform_latency
+    from edgemoe.report.collab import plot_stream
+
+    ws, gate = load_run(args.run)
+    latency = ws.config.budgets if args.latency is None else uniform_latency(ws.config.budgets, args.latency)
+    spec = ShiftSpec(
+        energy_j=args.energy,
+        energy_fraction=args.energy_fraction,
+        coarse_energy_fraction=args.coarse_energy_fraction,
+        select_categories=args.select_categories.split(",") if args.select_categories else None,
+        serve_categories=args.serve_categories.split(",") if args.serve_categories else None,
+        order=args.order,
+        v=args.v,
+        credit_j=args.credit,
+        seed=args.seed,
+    )
+    out = run_shift(ws, gate, spec, latency)
+    folder = run_dir(args.out, str(Path(args.run)), "stream")
+    trace = out.pop("running_energy_without_j"), out.pop("running_energy_with_j")
+    _write_csv(
+        folder / "trace.csv",
+        [
+            {"request": i + 1, "running_energy_without_j": a, "running_energy_with_j": b}
+            for i, (a, b) in enumerate(zip(*trace))
+        ],
+    )
+    write_json(folder / "summary.json", out)
+    plot_stream(trace[0], trace[1], out["budget_j"], folder)
+    print(json.dumps(out, indent=2))
     return 0

@@ -11,6 +11,7 @@ import functools
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -78,6 +79,13 @@ def register_collab(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also MoE² under an energy budget of this fraction of all experts' energy (repeatable)",
     )
+    comp.add_argument(
+        "--energy", type=float, action="append", default=None, help="energy budget in J (repeatable)"
+    )
+    comp.add_argument(
+        "--at-best-single", action="store_true", help="also MoE² at the energy of the best single expert"
+    )
+    comp.add_argument("--routellm", action="store_true", help="RouteLLM's APGR and CPT (two-expert runs)")
     comp.add_argument("--out", type=Path, default=None, help="results folder (default RUN/compare)")
     comp.set_defaults(func=run_compare)
 
@@ -202,7 +210,7 @@ def run_build_cache(args: argparse.Namespace) -> int:
             f"an expert failed: {exc}\nanswers so far are kept in {cache_path}; rerun the same command to resume"
         )
         return 1
-    summary = {
+    summary: dict[str, Any] = {
         "cache": str(cache_path),
         "questions": len(questions),
         "experts": [p.name for p in chosen],
@@ -266,66 +274,58 @@ def _accuracy_table(cache, questions) -> dict[str, dict[str, float]]:
     return table
 
 
+def _seconds(x: float) -> str:
+    return "—" if x != x else f"{x:.2f}"
+
+
 def run_compare(args: argparse.Namespace) -> int:
-    from edgemoe.collab.baselines import uniform_gate
-    from edgemoe.collab.costs import RequestCosts
-    from edgemoe.collab.pipeline import load_run, problem
-    from edgemoe.collab.sweep import solve
+    from edgemoe.collab.offline.compare import compare, routellm_report
+    from edgemoe.collab.offline.runs import load_run, problem
+    from edgemoe.collab.selection.baselines import best_single
 
     ws, gate = load_run(args.run)
-    test = problem(ws, gate, args.split)
-    names = test.names
-    every = np.ones(len(names), dtype=bool)
-
-    def row(label: str, prob, mask: np.ndarray) -> dict:
-        real = prob.realised(mask, list(ws.config.categories))
-        routed_QN = prob.routed_QN(mask)
-        delay_Q = RequestCosts(prob.delay_QN, prob.energy_QN, prob.aggregation_s).set_delay(routed_QN)
-        return {
-            "method": label,
-            "experts": " ".join(n for n, on in zip(names, mask) if on),
-            "accuracy": real["accuracy"],
-            "log_likelihood": real["log_likelihood"],
-            "energy_j_per_request": real["energy_realised_j"],
-            "latency_mean_s": float(delay_Q.mean()),
-            "latency_max_s": float(delay_Q.max()),
-            "experts_per_request": real["experts_per_request"],
-        }
-
-    rows = [row(f"single: {n}", test, np.eye(len(names), dtype=bool)[i]) for i, n in enumerate(names)]
-    rows.append(row("uniform ensemble", uniform_gate(test), every))
-    rows.append(row("MoE² (gate, all enabled)", test, every))
     select = problem(ws, gate, "select")
     total = float(select.cost_N[select.usable_N].sum())
-    for frac in args.energy_fraction or []:
-        res = solve(select, frac * total, "dmo")
-        label = f"MoE² (DMO, energy <= {frac:g} x all = {frac * total:.1f} J)"
-        if res.feasible:
-            rows.append(row(label, test, np.asarray(res.mask, dtype=bool)))
-        else:
-            rows.append({"method": label, "experts": "", "reason": res.reason})
+    budgets = [f * total for f in args.energy_fraction or []] + list(args.energy or [])
+    if args.at_best_single:
+        single = best_single(select, float("inf"))
+        budgets.append(single.energy_j)
+    rows = compare(ws, gate, budgets, split=args.split)
     out = args.out or Path(args.run) / "compare"
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "compare.json", {"split": args.split, "questions": test.num_questions, "rows": rows})
+    result = {"split": args.split, "questions": int(len(ws.index(args.split))), "rows": rows}
+    if args.routellm:
+        require(len(ws.config.experts) == 2, "--routellm", "needs a run with exactly two experts")
+        result.update(routellm_report(ws, gate, args.split))
+    write_json(out / "compare.json", result)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with (out / "compare.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        f"| method ({test.num_questions} {args.split} questions) | experts | accuracy | energy / request (J) "
-        "| latency mean (s) | latency max (s) |",
-        "|---|---|---|---|---|---|",
+        f"| method ({result['questions']} {args.split} questions) | energy budget (J) | experts | accuracy "
+        "| energy / request (J) | latency mean (s) | latency max (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        budget = f"{r['energy_budget_j']:.1f}" if "energy_budget_j" in r else ""
         if "accuracy" not in r:
-            lines.append(f"| {r['method']} | — | infeasible | | | |")
+            lines.append(f"| {r['method']} | {budget} | — | infeasible | | | |")
             continue
         lines.append(
-            f"| {r['method']} | {r['experts']} | {r['accuracy']:.3f} | {r['energy_j_per_request']:.1f} "
-            f"| {r['latency_mean_s']:.2f} | {r['latency_max_s']:.2f} |"
+            f"| {r['method']} | {budget} | {r['experts']} | {r['accuracy']:.4f} | {r['energy_j']:.1f} "
+            f"| {_seconds(r['latency_mean_s'])} | {_seconds(r['latency_max_s'])} |"
         )
     table = "\n".join(lines) + "\n"
+    if "routellm" in result:
+        m = result["routellm"]
+        r = result["routellm_ridge_router"]
+        table += (
+            f"\nRouteLLM metrics (strong = {m['strong']}): MoE² gate APGR {m['apgr']:.3f}, "
+            f"CPT(50%) {m['cpt50']:.1%}, CPT(80%) {m['cpt80']:.1%}; ridge router APGR {r['apgr']:.3f}, "
+            f"CPT(50%) {r['cpt50']:.1%}, CPT(80%) {r['cpt80']:.1%}\n"
+        )
     (out / "compare.md").write_text(table)
     print(table)
     return 0

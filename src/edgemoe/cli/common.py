@@ -1,16 +1,17 @@
-"""Helpers shared by subcommands: config loading with overrides, run folders."""
+"""Helpers shared by subcommands: config loading with overrides, the data root flag, run folders."""
 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
 from edgemoe.config import apply_overrides, load_yaml
+from edgemoe.experiments.runs import RunFolder, run_path
 from edgemoe.files import write_json
+from edgemoe.paths import DATA_ENV
 
-__all__ = ["add_config_args", "load_config_dict", "run_dir", "write_json"]
+__all__ = ["RunFolder", "add_config_args", "add_data_dir_arg", "load_config_dict", "run_dir", "write_json"]
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -26,8 +27,22 @@ def load_config_dict(args: argparse.Namespace) -> dict[str, Any]:
     return apply_overrides(data, getattr(args, "overrides", []))
 
 
+def add_data_dir_arg(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir``: the data root holding every dataset's sub-folder (see :mod:`edgemoe.paths`)."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"data root with one sub-folder per dataset (default: ${DATA_ENV}, else ~/.local/share/edgemoe)",
+    )
+
+
 def run_dir(out: str | Path | None, default_root: str, name: str) -> Path:
-    """A results folder for one run: ``out`` if given, else ``runs/<name>-<timestamp>``."""
-    path = Path(out) if out else Path(default_root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """A results folder for one run, created now: ``out`` if given, else ``runs/<name>-<timestamp>``.
+
+    Prefer :class:`~edgemoe.experiments.runs.RunFolder`, which creates the folder only with its first
+    file (so a run that fails validation leaves no empty folder).
+    """
+    path = run_path(out, default_root, name)
     path.mkdir(parents=True, exist_ok=True)
     return path

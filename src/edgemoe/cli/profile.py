@@ -7,7 +7,8 @@
 Each server times its expert's serve forward and backward recompute on ``--tokens`` random tokens
 (median of ``--repeats``). Cycles per token at the server's f_max are C_j = seconds/token x f_max:
 the value that makes the emulated frequency match this machine. Writes ``profile.json`` and
-``servers.yaml`` (the scenario's servers with these C_j) to the run folder.
+``servers.yaml`` (``network.servers`` with these C_j) to the run folder, usable as printed:
+``edgemoe train --config runs/profile-.../servers.yaml``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgemoe.cli.common import add_config_args, run_dir, write_json
-from edgemoe.cli.train import add_network_args, build_config
+from edgemoe.cli.common import add_config_args, load_config_dict, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(p)
-    add_network_args(p)
+    p.add_argument("--scenario", help="edge network scenario (paper, homogeneous, bursty, large)")
+    p.add_argument("--transport", help="inproc (default) or dist")
+    p.add_argument("--workers", type=int, help="dist: number of server processes (= number of servers)")
     p.add_argument("--tokens", type=int, default=256, help="tokens per timed batch")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process")
@@ -40,12 +42,16 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from edgemoe.config import require
+    from edgemoe.files import atomic_write_bytes
+    from edgemoe.train.config import config_with_flags
+    from edgemoe.train.lifecycle import RunFolder, check_out_dir, default_out
     from edgemoe.train.trainer import make_transport
 
     require(args.tokens >= 1, "--tokens", f"must be >= 1, got {args.tokens}")
     require(args.repeats >= 1, "--repeats", f"must be >= 1, got {args.repeats}")
+    out = check_out_dir(args.out or default_out("runs", "profile"))
     torch.set_num_threads(args.threads)
-    cfg = build_config(argparse.Namespace(**{**vars(args), "policy": None}))
+    cfg = config_with_flags(load_config_dict(args), vars(args))
     spec = cfg.network_spec()
     transport = make_transport(cfg, spec.num_servers)
     try:
@@ -65,11 +71,13 @@ def run(args: argparse.Namespace) -> int:
                 "energy_budget": float(spec.budget_J[j]),
             }
         )
-    out = run_dir(args.out, "runs", "profile")
-    write_json(
-        out / "profile.json", {"transport": cfg.transport.kind, "tokens": args.tokens, "servers": rows}
-    )
-    (out / "servers.yaml").write_text(yaml.safe_dump({"servers": servers}, sort_keys=False))
+    with RunFolder(out) as folder:
+        folder.create()
+        write_json(
+            out / "profile.json", {"transport": cfg.transport.kind, "tokens": args.tokens, "servers": rows}
+        )
+        text = yaml.safe_dump({"scenario": cfg.scenario, "network": {"servers": servers}}, sort_keys=False)
+        atomic_write_bytes(out / "servers.yaml", text.encode())
     print(
         f"{'server':>6}  {'us/token fwd':>12}  {'us/token bwd':>12}  {'f_max GHz':>9}  {'C_j (cycles/token)':>18}"
     )

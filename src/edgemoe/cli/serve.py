@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "serve",
         help="run the MoE² gateway over the experts of a collab config",
-        description="Serve /v1/chat/completions, /v1/moe2/answer, /health and /metrics (see docs/serving.md).",
+        description="Serve /v1/chat/completions, /v1/moe2/answer, /v1/models, /health and /metrics "
+        "(see docs/serving.md).",
     )
     add_config_args(parser)
     parser.add_argument("--host", default=None, help="interface to bind (default serve.host, 127.0.0.1)")
@@ -24,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     if args.config is None:
         raise ConfigError("--config", "is required: a collab.yaml with experts (see docs/serving.md)")
     try:
-        from edgemoe.collab.server import load_gateway_config, serve_forever
+        from edgemoe.serving.config import load_gateway_config
+        from edgemoe.serving.launcher import serve_forever
     except ImportError as exc:
         raise ConfigError("serve", f"needs the [serve] extra (pip install -e '.[serve]'): {exc}") from exc
     serve_forever(load_gateway_config(load_config_dict(args)), host=args.host, port=args.port)

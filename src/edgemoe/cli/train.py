@@ -2,49 +2,29 @@
 
     edgemoe train --dataset digits --policy stable-moe --slots 200
     edgemoe train --dataset fashion-mnist --scale 0.25 --policy topk --out runs/fm-topk
-    edgemoe train --transport dist --workers 8          # one local process per edge server (gloo)
-    torchrun --nproc-per-node 9 -m edgemoe train --transport dist   # rank 0 router, ranks 1..8 servers
-    edgemoe train --config run.yaml --set controller.V=50 --resume runs/x/checkpoint.pt
+    edgemoe train --transport dist --workers 8          # one local process per edge server (TCP)
+    edgemoe train --transport dist --listen 0.0.0.0:29500 --local-servers 0-3 --out runs/x
+    edgemoe worker --connect ROUTER:29500 --servers 4-7  # on a second machine
+    edgemoe train --config run.yaml --set controller.V=50 --resume auto --out runs/x
 
 Writes ``summary.json``, ``slots.csv``, ``evals.csv``, ``scores.npz`` (gate scores for
-``edgemoe simulate`` replay), ``checkpoint.pt`` and PNG plots to the run folder.
+``edgemoe simulate`` replay), ``checkpoint.pt`` and PNG plots to the run folder. Ctrl-C or SIGTERM
+stops after the current slot, writes all of these, and exits 130 / 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgemoe.cli.common import add_config_args, load_config_dict, run_dir, write_json
+from edgemoe.cli.common import add_config_args, load_config_dict, write_json
 from edgemoe.config import to_dict
 
 if TYPE_CHECKING:  # the CLI builds its parser without importing torch
     from edgemoe.train.config import TrainConfig
-
-# flag -> dotted config field
-FLAGS = {
-    "dataset": "data.name",
-    "data_dir": "data.data_dir",
-    "train_subset": "data.train_subset",
-    "test_subset": "data.test_subset",
-    "policy": "policy",
-    "scenario": "scenario",
-    "scale": "scale",
-    "slots": "slots",
-    "seed": "seed",
-    "k": "k",
-    "buffer": "buffer",
-    "router": "model.router",
-    "backbone": "model.backbone",
-    "eval_every": "eval_every",
-    "checkpoint_every": "checkpoint_every",
-    "transport": "transport.kind",
-    "workers": "transport.workers",
-    "time_scale": "transport.time_scale",
-    "deadline": "transport.deadline",
-}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,7 +54,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--deadline", type=float, help="wall seconds a server may take per slot before it is offline"
     )
-    p.add_argument("--resume", type=Path, help="checkpoint to continue from")
+    p.add_argument("--max-misses", type=int, help="late slots in a row before a server goes offline")
+    p.add_argument("--listen", help="dist: HOST:PORT the router listens on (default 127.0.0.1:<free>)")
+    p.add_argument(
+        "--local-servers", help="dist: servers this machine starts, e.g. 0-3 (default all; 'none' = none)"
+    )
+    p.add_argument(
+        "--resume", help="checkpoint to continue from, or 'auto': <out>/checkpoint.pt if present, else start"
+    )
     p.add_argument("--out", type=Path, help="run folder (default runs/train-<time>)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the router process")
     p.add_argument("--no-plots", action="store_true")
@@ -82,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_network_args(p: argparse.ArgumentParser) -> None:
-    """``--scenario``, ``--transport`` and ``--workers`` (shared by ``train`` and ``profile``)."""
+    """``--scenario``, ``--transport`` and ``--workers``."""
     p.add_argument("--scenario", help="edge network scenario (paper, homogeneous, bursty, large)")
     p.add_argument("--transport", help="inproc (default) or dist")
     p.add_argument("--workers", type=int, help="dist: number of server processes (= number of servers)")
@@ -90,20 +77,16 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Config file, then ``--set`` overrides, then the explicit flags."""
-    from edgemoe.train.config import train_config_from_dict
+    from edgemoe.train.config import config_with_flags
+    from edgemoe.train.worker import parse_address, parse_servers
 
-    data: dict[str, Any] = load_config_dict(args)
-    for flag, dotted in FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node[key] = dict(node.get(key) or {})
-            node = node[key]
-        node[leaf] = value
-    return train_config_from_dict(data)
+    flags = dict(vars(args))
+    if getattr(args, "listen", None):
+        flags["host"], flags["port"] = parse_address(args.listen, "--listen")
+    if getattr(args, "local_servers", None):
+        text = args.local_servers
+        flags["local_servers"] = [] if text == "none" else parse_servers(text, "--local-servers")
+    return config_with_flags(load_config_dict(args), flags)
 
 
 def write_run(out: Path, trainer: Any, *, plots: bool = True) -> dict[str, Any]:
@@ -125,38 +108,102 @@ def write_run(out: Path, trainer: Any, *, plots: bool = True) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
-    from edgemoe.train.dist import under_torchrun, worker_main
+    from edgemoe.config import require
+    from edgemoe.train.dist import torchrun_address, under_torchrun
+    from edgemoe.train.lifecycle import check_out_dir, default_out, resolve_resume
+    from edgemoe.train.worker import run_launcher
 
     torch.set_num_threads(max(1, args.threads))
     cfg = build_config(args)
-    if cfg.transport.kind == "dist" and under_torchrun() and int(os.environ["RANK"]) != 0:
-        worker_main(cfg.transport.backend, cfg.transport.timeout_s)
-        return 0
-    from edgemoe.train.trainer import Trainer
+    if cfg.transport.kind == "dist" and under_torchrun():
+        world, servers = int(os.environ["WORLD_SIZE"]), cfg.network_spec().num_servers
+        require(
+            world == servers + 1,
+            "torchrun --nproc-per-node",
+            f"start J+1 = {servers + 1} processes in all (rank 0 the router, ranks 1..J the servers), "
+            f"got WORLD_SIZE={world}",
+        )
+        rank = int(os.environ["RANK"])
+        if rank != 0:  # keeps server rank-1 alive (restarting it): one death never ends the job
+            return run_launcher(torchrun_address(cfg.transport), [rank - 1], cfg.transport.timeout_s)
+    out = check_out_dir(args.out or default_out("runs", "train"))
+    state = None
+    resume = resolve_resume(args.resume, out)
+    if resume is not None:  # checked before any worker starts
+        from edgemoe.train.checkpoint import check_resumable, load_checkpoint
+        from edgemoe.train.trainer import RESUMABLE_CHANGES
 
-    out = run_dir(args.out, "runs", "train")
-    trainer = Trainer(cfg, checkpoint_path=out / "checkpoint.pt")
-    try:
-        if args.resume:
-            trainer.resume(args.resume)
-        bar = tqdm(total=cfg.slots, initial=trainer.slot, desc=f"train {cfg.policy}", unit="slot")
+        state = load_checkpoint(resume)
+        check_resumable(to_dict(cfg), state, RESUMABLE_CHANGES)
+    return _train(args, cfg, out, state)
 
-        def on_slot(row: dict[str, float]) -> None:
-            bar.update(1)
-            acc = trainer.evals[-1]["test_accuracy"] if trainer.evals else float("nan")
-            bar.set_postfix(tp=f"{row['throughput']:.0f}", backlog=f"{row['backlog']:.0f}", acc=f"{acc:.3f}")
 
-        trainer.run(on_slot=on_slot)
-        bar.close()
-        if cfg.checkpoint_every:
-            trainer.save(out / "checkpoint.pt")
-        summary = write_run(out, trainer, plots=not args.no_plots)
-    finally:
-        trainer.close()
+def _train(args: argparse.Namespace, cfg: TrainConfig, out: Path, state: dict[str, Any] | None) -> int:
+    from tqdm import tqdm
+
     from edgemoe.report.train import format_table
+    from edgemoe.train.checkpoint import clean_stale_temps
+    from edgemoe.train.config import check_subsets
+    from edgemoe.train.dist import StartupInterrupted
+    from edgemoe.train.lifecycle import RunFolder, StopSignals
+    from edgemoe.train.trainer import Trainer, make_transport
 
+    data = cfg.data.build(cfg.seed)  # data problems surface before any server process starts
+    for warning in check_subsets(cfg.data, data):
+        print(f"edgemoe train: warning: {warning}", file=sys.stderr)
+    with StopSignals() as stop, RunFolder(out) as folder:
+        try:
+            transport = make_transport(
+                cfg,
+                cfg.network_spec().num_servers,
+                lambda j, text: tqdm.write(f"server {j}: {text}", file=sys.stderr),
+                stop.requested,
+            )
+        except StartupInterrupted as exc:
+            print(f"edgemoe train: {exc}; nothing written", file=sys.stderr)
+            return 128 + stop.signum
+        try:
+            trainer = Trainer(cfg, dataset=data, transport=transport, checkpoint_path=out / "checkpoint.pt")
+        except BaseException:
+            transport.close()
+            raise
+        trainer.on_event = lambda text: tqdm.write(text, file=sys.stderr)
+        try:
+            if state is not None:
+                trainer.load_state_dict(state)
+            folder.create()
+            clean_stale_temps(out)
+            bar = tqdm(total=cfg.slots, initial=trainer.slot, desc=f"train {cfg.policy}", unit="slot")
+
+            def on_slot(row: dict[str, float]) -> None:
+                bar.update(1)
+                acc = trainer.evals[-1]["test_accuracy"] if trainer.evals else float("nan")
+                bar.set_postfix(
+                    tp=f"{row['throughput']:.0f}", backlog=f"{row['backlog']:.0f}", acc=f"{acc:.3f}"
+                )
+
+            finished = trainer.run(on_slot=on_slot, should_stop=stop.requested)
+            bar.close()
+            if cfg.checkpoint_every or not finished:
+                trainer.save(out / "checkpoint.pt")
+            summary = write_run(out, trainer, plots=finished and not args.no_plots)
+        finally:
+            trainer.close()
+    if not finished:
+        print(
+            f"edgemoe train: stopped by {stop.name} after slot {trainer.slot} of {cfg.slots}; wrote "
+            f"checkpoint.pt, summary.json and slots.csv to {out} (continue with --resume auto --out {out})",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     print(format_table({cfg.policy: summary}))
+    if summary["fault_events"]:
+        events = "; ".join(
+            f"slot {e['slot']}: server {e['server']} {e['event']}" for e in summary["fault_events"]
+        )
+        print(f"server faults: {events}")
+    if summary["offline_at_end"]:
+        print(f"offline at the end: servers {summary['offline_at_end']}")
     print(f"trained {summary['trained']} of {summary['arrived']} samples; run folder: {out}")
     return 0

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edgemoe.collab.backends import ExpertBackend, mc_prompt
+from edgemoe.collab.backends import LLMBackend
 from edgemoe.collab.cache import done_keys, make_record
 from edgemoe.collab.data import QuestionSet
 from edgemoe.collab.profiles import ExpertProfile
+from edgemoe.collab.prompts import mc_prompt
 
 
 def stratified_subset(questions: QuestionSet, per_category: int, seed: int = 0) -> QuestionSet:
@@ -65,7 +66,7 @@ class CacheRunStats:
 
 
 def build_cache(
-    experts: Iterable[tuple[ExpertProfile, Callable[[], ExpertBackend]]],
+    experts: Iterable[tuple[ExpertProfile, Callable[[], LLMBackend]]],
     questions: QuestionSet,
     out_path: str | Path,
     *,

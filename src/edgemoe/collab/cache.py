@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemoe.config import ConfigError
+from edgemoe.errors import DataError
 
 
 @dataclass
@@ -116,7 +117,7 @@ def iter_records(path: str | Path) -> Iterator[dict]:
     """Records of a cache file; a truncated last line (interrupted write) is skipped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"answer cache {path} does not exist")
+        raise DataError(str(path), "answer cache does not exist; build it with 'edgemoe collab build-cache'")
     with path.open() as fh:
         lines = fh.readlines()
     for lineno, line in enumerate(lines, 1):
@@ -127,10 +128,10 @@ def iter_records(path: str | Path) -> Iterator[dict]:
         except json.JSONDecodeError:
             if lineno == len(lines) and not line.endswith("\n"):
                 return
-            raise ConfigError(f"{path}:{lineno}", "is not valid JSON") from None
+            raise DataError(f"{path}:{lineno}", "is not valid JSON") from None
         for key in ("qid", "expert", "probs"):
             if key not in rec:
-                raise ConfigError(f"{path}:{lineno}.{key}", "is required")
+                raise DataError(f"{path}:{lineno}", f"{key}: is required")
         yield rec
 
 
@@ -155,20 +156,20 @@ def read_cache(
     qids = list(q_order) if qids is None else list(qids)
     experts = list(e_order) if experts is None else list(experts)
     if not table:
-        raise ConfigError(str(path), "answer cache is empty")
+        raise DataError(str(path), "answer cache is empty")
     num_opt = len(next(iter(table.values()))["probs"])
     probs = np.zeros((len(qids), len(experts), num_opt))
     lat = np.full((len(qids), len(experts)), np.nan)
     en = np.full((len(qids), len(experts)), np.nan)
     for i, q in enumerate(qids):
         for j, e in enumerate(experts):
-            rec = table.get((q, e))
-            if rec is None:
-                raise ConfigError(str(path), f"no record for question {q!r} and expert {e!r}")
+            if (q, e) not in table:
+                raise DataError(str(path), f"no record for question {q!r} and expert {e!r}")
+            rec = table[(q, e)]
             p = np.asarray(rec["probs"], dtype=np.float64)
             if p.shape != (num_opt,) or not np.all(p >= 0) or not math.isclose(p.sum(), 1.0, abs_tol=1e-4):
-                raise ConfigError(
-                    f"{path}:{q}:{e}.probs", f"must be {num_opt} non-negative numbers summing to 1"
+                raise DataError(
+                    f"{path}:{q}:{e}", f"probs: must be {num_opt} non-negative numbers summing to 1"
                 )
             probs[i, j] = p / p.sum()
             lat[i, j] = np.nan if rec.get("latency_s") is None else rec["latency_s"]

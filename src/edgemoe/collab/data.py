@@ -1,21 +1,22 @@
-"""MMLU: loader for ``{dev,test}/<subject>_{dev,test}.csv`` and the subject → category map.
+"""Questions for MoE²: the :class:`QuestionSet` every source becomes, and the MMLU loader.
 
-The category map follows the MMLU authors' grouping (STEM / humanities / social sciences / other).
-The data folder is ``$EDGEMOE_MMLU_DIR`` if set, else ``../shared/data/qa/mmlu`` next to the
-repository (resolved from this file, then from the working directory).
+MMLU is read from ``{dev,test}/<subject>_{dev,test}.csv`` under ``qa/mmlu`` of the data root
+(:mod:`edgemoe.paths`: ``--data-dir``, ``$EDGEMOE_DATA`` or the per-user default). The category map
+follows the MMLU authors' grouping (STEM / humanities / social sciences / other).
 """
 
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgemoe.collab.profiles import MMLU_CATEGORIES
-from edgemoe.config import ConfigError
+from edgemoe.collab.prompts import gate_prompt
+from edgemoe.errors import ConfigError, DataError
+from edgemoe.paths import dataset_dir, require_path
 
 _STEM = (
     "abstract_algebra astronomy college_biology college_chemistry college_computer_science "
@@ -42,13 +43,18 @@ SUBJECT_CATEGORY: dict[str, str] = {
     for cat, names in zip(MMLU_CATEGORIES, (_STEM, _HUMANITIES, _SOCIAL, _OTHER))
     for s in names.split()
 }
-MMLU_DIR_ENV = "EDGEMOE_MMLU_DIR"
-OPTION_LETTERS = "ABCD"
+MMLU_SUBDIR = "qa/mmlu"
 
 
 @dataclass
 class QuestionSet:
-    """Multiple-choice questions as parallel arrays (one row per question)."""
+    """Questions as parallel arrays (one row per question).
+
+    ``subject`` is the raw label a question came with (an MMLU subject, a benchmark's category, or
+    "" when none). ``text`` holds ready-made prompts (benchmarks that ship their prompt text); without
+    it the prompt is built from ``question`` and the lettered ``choices`` (any number of options).
+    For correctness-only data ``choices`` is empty and ``answer_Q`` is 0 (see ``AnswerCache``).
+    """
 
     qid: list[str]
     subject: list[str]
@@ -57,18 +63,20 @@ class QuestionSet:
     choices: list[list[str]]
     answer_Q: np.ndarray
     categories: tuple[str, ...] = MMLU_CATEGORIES
+    text: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.qid)
 
     @property
     def num_options(self) -> int:
-        return len(self.choices[0]) if self.choices else 4
+        return max((len(c) for c in self.choices), default=4) or 4
 
     def prompt(self, i: int) -> str:
-        """The plain prompt text of question ``i`` (question, lettered options, 'Answer:')."""
-        opts = "\n".join(f"{OPTION_LETTERS[j]}. {c}" for j, c in enumerate(self.choices[i]))
-        return f"{self.question[i]}\n{opts}\nAnswer:"
+        """The prompt text of question ``i`` (given text, or question, lettered options, 'Answer:')."""
+        if self.text is not None:
+            return self.text[i]
+        return gate_prompt(self.question[i], self.choices[i])
 
     def prompts(self) -> list[str]:
         return [self.prompt(i) for i in range(len(self))]
@@ -83,28 +91,19 @@ class QuestionSet:
             choices=[self.choices[i] for i in idx],
             answer_Q=self.answer_Q[idx],
             categories=self.categories,
+            text=None if self.text is None else [self.text[i] for i in idx],
         )
 
 
-def default_mmlu_dir() -> Path:
-    """Resolve the MMLU folder (see module doc); a clear error when it is not there."""
-    env = os.environ.get(MMLU_DIR_ENV)
-    if env:
-        candidates = [Path(env)]
-    else:
-        repo = Path(__file__).resolve().parents[3]
-        candidates = [
-            repo.parent / "shared" / "data" / "qa" / "mmlu",
-            Path.cwd().parent / "shared/data/qa/mmlu",
-        ]
-    for path in candidates:
-        if (path / "test").is_dir():
-            return path
-    raise ConfigError(
-        "data_dir",
-        f"no MMLU folder found (looked in {[str(c) for c in candidates]}); pass --data-dir or set "
-        f"{MMLU_DIR_ENV} to a folder holding test/<subject>_test.csv",
-    )
+def default_mmlu_dir(data_dir: str | Path | None = None) -> Path:
+    """``<data root>/qa/mmlu`` (or ``data_dir`` itself when it already holds ``test/``); a
+    :class:`DataError` saying where MMLU goes when it is not there."""
+    if data_dir is not None and (Path(data_dir) / "test").is_dir():
+        return Path(data_dir)
+    path = dataset_dir(MMLU_SUBDIR, data_dir)
+    return require_path(
+        path / "test", "MMLU (test/<subject>_test.csv)", "MMLU is the CSV export of Hendrycks et al. (2021)."
+    ).parent
 
 
 def load_mmlu(
@@ -117,12 +116,10 @@ def load_mmlu(
 
     ``qid`` is ``<subject>/<split>/<row>`` so caches can be keyed across runs.
     """
-    root = Path(data_dir) if data_dir is not None else default_mmlu_dir()
+    root = default_mmlu_dir(data_dir)
     folder = root / split
     if not folder.is_dir():
-        raise ConfigError(
-            "data_dir", f"{folder} does not exist; expected {split}/<subject>_{split}.csv under it"
-        )
+        raise DataError(str(folder), f"does not exist; expected {split}/<subject>_{split}.csv under it")
     files = sorted(folder.glob(f"*_{split}.csv"))
     available = {f.name[: -len(f"_{split}.csv")]: f for f in files}
     wanted = sorted(available) if subjects is None else subjects
@@ -142,7 +139,7 @@ def load_mmlu(
             opts = [row[f"choice{j}"] for j in range(4)]
             ans = int(row["answer"])
             if not 0 <= ans < 4:
-                raise ConfigError("answer", f"{available[s]} row {i}: answer {ans} is not in 0..3")
+                raise DataError(str(available[s]), f"row {i + 2}: answer {ans} is not in 0..3")
             qid.append(f"{s}/{split}/{i}")
             subj.append(s)
             cats.append(cat_index[SUBJECT_CATEGORY[s]])

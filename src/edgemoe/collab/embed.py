@@ -9,13 +9,16 @@ seeded random sign matrix, then L2-normalised. ``auto`` picks ``minilm`` when it
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from edgemoe.config import ConfigError
+from edgemoe.errors import ConfigError, DataError
+from edgemoe.files import atomic_write_bytes
 
 EMBEDDER_KINDS = ("auto", "minilm", "hashing")
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -106,3 +109,48 @@ def embedder_from_name(name: str) -> Embedder:
     raise ConfigError(
         "embedder", f"unknown embedder {name!r}; expected 'hashing-<dim>' or 'all-MiniLM-L6-v2'"
     )
+
+
+class CachedEmbedder:
+    """An embedder whose vectors are kept on disk, keyed by a hash of each text.
+
+    Encoding thousands of prompts with MiniLM takes minutes on a small CPU; a run that embeds the same
+    prompts again (another split, another budget sweep, a rerun) reads them from
+    ``<folder>/<embedder name>.npz`` instead. New vectors are appended (atomic rewrite).
+    """
+
+    def __init__(self, inner: Embedder, folder: str | Path):
+        self.inner = inner
+        self.name = inner.name
+        self.dim = inner.dim
+        self.path = Path(folder) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', inner.name)}.npz"
+
+    @staticmethod
+    def key(text: str) -> str:
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def _load(self) -> dict[str, np.ndarray]:
+        if not self.path.is_file():
+            return {}
+        try:
+            blob = np.load(self.path)
+            return dict(zip(blob["keys"].tolist(), blob["vectors"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(
+                str(self.path), f"unreadable embedding cache ({exc}); delete it to rebuild"
+            ) from None
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        store = self._load()
+        keys = [self.key(t) for t in texts]
+        missing = list(dict.fromkeys(k for k in keys if k not in store))
+        if missing:
+            text_of = dict(zip(keys, texts))
+            new = self.inner.encode([text_of[k] for k in missing])
+            store.update(zip(missing, new))
+            buf = io.BytesIO()
+            np.savez(buf, keys=np.array(list(store)), vectors=np.stack(list(store.values())))
+            atomic_write_bytes(self.path, buf.getvalue())
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([store[k] for k in keys]).astype(np.float32)

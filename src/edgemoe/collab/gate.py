@@ -4,6 +4,13 @@ Trained once on the full expert set with the ensemble cross-entropy
 ``-log Σ_n softmax(logits)_n · p_n(correct option)``. Restricted to an enabled set S the gate is the
 softmax over S (:func:`restricted_weights`); the fine level keeps the top-k of S that fit the
 request's latency budget and renormalises (:func:`route_weights`).
+
+The logits a gate hands out (:meth:`Gate.logits`) are calibrated per category c:
+``τ_c · mlp_logits + β_c · prior_N``, where ``prior_N`` is the log of each expert's mean probability
+of being right on the training questions. (τ, β) = (1, 0) is the trained gate, (0, 0) equal weights,
+(0, β > 0) "prefer the expert that is best on average". They are chosen after training on a
+validation split (``edgemoe.collab.offline.runs.calibrate``), so where the learned gate does not beat
+equal weights (or the prior) on held-out questions, that category falls back to it.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ class GateConfig:
 class Gate(nn.Module):
     """MLP gate over ``[embedding, one-hot category]``; knows its experts' and categories' names."""
 
+    calibration_C2: torch.Tensor
+    prior_N: torch.Tensor
+
     def __init__(self, embed_dim: int, experts: list[str], categories: list[str], cfg: GateConfig):
         super().__init__()
         self.experts = list(experts)
@@ -51,6 +61,27 @@ class Gate(nn.Module):
         in_dim = embed_dim + (len(categories) if cfg.use_category else 0)
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, len(experts))
+        )
+        calibration = torch.zeros(len(categories), 2, dtype=torch.float64)
+        calibration[:, 0] = 1.0
+        self.register_buffer("calibration_C2", calibration)
+        self.register_buffer("prior_N", torch.zeros(len(experts), dtype=torch.float64))
+
+    def set_calibration(self, calibration_C2: np.ndarray, prior_N: np.ndarray | None = None) -> None:
+        """Per-category (τ, β) (module doc) and, optionally, the experts' log prior."""
+        c = torch.as_tensor(np.asarray(calibration_C2, dtype=np.float64))
+        if c.shape != self.calibration_C2.shape or bool((c < 0).any()):
+            raise ValueError(f"need ({len(self.categories)}, 2) non-negative (tau, beta), got {c.tolist()}")
+        self.calibration_C2.copy_(c)
+        if prior_N is not None:
+            self.prior_N.copy_(torch.as_tensor(np.asarray(prior_N, dtype=np.float64)))
+
+    def calibrate_logits(self, raw_QN: np.ndarray, category_Q: np.ndarray) -> np.ndarray:
+        """τ_c · raw + β_c · prior for each question's category."""
+        cal_QC = self.calibration_C2.numpy()[np.asarray(category_Q, dtype=np.int64)]
+        return (
+            cal_QC[:, :1] * np.asarray(raw_QN, dtype=np.float64)
+            + cal_QC[:, 1:] * self.prior_N.numpy()[None, :]
         )
 
     def features(self, emb_QD: torch.Tensor, category_Q: torch.Tensor) -> torch.Tensor:
@@ -63,11 +94,15 @@ class Gate(nn.Module):
         return self.mlp(self.features(emb_QD, category_Q))
 
     @torch.no_grad()
-    def logits(self, emb_QD: np.ndarray, category_Q: np.ndarray) -> np.ndarray:
-        """Numpy in, numpy out (float64 logits, shape (Q, N))."""
+    def raw_logits(self, emb_QD: np.ndarray, category_Q: np.ndarray) -> np.ndarray:
+        """The MLP's logits, before calibration (float64, shape (Q, N))."""
         x = torch.as_tensor(np.asarray(emb_QD, dtype=np.float32))
         c = torch.as_tensor(np.asarray(category_Q, dtype=np.int64))
         return self(x, c).double().numpy()
+
+    def logits(self, emb_QD: np.ndarray, category_Q: np.ndarray) -> np.ndarray:
+        """Calibrated logits (module doc): numpy in, numpy out (float64, shape (Q, N))."""
+        return self.calibrate_logits(self.raw_logits(emb_QD, category_Q), category_Q)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -85,7 +120,10 @@ class Gate(nn.Module):
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)
         meta = json.loads(blob["meta"])
         gate = cls(meta["embed_dim"], meta["experts"], meta["categories"], GateConfig(**meta["cfg"]))
-        gate.load_state_dict(blob["state"])
+        state = dict(blob["state"])
+        state.setdefault("calibration_C2", gate.calibration_C2)
+        state.setdefault("prior_N", gate.prior_N)
+        gate.load_state_dict(state)
         return gate.eval()
 
 

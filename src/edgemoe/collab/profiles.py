@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from edgemoe.config import (
     ConfigError,
@@ -129,7 +129,11 @@ class ExpertProfile:
     @property
     def power(self) -> float:
         """Power draw while computing (W)."""
-        return float(self.power_w if self.power_w is not None else self.preset.power_w)
+        if self.power_w is not None:
+            return float(self.power_w)
+        p = self.preset
+        assert p is not None  # __post_init__ requires power_w for hardware without a preset
+        return float(p.power_w)
 
     @property
     def seconds_per_prompt_token(self) -> float:
@@ -138,6 +142,7 @@ class ExpertProfile:
         if self.prefill_tokens_per_s is not None:
             return 1.0 / self.prefill_tokens_per_s
         p = self.preset
+        assert p is not None  # __post_init__ requires a speed for hardware without a preset
         return self.params_b / (p.ref_params_b * p.prefill_tokens_per_s)
 
     @property
@@ -147,6 +152,7 @@ class ExpertProfile:
         if self.decode_tokens_per_s is not None:
             return 1.0 / self.decode_tokens_per_s
         p = self.preset
+        assert p is not None  # __post_init__ requires a speed for hardware without a preset
         return self.params_b / (p.ref_params_b * p.decode_tokens_per_s)
 
 
@@ -158,9 +164,16 @@ class RequestModel:
     bytes_per_token: float = 4.0
     response_bytes: float = 64.0
     aggregation_s: float = 0.002
+    output_tokens_by_category: dict[str, int] = field(default_factory=dict)
+
+    def output_tokens_for(self, category: str) -> int:
+        """Output tokens of a request of ``category`` (its own setting, else ``output_tokens``)."""
+        return int(self.output_tokens_by_category.get(category, self.output_tokens))
 
     def __post_init__(self) -> None:
         check_positive(self.output_tokens, "output_tokens")
+        for cat, n in self.output_tokens_by_category.items():
+            check_positive(n, f"request.output_tokens_by_category.{cat}")
         check_positive(self.bytes_per_token, "bytes_per_token")
         check_positive(self.response_bytes, "response_bytes", allow_zero=True)
         check_positive(self.aggregation_s, "aggregation_s", allow_zero=True)
@@ -201,6 +214,8 @@ class CollabConfig:
     budgets: Budgets = field(default_factory=Budgets)
     top_k: int | None = None
     objective: str = "accuracy"
+    energy: str = "reserved"
+    energy_queue_v: float | None = None
 
     def __post_init__(self) -> None:
         require(len(self.experts) > 0, "experts", "needs at least one expert")
@@ -210,6 +225,18 @@ class CollabConfig:
         require(len(self.categories) > 0, "categories", "needs at least one category")
         for cat in self.budgets.latency_s:
             check_choice(cat, f"budgets.latency_s.{cat}", self.categories)
+        if self.budgets.latency_s and self.budgets.default_latency_s is None:
+            for cat in self.categories:
+                require(
+                    cat in self.budgets.latency_s,
+                    f"budgets.latency_s.{cat}",
+                    "this category has no latency budget; add one or set budgets.default_latency_s",
+                )
+        for cat in self.request.output_tokens_by_category:
+            check_choice(cat, f"request.output_tokens_by_category.{cat}", self.categories)
+        check_choice(self.energy, "energy", ("reserved", "routed"))
+        if self.energy_queue_v is not None:
+            check_positive(self.energy_queue_v, "energy_queue_v")
         for e in self.experts:
             for cat in e.skill.categories:
                 check_choice(cat, f"experts.{e.name}.skill.categories.{cat}", self.categories)
@@ -236,7 +263,7 @@ def load_collab_config(source: str | Path | Mapping[str, Any]) -> CollabConfig:
     experts = data.get("experts")
     require(isinstance(experts, list), "experts", "must be a list of expert profiles")
     parsed = []
-    for i, raw in enumerate(experts):
+    for i, raw in enumerate(cast(list, experts)):
         require(isinstance(raw, Mapping), f"experts[{i}]", "must be a mapping")
         try:
             parsed.append(from_dict(ExpertProfile, raw))

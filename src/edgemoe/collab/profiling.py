@@ -19,8 +19,9 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edgemoe.collab.backends import ExpertBackend, mc_prompt
+from edgemoe.collab.backends import LLMBackend
 from edgemoe.collab.profiles import ExpertProfile
+from edgemoe.collab.prompts import mc_prompt
 
 _FILLER = (
     "Edge servers differ in memory, compute and power; a request routed to a slow server waits longer, "
@@ -59,7 +60,7 @@ def long_prompt(approx_chars: int) -> str:
 
 
 def profile_backend(
-    backend: ExpertBackend,
+    backend: LLMBackend,
     profile: ExpertProfile,
     *,
     prompt_chars: int = 1024,

@@ -6,14 +6,24 @@ Each process owns a seeded ``numpy.random.Generator`` and supports ``state_dict(
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgemoe.config import ConfigError
 from edgemoe.edge.spec import ArrivalSpec
+from edgemoe.edge.tracefile import read_trace_csv
+
+__all__ = [
+    "ArrivalProcess",
+    "MMPPArrivals",
+    "PoissonArrivals",
+    "TraceArrivals",
+    "make_arrivals",
+    "read_trace_csv",
+    "restore_rng",
+    "rng_state",
+]
 
 
 def rng_state(rng: np.random.Generator) -> dict[str, Any]:
@@ -23,33 +33,6 @@ def rng_state(rng: np.random.Generator) -> dict[str, Any]:
 
 def restore_rng(rng: np.random.Generator, state: dict[str, Any]) -> None:
     rng.bit_generator.state = state
-
-
-def read_trace_csv(path: str | Path) -> np.ndarray:
-    """Arrival counts per slot from CSV: the ``tokens`` column if there is a header, else the first column."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("arrivals.trace", f"file {str(path)!r} does not exist")
-    with path.open(newline="") as fh:
-        rows = [r for r in csv.reader(fh) if r and r[0].strip()]
-    if not rows:
-        raise ConfigError("arrivals.trace", f"{path} has no rows")
-    col = 0
-    try:
-        float(rows[0][0])
-    except ValueError:
-        header = [h.strip() for h in rows[0]]
-        col = header.index("tokens") if "tokens" in header else 0
-        rows = rows[1:]
-    try:
-        counts = np.array([float(r[col]) for r in rows])
-    except (ValueError, IndexError) as exc:
-        raise ConfigError(
-            "arrivals.trace", f"{path}: every row needs a numeric token count ({exc})"
-        ) from None
-    if len(counts) == 0 or (counts < 0).any() or not np.isfinite(counts).all():
-        raise ConfigError("arrivals.trace", f"{path}: counts must be finite and >= 0 (and at least one row)")
-    return np.rint(counts).astype(np.int64)
 
 
 class ArrivalProcess:
@@ -149,4 +132,6 @@ def make_arrivals(spec: ArrivalSpec, seed: int | np.random.SeedSequence = 0) -> 
         return PoissonArrivals(spec.rate, seed)
     if spec.kind == "mmpp":
         return MMPPArrivals(spec.rates, spec.switch_probs, seed)
+    if spec.trace is None:  # ArrivalSpec validation guarantees a path for kind 'trace'
+        raise ConfigError("arrivals.trace", "kind 'trace' needs a CSV file path")
     return TraceArrivals(read_trace_csv(spec.trace), seed)

@@ -5,7 +5,7 @@ One interface for all of them, ``decide(state, scores_NJ) -> Decision``, used bo
 and by the training loop. Everything is vectorised over tokens (``sequential`` routing loops over
 blocks of tokens, never over single tokens unless ``block=1`` is asked for).
 
-Stable-MoE's per-slot problem (DESIGN.md §2, with the energy queue weighted by beta_j, see
+Stable-MoE's per-slot problem (with the energy queue weighted by beta_j, see
 docs/stable-moe.md): minimise over x (K experts per token) and f
 
     sum_j Q_j (A_j - D_j) + sum_j beta_j Z_j (E_j - E_j^max) - V (omega1 sum_j D_j + omega2 sum_ij g_ij x_ij)

@@ -73,7 +73,7 @@ class CompletionTracker:
         self.pool_size = 0
         self.resolve_at = self.MIN_POOL
 
-    def _done_slot(self, j: int, positions: np.ndarray, upto: int) -> np.ndarray:
+    def _done_slot(self, j: int | np.integer, positions: np.ndarray, upto: int) -> np.ndarray:
         return np.searchsorted(self.cum_served_JT[j, :upto], positions + 1 - 1e-9, side="left")
 
     def add(self, ids_NK: np.ndarray, kept_NK: np.ndarray, upto: int) -> None:
@@ -160,7 +160,7 @@ class PolicyRun:
         self.engine = SlotEngine(spec, service)
         self.state = self.engine.state
         J = spec.num_servers
-        self.arrays = {name: np.zeros((slots, J)) for name in PER_SERVER}
+        self.arrays: dict[str, np.ndarray] = {name: np.zeros((slots, J)) for name in PER_SERVER}
         self.arrays.update({name: np.zeros(slots) for name in PER_SLOT})
         self.tracker = CompletionTracker(J, slots)
         self.cum_served_J = np.zeros(J)

@@ -1,8 +1,9 @@
 """Typed edge-network specification (servers, slots, arrivals, gate scores, controller defaults).
 
 A :class:`NetworkSpec` is loaded from YAML (:func:`load_spec`) or by name (:func:`load_scenario`) and
-validated on construction: every bad value raises :class:`~edgemoe.config.ConfigError` naming the field.
-Per-server quantities are exposed as float64 arrays with a ``_J`` suffix (one entry per server).
+validated on construction: every bad value raises :class:`~edgemoe.errors.ConfigError` naming the field.
+Per-server quantities are exposed as float64 arrays with an ``_E`` suffix (one entry per server; servers
+and experts share the axis letter ``E``, see :mod:`edgemoe`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from edgemoe.config import (
     require,
     to_dict,
 )
+from edgemoe.edge.tracefile import read_trace_csv
+from edgemoe.errors import InputError
 
 GHZ = 1e9
 
@@ -100,8 +103,8 @@ class ArrivalSpec:
             # for two states pi_s ∝ 1/p_s; in general pi_s ∝ 1/p_s too (uniform jumps, symmetric kernel).
             w = np.array([1.0 / p for p in self.switch_probs])
             return float(np.dot(w / w.sum(), self.rates))
-        from edgemoe.edge.arrivals import read_trace_csv
-
+        if self.trace is None:
+            raise ConfigError("trace", "kind 'trace' needs a CSV file path in 'trace'")
         return float(read_trace_csv(self.trace).mean())
 
 
@@ -111,7 +114,7 @@ class ScoreSpec:
 
     ``skewed``: a synthetic gate with latent token classes. Expert popularity decays along the servers
     ordered by speed (``popular: slow`` puts the popular experts on the slowest servers, as in the
-    paper's stress case): weight_j = exp(-skew * rank_j / (J - 1)). Each class draws a logit offset per
+    paper's stress case): weight_j = exp(-skew * rank_j / (E - 1)). Each class draws a logit offset per
     expert (normal, std ``class_spread``) on top of log-popularity, each token adds noise (std
     ``token_noise``), and the gate is softmax(logits / temperature). ``structure_seed`` fixes the class
     structure (the "trained gate"); the per-run seed only draws tokens.
@@ -173,7 +176,7 @@ class ControllerSpec:
 
 @dataclass
 class NetworkSpec:
-    """J edge servers, slot length tau, K experts per token, arrivals, gate scores, controller defaults."""
+    """E edge servers, slot length tau, K experts per token, arrivals, gate scores, controller defaults."""
 
     name: str = "custom"
     servers: list[ServerSpec] = field(default_factory=list)
@@ -189,7 +192,7 @@ class NetworkSpec:
         require(
             isinstance(self.k, int) and 1 <= self.k <= self.num_servers,
             "k",
-            f"must be an integer in [1, J={self.num_servers}] (experts per token <= servers), got {self.k}",
+            f"must be an integer in [1, E={self.num_servers}] (experts per token <= servers), got {self.k}",
         )
 
     @cached_property
@@ -204,37 +207,47 @@ class NetworkSpec:
         return np.array([getattr(s, attr) for s in self._expanded], dtype=np.float64)
 
     @cached_property
-    def f_max_J(self) -> np.ndarray:
+    def f_max_E(self) -> np.ndarray:
         return self._array("f_max")
 
     @cached_property
-    def f_min_J(self) -> np.ndarray:
+    def f_min_E(self) -> np.ndarray:
         return self._array("f_min")
 
     @cached_property
-    def cycles_J(self) -> np.ndarray:
+    def cycles_E(self) -> np.ndarray:
         return self._array("cycles_per_token")
 
     @cached_property
-    def kappa_J(self) -> np.ndarray:
+    def kappa_E(self) -> np.ndarray:
         return self._array("kappa")
 
     @cached_property
-    def budget_J(self) -> np.ndarray:
+    def budget_E(self) -> np.ndarray:
         return self._array("energy_budget")
 
     @cached_property
-    def f_sustainable_J(self) -> np.ndarray:
+    def f_sustainable_E(self) -> np.ndarray:
         """Highest frequency whose energy per slot stays within budget: min(f_max, (E^max/(kappa tau))^(1/3))."""
-        return np.minimum(self.f_max_J, np.cbrt(self.budget_J / (self.kappa_J * self.tau)))
+        return np.minimum(self.f_max_E, np.cbrt(self.budget_E / (self.kappa_E * self.tau)))
 
-    def capacity_J(self, freq_J: np.ndarray) -> np.ndarray:
-        """Tokens a server can process in one slot at ``freq_J``: D_j = f_j tau / C_j."""
-        return freq_J * self.tau / self.cycles_J
+    def capacity_E(self, freq_E: np.ndarray) -> np.ndarray:
+        """Tokens a server can process in one slot at ``freq_E``: D_j = f_j tau / C_j."""
+        return freq_E * self.tau / self.cycles_E
 
-    def energy_J(self, freq_J: np.ndarray) -> np.ndarray:
-        """Energy spent in one slot at ``freq_J``: E_j = kappa_j f_j^3 tau."""
-        return self.kappa_J * freq_J**3 * self.tau
+    def energy_E(self, freq_E: np.ndarray) -> np.ndarray:
+        """Energy spent in one slot at ``freq_E``: E_j = kappa_j f_j^3 tau."""
+        return self.kappa_E * freq_E**3 * self.tau
+
+    # The former ``_J`` names, kept until every caller uses the ``_E`` ones.
+    f_max_J = property(lambda self: self.f_max_E)
+    f_min_J = property(lambda self: self.f_min_E)
+    cycles_J = property(lambda self: self.cycles_E)
+    kappa_J = property(lambda self: self.kappa_E)
+    budget_J = property(lambda self: self.budget_E)
+    f_sustainable_J = property(lambda self: self.f_sustainable_E)
+    capacity_J = capacity_E
+    energy_J = energy_E
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -268,7 +281,7 @@ def _paper_servers(f_ghz: list[float], cycles: float = 1e7) -> list[dict[str, An
 PAPER_F_GHZ = [1.0, 1.0, 1.5, 1.5, 2.0, 2.0, 3.0, 3.0]
 
 SCENARIOS: dict[str, dict[str, Any]] = {
-    # J=8, K=2, Poisson 400 tokens/slot; the 0.5 J budget binds on the 2 and 3 GHz servers
+    # E=8, K=2, Poisson 400 tokens/slot; the 0.5 J budget binds on the 2 and 3 GHz servers
     # (sustainable 1.71 GHz), so the network sustains about 1,184 token-computations per slot against
     # a demand of K*lambda = 800. Gate popularity is skewed toward the slow servers.
     "paper": {
@@ -297,7 +310,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "arrivals": {"kind": "mmpp", "rates": [200.0, 800.0], "switch_probs": [0.05, 0.1]},
         "scores": {"kind": "skewed", "popular": "slow"},
     },
-    # J=64 in four tiers of 16 (1, 1.5, 2, 3 GHz), 4,096 tokens/slot, K=2, C=8e6 cycles/token:
+    # E=64 in four tiers of 16 (1, 1.5, 2, 3 GHz), 4,096 tokens/slot, K=2, C=8e6 cycles/token:
     # sustainable capacity ~11,840 against a demand of 8,192 (the same load ratio as `paper`).
     "large": {
         "name": "large",
@@ -333,16 +346,14 @@ def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_scores(scores_NJ: np.ndarray, num_servers: int, field_name: str = "scores_NJ") -> np.ndarray:
-    """Validate a gate-score matrix: 2-D, J columns, finite. Returns it as a float array."""
-    scores_NJ = np.asarray(scores_NJ)
-    require(
-        scores_NJ.ndim == 2 and scores_NJ.shape[1] == num_servers,
-        field_name,
-        f"must have shape [N, J={num_servers}], got {scores_NJ.shape}",
-    )
+def check_scores(scores_NE: np.ndarray, num_servers: int, field_name: str = "scores_NE") -> np.ndarray:
+    """Validate a gate-score matrix handed over at run time: 2-D, E columns, finite. Returns it as an
+    array; a bad matrix raises :class:`~edgemoe.errors.InputError` (it is data, not configuration)."""
+    scores_NE = np.asarray(scores_NE)
+    if scores_NE.ndim != 2 or scores_NE.shape[1] != num_servers:
+        raise InputError(field_name, f"must have shape [N, E={num_servers}], got {scores_NE.shape}")
     # Fast path: a finite sum of float scores means no NaN/inf (an overflowing sum falls through).
-    if not np.isfinite(scores_NJ.sum()) and not np.isfinite(scores_NJ).all():
-        bad = int(np.argwhere(~np.isfinite(scores_NJ))[0][0])
-        raise ConfigError(field_name, f"must be finite; row {bad} contains NaN or inf")
-    return scores_NJ
+    if not np.isfinite(scores_NE.sum()) and not np.isfinite(scores_NE).all():
+        bad = int(np.argwhere(~np.isfinite(scores_NE))[0][0])
+        raise InputError(field_name, f"must be finite; row {bad} contains NaN or inf")
+    return scores_NE

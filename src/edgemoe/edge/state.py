@@ -1,4 +1,4 @@
-"""Per-server queue state and the slot update equations of DESIGN.md §2.
+"""Per-server queue state and the slot update equations of Stable-MoE (docs/stable-moe.md).
 
 - token backlog      Q_j(t+1) = max(Q_j(t) - S_j(t), 0) + A_j(t)
 - virtual energy     Z_j(t+1) = max(Z_j(t) + E_j(t) - E_j^max, 0),  E_j = kappa_j f_j^3 tau

@@ -97,7 +97,7 @@ def run_comparison(
             start = time.perf_counter()
             desc = f"{policy:>16} seed {seed}"
             with tqdm(total=cfg.slots, desc=desc, unit="slot", disable=not progress, leave=False) as bar:
-                trainer.run(on_slot=lambda row, bar=bar: bar.update(1))
+                trainer.run(on_slot=lambda row, bar=bar: bar.update(1))  # type: ignore[misc]  # default arg
             summary = trainer.summary()
             row = {key: float(summary[key]) for key in METRICS}
             row.update(trainer.diagnostics())

@@ -1,6 +1,6 @@
-"""Interchangeable expert execution backends behind one interface, with a name registry.
+"""Interchangeable expert executors behind one interface, registered in :data:`EXECUTORS`.
 
-A backend computes ``out[t] = Σ_{kept slots (t, j)} w_tj · expert_{e_tj}(x_t)`` from the experts,
+An executor computes ``out[t] = Σ_{kept slots (t, j)} w_tj · expert_{e_tj}(x_t)`` from the experts,
 the tokens and a :class:`~edgemoe.moe.routing.Routing`:
 
 - ``loop``: sort by expert, one reference expert forward per expert (plain autograd).
@@ -11,7 +11,8 @@ the tokens and a :class:`~edgemoe.moe.routing.Routing`:
   batched matmul over an ``[E, C_max]`` grid or per expert on padding-free slices, whichever
   wastes less (see :func:`edgemoe.moe.grouped.choose_layout`).
 
-``auto`` resolves to ``sorted`` (the fastest on CPU in ``benchmarks/moe_layer.py``).
+``auto`` resolves to ``sorted`` (the fastest on CPU in ``benchmarks/moe_layer.py``). The layer builds
+its executor once (:func:`build_executor`) and keeps it.
 """
 
 from __future__ import annotations
@@ -33,53 +34,34 @@ from edgemoe.moe.dispatch import (
 from edgemoe.moe.experts import GroupedExperts
 from edgemoe.moe.grouped import choose_layout, grouped_experts_combine
 from edgemoe.moe.routing import Routing
+from edgemoe.registry import Registry
 
-_BACKENDS: dict[str, type[ExpertBackend]] = {}
-
-
-def register_backend(name: str):
-    """Class decorator adding an :class:`ExpertBackend` under ``name``."""
-
-    def deco(cls: type[ExpertBackend]) -> type[ExpertBackend]:
-        _BACKENDS[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+EXECUTORS: Registry[type[ExpertExecutor]] = Registry("expert executor")
+"""Executor name -> class (``auto`` is not a name here: :func:`build_executor` resolves it)."""
 
 
-def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
-
-
-def default_backend(device: torch.device) -> str:
+def default_executor(device: torch.device) -> str:
     """The sensible default for ``device`` (``sorted`` on CPU and GPU alike)."""
     return "sorted"
 
 
-def get_backend(name: str, device: torch.device | None = None) -> ExpertBackend:
-    """Instantiate a backend by name; ``auto`` picks :func:`default_backend`."""
+def build_executor(name: str, device: torch.device | None = None, field: str = "executor") -> ExpertExecutor:
+    """A new executor by name; ``auto`` picks :func:`default_executor`. ``field`` names the setting."""
     if name == "auto":
-        name = default_backend(device or torch.device("cpu"))
-    if name not in _BACKENDS:
-        raise ConfigError(
-            "backend", f"unknown backend {name!r}; choose one of {['auto', *available_backends()]}"
-        )
-    return _BACKENDS[name]()
+        name = default_executor(device or torch.device("cpu"))
+    return EXECUTORS.get(name, field=field)()
 
 
-class ExpertBackend(ABC):
+class ExpertExecutor(ABC):
     """Runs the experts on routed tokens and combines their outputs."""
-
-    name = ""
 
     @abstractmethod
     def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
         """``out_TD``: the gate-weighted sum of each token's kept experts (zero if none)."""
 
 
-@register_backend("loop")
-class LoopBackend(ExpertBackend):
+@EXECUTORS.register("loop")
+class LoopExecutor(ExpertExecutor):
     """One reference forward per expert on its contiguous slice; the readable baseline."""
 
     def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
@@ -94,8 +76,8 @@ class LoopBackend(ExpertBackend):
         return combine(ys_ND, plan, routing.weights_TK)
 
 
-@register_backend("padded")
-class PaddedBackend(ExpertBackend):
+@EXECUTORS.register("padded")
+class PaddedExecutor(ExpertExecutor):
     """Fixed-shape ``[E, C, D]`` batched matmuls (the GShard/Switch layout)."""
 
     def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
@@ -110,8 +92,8 @@ class PaddedBackend(ExpertBackend):
         return combine(y_ECD.reshape(-1, dim).index_select(0, rows_N), plan, routing.weights_TK)
 
 
-@register_backend("sorted")
-class SortedBackend(ExpertBackend):
+@EXECUTORS.register("sorted")
+class SortedExecutor(ExpertExecutor):
     """Dropless grouped GEMMs on the expert-sorted rows with a fused custom backward.
 
     ``strategy``: ``auto`` (batched ``[E, C_max]`` grid GEMMs unless padding would waste more than
@@ -123,6 +105,7 @@ class SortedBackend(ExpertBackend):
             raise ConfigError("strategy", f"must be 'auto', 'grid' or 'split', got {strategy!r}")
         self.strategy = strategy
 
+    @torch.compiler.disable
     def __call__(self, experts: GroupedExperts, x_TD: Tensor, routing: Routing) -> Tensor:
         plan = sort_by_expert(routing)
         if self.strategy == "grid":

@@ -75,14 +75,28 @@ def combine(y_ND: Tensor, plan: SortedPlan, weights_TK: Tensor) -> Tensor:
 
 
 @dataclass
+class TailGrid:
+    """Rows of the ``M`` busiest experts beyond the main grid's capacity: an ``[M, C2]`` grid.
+
+    It starts at row ``start``; row block i belongs to expert ``experts_M[i]``.
+    """
+
+    experts_M: Tensor
+    capacity: int
+    start: int
+
+
+@dataclass
 class RowLayout:
     """Where each expert's rows live in the buffer the expert GEMMs run on.
 
     Either ``split`` (the sorted rows, expert e owning ``ranges``; padding-free, one GEMM per
-    expert) or ``grid`` (an ``[E, C]`` grid, C = the largest load, padding rows inert; one batched
-    GEMM for all experts). ``token_ids_R`` gives the token of every row (0 for padding rows),
-    ``slot_ids_R`` its flattened slot ``t·K + j`` (``T·K`` for padding: a zero weight),
-    ``pos_TK`` the row of every slot (``rows`` for an unkept slot: the appended zero row).
+    expert) or ``grid`` (an ``[E, C]`` grid, padding rows inert; one batched GEMM for all
+    experts), optionally followed by a ``tail`` grid holding the rows of the experts whose load
+    exceeds C (one more batched GEMM over copies of those experts' weights). ``token_ids_R``
+    gives the token of every row (0 for padding rows), ``slot_ids_R`` its flattened slot
+    ``t·K + j`` (``T·K`` for padding: a zero weight), ``pos_TK`` the row of every slot (``rows``
+    for an unkept slot: the appended zero row).
     """
 
     token_ids_R: Tensor
@@ -91,6 +105,7 @@ class RowLayout:
     rows: int
     ranges: list[tuple[int, int, int]] | None = None
     grid: tuple[int, int] | None = None
+    tail: TailGrid | None = None
 
 
 def split_layout(plan: SortedPlan) -> RowLayout:
@@ -104,23 +119,41 @@ def split_layout(plan: SortedPlan) -> RowLayout:
 
 
 def grid_layout(plan: SortedPlan, capacity: int) -> RowLayout:
-    """``[E, capacity]`` layout (capacity >= every count): expert e's rows start at e·capacity."""
+    """``[E, capacity]`` layout: expert e's first ``capacity`` rows start at e·capacity; the
+    rows of experts with a larger load continue in a :class:`TailGrid` after ``E·capacity``."""
     num_experts = len(plan.counts)
-    rows = num_experts * capacity
-    rows_N = padded_positions(plan, capacity)
     device = plan.token_ids_N.device
+    over = [e for e, c in enumerate(plan.counts) if c > capacity]
+    tail = None
+    rows = num_experts * capacity
+    if over:
+        tail_cap = max(plan.counts[e] for e in over) - capacity
+        tail = TailGrid(torch.tensor(over, device=device), tail_cap, rows)
+        rows += len(over) * tail_cap
+    rows_N = padded_positions(plan, capacity, tail)
     token_ids_R = torch.zeros(rows, dtype=torch.long, device=device).index_copy_(0, rows_N, plan.token_ids_N)
     num_slots = plan.pos_TK.numel()
     slot_ids_R = torch.full((rows,), num_slots, dtype=torch.long, device=device).index_copy_(
         0, rows_N, plan.order_N
     )
     pos = torch.full((num_slots,), rows, dtype=torch.long, device=device).index_copy_(0, plan.order_N, rows_N)
-    return RowLayout(token_ids_R, slot_ids_R, pos.view_as(plan.pos_TK), rows, grid=(num_experts, capacity))
+    return RowLayout(
+        token_ids_R, slot_ids_R, pos.view_as(plan.pos_TK), rows, grid=(num_experts, capacity), tail=tail
+    )
 
 
-def padded_positions(plan: SortedPlan, capacity: int) -> Tensor:
-    """Row of each sorted assignment in a flattened ``[E, capacity]`` grid (expert·C + rank)."""
+def padded_positions(plan: SortedPlan, capacity: int, tail: TailGrid | None = None) -> Tensor:
+    """Row of each sorted assignment in a flattened ``[E, capacity]`` grid (expert·C + rank).
+
+    With a ``tail``, ranks at or beyond ``capacity`` go to the tail grid instead.
+    """
     counts_E = torch.tensor(plan.counts, device=plan.token_ids_N.device)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_N = torch.arange(plan.num_rows, device=counts_E.device) - starts_E[plan.expert_ids_N]
-    return plan.expert_ids_N * capacity + rank_N
+    rows_N = plan.expert_ids_N * capacity + rank_N
+    if tail is None:
+        return rows_N
+    block_E = torch.zeros_like(counts_E)
+    block_E[tail.experts_M] = torch.arange(tail.experts_M.numel(), device=counts_E.device)
+    tail_rows_N = tail.start + block_E[plan.expert_ids_N] * tail.capacity + rank_N - capacity
+    return torch.where(rank_N < capacity, rows_N, tail_rows_N)

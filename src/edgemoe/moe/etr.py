@@ -6,30 +6,40 @@ The router has no learnable weights. Its pieces, each a small function or class 
   indicator of each expert's contiguous group of model dimensions.
 - :func:`token_choice` — each token proposes its top-ℓ experts, ℓ from a cumulative gate-score
   threshold, capped at ``l_max``.
-- :func:`expert_choice` — each expert keeps the ``C`` proposers with the highest affinity; the others
-  are dropped for that expert (residual pass-through), never reassigned.
+- expert choice — each expert keeps the ``C`` proposers with the highest affinity (the shared
+  :func:`edgemoe.moe.routing.expert_choice` with the proposers as candidates); the others are
+  dropped for that expert (residual pass-through), never reassigned.
 - capacity schedules (:class:`FixedCapacity`, :class:`AnnealedCapacity`,
   :class:`FalsePositiveCapacity`) — the capacity factor for the next step, from the step count or
   from routing statistics measured on the previous steps.
 - :func:`locality_loss` — ``KL(D_c ‖ D_l)`` towards the local node's experts; the Switch
   load-balance loss is the shared :func:`edgemoe.moe.losses.load_balance_loss` (via the base class).
 
-In training the router runs token choice then expert choice under the scheduled capacity. In
-inference (``router.eval()``) it runs token choice alone, without capacity: every proposal is kept.
+In training the router runs token choice then expert choice under the scheduled capacity; the
+schedule advances in :meth:`ETRRouter.step`, called after the optimiser step (``MoELayer.step``),
+never inside ``forward``. In inference (``router.eval()``) it runs token choice alone, without
+capacity: every proposal is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from edgemoe.config import ConfigError, check_choice, check_positive, check_range, from_dict, require
-from edgemoe.moe.config import RouterConfig
-from edgemoe.moe.router import Router, register_router
-from edgemoe.moe.routing import Routing, apply_capacity
+from edgemoe.config import ConfigError, check_choice, check_positive, check_range, require
+from edgemoe.moe.config import ROUTERS, RouterConfig
+from edgemoe.moe.router import Router
+from edgemoe.moe.routing import (
+    Routing,
+    apply_capacity,
+    expert_capacity,
+    expert_choice,
+    expert_choice_slots,
+)
 
 _EPS = 1e-12
 
@@ -80,13 +90,14 @@ class CapacityConfig:
         check_range(self.fpr_ema, "fpr_ema", 0.0, 0.999)
 
 
+@ROUTERS.register("etr")
 @dataclass
-class ETRConfig:
-    """ETR router settings (``router.options`` of the MoE config).
+class ETRRouterConfig(RouterConfig):
+    """ETR router settings, on top of the shared router fields.
 
     ``temperature`` scales the affinity before the softmax gate; ``score_threshold`` is the
     cumulative gate mass a token's proposals must reach (ℓ = fewest experts reaching it, capped at
-    ``l_max``; ``None`` uses ``router.top_k``). ``expert_nodes[i]`` is the node hosting expert ``i``
+    ``l_max``; ``None`` uses ``top_k``). ``expert_nodes[i]`` is the node hosting expert ``i``
     and ``local_node`` the node the tokens live on; the locality loss pulls the batch's soft
     assignment towards the local node's experts (smoothed by ``locality_smoothing`` so the KL stays
     finite). Without ``expert_nodes`` all experts share the local node, so ``D_l`` is uniform.
@@ -95,8 +106,13 @@ class ETRConfig:
     one phase alone, for ablations: ``token`` (proposals capped first-come, Switch-style) or
     ``expert`` (each expert takes its top-C of all tokens, ``C = ceil(factor·T/E)``, also at
     inference since nothing else decides).
+
+    The shared ``capacity_factor``, when > 0, is the schedule's start factor (``capacity.factor``)
+    and lowers a default ``capacity.floor`` to at most it; giving both factors, different, is an
+    error.
     """
 
+    name: str = field(default="etr", init=False)
     temperature: float = 0.1
     selection: Literal["bidirectional", "token", "expert"] = "bidirectional"
     l_max: int | None = None
@@ -107,21 +123,55 @@ class ETRConfig:
     locality_smoothing: float = 0.5
 
     def __post_init__(self) -> None:
-        check_positive(self.temperature, "temperature")
-        check_choice(self.selection, "selection", ("bidirectional", "token", "expert"))
+        super().__post_init__()
+        check_positive(self.temperature, "router.temperature")
+        check_choice(self.selection, "router.selection", ("bidirectional", "token", "expert"))
         require(
             self.l_max is None or (isinstance(self.l_max, int) and self.l_max >= 1),
-            "l_max",
+            "router.l_max",
             f"must be an integer >= 1 (or null for router.top_k), got {self.l_max!r}",
         )
-        check_range(self.score_threshold, "score_threshold", 0.0, 1.0)
-        check_range(self.locality_smoothing, "locality_smoothing", 1e-6, 1.0)
+        check_range(self.score_threshold, "router.score_threshold", 0.0, 1.0)
+        check_range(self.locality_smoothing, "router.locality_smoothing", 1e-6, 1.0)
         if self.expert_nodes is not None:
             require(
                 self.local_node in self.expert_nodes,
-                "local_node",
+                "router.local_node",
                 f"must be one of expert_nodes {sorted(set(self.expert_nodes))}, got {self.local_node}",
             )
+        self.capacity = self._start_capacity()
+
+    def _start_capacity(self) -> CapacityConfig:
+        """``capacity`` with the shared ``capacity_factor`` folded in (see the class docstring)."""
+        cf, cap = self.capacity_factor, self.capacity
+        if cf <= 0 or cap.factor == cf:
+            return cap
+        require(
+            cap.factor == CapacityConfig.factor,
+            "router.capacity_factor",
+            f"conflicts with router.capacity.factor={cap.factor}; set only one of them",
+        )
+        floor = min(cap.floor, cf) if cap.floor == CapacityConfig.floor else cap.floor
+        try:
+            return dataclasses.replace(cap, factor=cf, floor=floor)
+        except ConfigError as exc:
+            raise ConfigError(f"router.capacity.{exc.field}", str(exc).split(": ", 1)[-1]) from None
+
+    def check_experts(self, num_experts: int) -> None:
+        super().check_experts(num_experts)
+        self.check_nodes(num_experts)
+
+    def check_nodes(self, num_experts: int) -> None:
+        """One node per expert in ``expert_nodes``."""
+        if self.expert_nodes is not None:
+            require(
+                len(self.expert_nodes) == num_experts,
+                "router.expert_nodes",
+                f"must list one node per expert ({num_experts}), got {len(self.expert_nodes)}",
+            )
+
+    def build(self, dim: int, num_experts: int) -> ETRRouter:
+        return ETRRouter(dim, num_experts, self)
 
 
 # ------------------------------------------------------------------------------- routing primitives
@@ -175,21 +225,6 @@ def slots_to_mask(expert_ids_TK: torch.Tensor, on_TK: torch.Tensor, num_experts:
     return mask_TE.scatter(-1, expert_ids_TK, on_TK)
 
 
-def expert_choice(affinity_TE: torch.Tensor, candidates_TE: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Boolean kept mask: each expert keeps its ``capacity`` candidates of highest affinity.
-
-    Tokens are along dim -2. Non-candidates are never kept; ties are broken as ``torch.topk`` does.
-    """
-    num_tokens = affinity_TE.shape[-2]
-    c = min(max(int(capacity), 0), num_tokens)
-    if c == 0:
-        return torch.zeros_like(candidates_TE)
-    masked_TE = affinity_TE.detach().masked_fill(~candidates_TE, -math.inf)
-    _, top_rows_CE = masked_TE.topk(c, dim=-2, sorted=False)
-    in_top_TE = torch.zeros_like(candidates_TE).scatter(-2, top_rows_CE, True)
-    return in_top_TE & candidates_TE
-
-
 def false_positive_counts(affinity_TE: torch.Tensor, proposed_TE: torch.Tensor) -> torch.Tensor:
     """Per expert: non-proposing tokens whose affinity beats the expert's typical candidate.
 
@@ -217,11 +252,6 @@ def locality_loss(gate_TE: torch.Tensor, target_E: torch.Tensor) -> torch.Tensor
     d_c_E = gate_TE.reshape(-1, gate_TE.shape[-1]).mean(0)
     target_E = target_E.to(d_c_E)
     return (torch.xlogy(d_c_E, d_c_E) - d_c_E * target_E.log()).sum()
-
-
-def capacity_slots(factor: float, num_tokens: int, num_experts: int, l_max: int = 1) -> int:
-    """Per-expert slots ``ceil(factor · T · l_max / E)``, at least 1."""
-    return max(1, math.ceil(factor * num_tokens * l_max / num_experts - 1e-9))
 
 
 # ------------------------------------------------------------------------------ capacity schedules
@@ -296,57 +326,45 @@ CapacitySchedule = FixedCapacity | AnnealedCapacity | FalsePositiveCapacity
 
 def build_capacity_schedule(cfg: CapacityConfig) -> CapacitySchedule:
     """The schedule object named by ``cfg.schedule``."""
-    kinds = {"fixed": FixedCapacity, "annealed": AnnealedCapacity, "fpr": FalsePositiveCapacity}
+    kinds: dict[str, type[CapacitySchedule]] = {
+        "fixed": FixedCapacity,
+        "annealed": AnnealedCapacity,
+        "fpr": FalsePositiveCapacity,
+    }
     return kinds[cfg.schedule](cfg)
 
 
 # ------------------------------------------------------------------------------------------ router
 
 
-def etr_config(cfg: RouterConfig, num_experts: int) -> ETRConfig:
-    """Parse ``cfg.options``; ``router.capacity_factor > 0`` is the start factor unless options set one."""
-    options = dict(cfg.options)
-    capacity = dict(options.get("capacity") or {})
-    if cfg.capacity_factor > 0 and "factor" not in capacity:
-        capacity["factor"] = cfg.capacity_factor
-        capacity.setdefault("floor", min(CapacityConfig.floor, cfg.capacity_factor))
-    options["capacity"] = capacity
-    out = from_dict(ETRConfig, options, prefix="router.options")
-    if out.expert_nodes is not None:
-        require(
-            len(out.expert_nodes) == num_experts,
-            "router.options.expert_nodes",
-            f"must list one node per expert ({num_experts}), got {len(out.expert_nodes)}",
-        )
-    return out
-
-
-@register_router("etr")
 class ETRRouter(Router):
     """Expert-Token Resonance: GrAP affinity, token choice then expert choice under a capacity schedule.
 
     Slots are ``[T, ℓ_max]`` in descending gate order. Training mode: proposals compete for each
-    expert's ``C`` slots by affinity and the schedule observes the step; eval mode: every proposal
-    is kept (no capacity). Aux losses: ``load_balance`` (Switch), ``z_loss`` and ``locality``.
+    expert's ``C`` slots by affinity, and the step's routing statistics are kept (as tensors) for
+    :meth:`step`; eval mode: every proposal is kept (no capacity). Aux losses: ``load_balance``
+    (Switch), ``z_loss`` and ``locality``.
     """
 
-    def __init__(self, dim: int, num_experts: int, cfg: RouterConfig):
+    cfg: ETRRouterConfig
+    locality_target_E: torch.Tensor
+
+    def __init__(self, dim: int, num_experts: int, cfg: ETRRouterConfig):
         super().__init__(dim, num_experts, cfg)
-        self.etr = etr_config(cfg, num_experts)
+        cfg.check_nodes(num_experts)
         if dim % num_experts:
             grap_affinity(torch.zeros(1, dim), num_experts)
-        self.l_max = min(self.etr.l_max or cfg.top_k, num_experts)
-        self.schedule = build_capacity_schedule(self.etr.capacity)
-        nodes = (
-            self.etr.expert_nodes
-            if self.etr.expert_nodes is not None
-            else [self.etr.local_node] * num_experts
-        )
+        self.l_max = min(cfg.l_max or cfg.top_k, num_experts)
+        self.schedule = build_capacity_schedule(cfg.capacity)
+        nodes = cfg.expert_nodes if cfg.expert_nodes is not None else [cfg.local_node] * num_experts
         self.register_buffer(
             "locality_target_E",
-            locality_target(nodes, self.etr.local_node, self.etr.locality_smoothing),
+            locality_target(nodes, cfg.local_node, cfg.locality_smoothing),
             persistent=False,
         )
+        # Sums over the training forwards since the last step: rearranged tokens, false positives,
+        # tokens. Read (one host sync) by ``step``, never by ``forward``.
+        self._observed_3: torch.Tensor | None = None
 
     def get_extra_state(self) -> dict[str, object]:
         """The schedule's progress, so a resumed run continues the anneal where it stopped."""
@@ -357,28 +375,47 @@ class ETRRouter(Router):
 
     @property
     def capacity_factor(self) -> float:
-        """The factor the next training step will use."""
+        """The factor the next training forward will use."""
         return float(self.schedule.factor)
 
     def capacity(self, num_tokens: int) -> int:
         """Per-expert slots at the current factor."""
-        return capacity_slots(self.capacity_factor, num_tokens, self.num_experts, self.l_max)
+        return expert_capacity(self.capacity_factor, num_tokens, self.num_experts, self.l_max)
+
+    def step(self) -> None:
+        """Advance the capacity schedule by one training step.
+
+        Feeds the schedule the routing statistics of the training forwards since the previous
+        call (pooled, as one batch); without any (evaluation only, or external routing) it does
+        nothing. Call it after the optimiser step.
+        """
+        if self._observed_3 is None:
+            return
+        rearranged, false_positives, tokens = self._observed_3.tolist()
+        self._observed_3 = None
+        self.schedule.observe(
+            CapacityObservation(
+                rearranged_fraction=rearranged / max(tokens, 1.0),
+                false_positives_per_expert=false_positives / self.num_experts,
+                tokens_per_expert=tokens * self.l_max / self.num_experts,
+            )
+        )
 
     def gate(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_TE = grap_affinity(x_TD.float(), self.num_experts) / self.etr.temperature
+        logits_TE = grap_affinity(x_TD.float(), self.num_experts) / self.cfg.temperature
         return logits_TE, narrow_softmax(logits_TE).to(x_TD.dtype)
 
     def select(self, x_TD: torch.Tensor, logits_TE: torch.Tensor, scores_TE: torch.Tensor) -> Routing:
         num_tokens = scores_TE.shape[0]
-        expert_ids_TK, proposed_TK = token_choice(scores_TE, self.l_max, self.etr.score_threshold)
+        expert_ids_TK, proposed_TK = token_choice(scores_TE, self.l_max, self.cfg.score_threshold)
         proposed_TE = slots_to_mask(expert_ids_TK, proposed_TK, self.num_experts)
         factor = self.capacity_factor
-        mode = self.etr.selection
+        mode = self.cfg.selection
+        capacity: int | torch.Tensor | None
         if mode == "expert":
-            capacity = min(num_tokens, capacity_slots(factor, num_tokens, self.num_experts))
-            kept_TE = expert_choice(logits_TE, torch.ones_like(proposed_TE), capacity)
-            expert_ids_TK = torch.arange(self.num_experts, device=scores_TE.device).expand(num_tokens, -1)
-            kept_TK = proposed_TK = kept_TE
+            capacity = min(num_tokens, expert_capacity(factor, num_tokens, self.num_experts))
+            expert_ids_TK, kept_TK = expert_choice_slots(expert_choice(logits_TE, capacity))
+            proposed_TK = kept_TK
         elif not self.training:
             capacity, kept_TK = None, proposed_TK.clone()
         elif mode == "token":
@@ -388,7 +425,8 @@ class ETRRouter(Router):
             )
         else:
             capacity = self.capacity(num_tokens)
-            kept_TK = expert_choice(logits_TE, proposed_TE, capacity).gather(-1, expert_ids_TK) & proposed_TK
+            kept_TE = expert_choice(logits_TE, capacity, proposed_TE)
+            kept_TK = kept_TE.gather(-1, expert_ids_TK) & proposed_TK
         kept_TE = slots_to_mask(expert_ids_TK, kept_TK, self.num_experts)
         extras = self._telemetry(logits_TE, proposed_TE, kept_TE, factor)
         gate_TK = scores_TE.gather(-1, expert_ids_TK)
@@ -399,38 +437,24 @@ class ETRRouter(Router):
     def _telemetry(
         self, logits_TE: torch.Tensor, proposed_TE: torch.Tensor, kept_TE: torch.Tensor, factor: float
     ) -> dict[str, object]:
-        """Capacity, rearranged fraction and false positives; in training, feed them to the schedule.
+        """Capacity factor, rearranged fraction, false-positive rate and mean proposals (0-dim tensors).
 
         "Rearranged" tokens are those with a token-choice proposal the expert side did not keep.
+        In training the counts are also added to the observations :meth:`step` feeds the schedule.
         """
         num_tokens, num_experts = proposed_TE.shape
-        fp_E = false_positive_counts(logits_TE, proposed_TE)
-        proposals = proposed_TE.sum()
-        counts = torch.stack(
-            [
-                (proposed_TE & ~kept_TE).any(-1).sum(),
-                fp_E.sum(),
-                proposals,
-                num_tokens * num_experts - proposals,
-            ]
-        ).tolist()
-        rearranged_n, false_positives, proposals_n, non_proposers = counts
-        rearranged = rearranged_n / max(num_tokens, 1)
-        extras: dict[str, object] = {
-            "capacity_factor": factor,
-            "rearranged_fraction": rearranged,
-            "false_positive_rate": false_positives / max(non_proposers, 1),
-            "mean_proposals": proposals_n / max(num_tokens, 1),
-        }
+        rearranged_n = (proposed_TE & ~kept_TE).any(-1).sum().to(torch.float32)
+        false_positives = false_positive_counts(logits_TE, proposed_TE).sum().to(torch.float32)
+        proposals = proposed_TE.sum().to(torch.float32)
         if self.training:
-            self.schedule.observe(
-                CapacityObservation(
-                    rearranged_fraction=rearranged,
-                    false_positives_per_expert=false_positives / num_experts,
-                    tokens_per_expert=num_tokens * self.l_max / num_experts,
-                )
-            )
-        return extras
+            observed_3 = torch.stack([rearranged_n, false_positives, rearranged_n.new_tensor(num_tokens)])
+            self._observed_3 = observed_3 if self._observed_3 is None else self._observed_3 + observed_3
+        return {
+            "capacity_factor": factor,
+            "rearranged_fraction": rearranged_n / max(num_tokens, 1),
+            "false_positive_rate": false_positives / (num_tokens * num_experts - proposals).clamp_min(1.0),
+            "mean_proposals": proposals / max(num_tokens, 1),
+        }
 
     def aux_losses(
         self,

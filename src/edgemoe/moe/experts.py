@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgemoe.moe.buffers import GradBuffers, SortedBuffers
+
 
 class GroupedExperts(nn.Module):
     """E independent expert MLPs of width ``dim -> hidden_dim -> dim`` (no biases)."""
+
+    buffers: SortedBuffers  # type: ignore[assignment]  # shadows nn.Module.buffers()
 
     def __init__(
         self, dim: int, hidden_dim: int, num_experts: int, kind: str = "swiglu", init_std: float = 0.02
@@ -32,10 +36,9 @@ class GroupedExperts(nn.Module):
         self.w_in_EDF = nn.Parameter(torch.empty(num_experts, dim, in_width))
         self.w_out_EHD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters(init_std)
-        from edgemoe.moe.grouped import Workspace
-
-        # Activation buffers of finished steps, reused by the ``sorted`` backend (not state).
-        self.workspace = Workspace()
+        # Storage the ``sorted`` backend reuses across steps (not state: never saved or loaded).
+        self.buffers = SortedBuffers()
+        self.grad_buffers = GradBuffers()
 
     def reset_parameters(self, init_std: float = 0.02) -> None:
         nn.init.normal_(self.w_in_EDF, std=init_std)

@@ -6,6 +6,17 @@ import torch
 from torch import Tensor
 
 
+def count_per_expert(expert_ids: Tensor, num_experts: int, weights: Tensor | None = None) -> Tensor:
+    """``[E]`` (weighted) count of each expert id, by scatter-add.
+
+    Unlike ``torch.bincount``, which reads the largest id back to size its output on an
+    accelerator, this never syncs with the host. Integer counts unless ``weights`` are given.
+    """
+    ids = expert_ids.reshape(-1)
+    src = torch.ones_like(ids) if weights is None else weights.reshape(-1)
+    return src.new_zeros(num_experts).scatter_add_(0, ids, src)
+
+
 def load_balance_loss(scores_TE: Tensor, expert_ids_TK: Tensor, proposed_TK: Tensor | None = None) -> Tensor:
     """Switch/GShard load-balance loss ``E · Σ_e f_e · P_e``.
 
@@ -14,9 +25,8 @@ def load_balance_loss(scores_TE: Tensor, expert_ids_TK: Tensor, proposed_TK: Ten
     for perfectly uniform routing and grows with imbalance.
     """
     num_experts = scores_TE.shape[-1]
-    ids = expert_ids_TK.reshape(-1)
-    mask = None if proposed_TK is None else proposed_TK.reshape(-1).to(scores_TE.dtype)
-    counts_E = torch.bincount(ids, weights=mask, minlength=num_experts).to(scores_TE.dtype)
+    mask = None if proposed_TK is None else proposed_TK.to(torch.float32)
+    counts_E = count_per_expert(expert_ids_TK, num_experts, mask).to(scores_TE.dtype)
     f_E = counts_E / counts_E.sum().clamp_min(1.0)
     p_E = scores_TE.mean(dim=0)
     return num_experts * (f_E.detach() * p_E).sum()

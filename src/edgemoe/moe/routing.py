@@ -5,6 +5,10 @@ A routing is a table of T×K *slots*. Slot (t, j) names an expert ``expert_ids_T
 (``kept_TK`` ⊆ ``proposed_TK``) and its combine weight (``weights_TK``, exactly 0 where not kept).
 Token choice uses K = k; expert choice uses K = E with slot j meaning expert j; ETR uses
 K = ℓ_max; external routing uses the K of the ids it is given. See docs/moe.md.
+
+Also here, shared by every router: the one capacity formula (:func:`expert_capacity`), token-choice
+capacity with drop priority (:func:`apply_capacity`) and the one expert-choice selection
+(:func:`expert_choice`). Nothing here reads a tensor back to the host.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from edgemoe.moe.losses import router_entropy
+from edgemoe.errors import InputError
+from edgemoe.moe.losses import count_per_expert, router_entropy
 
 
 @dataclass
@@ -52,6 +57,8 @@ class Routing:
     ``weights_TK`` stays differentiable w.r.t. the router's parameters; everything else is
     integer/boolean. ``aux_losses`` is always a dict of scalar tensors (no coefficients applied).
     ``stats`` (telemetry, detached) is computed from the slot tables when first read.
+    ``capacity`` is read lazily too: a dynamic capacity (largest expert load) stays a tensor until
+    someone asks for the number.
     """
 
     expert_ids_TK: Tensor
@@ -61,13 +68,20 @@ class Routing:
     scores_TE: Tensor
     logits_TE: Tensor | None
     aux_losses: dict[str, Tensor]
-    capacity: int | None = None
+    capacity_raw: int | Tensor | None = None
     extras: dict[str, object] = field(default_factory=dict)
     _stats: RoutingStats | None = field(default=None, init=False, repr=False)
 
     @property
+    def capacity(self) -> int | None:
+        """Per-expert capacity used (``None`` = dropless); a host read if it is still a tensor."""
+        if isinstance(self.capacity_raw, Tensor):
+            self.capacity_raw = int(self.capacity_raw)
+        return self.capacity_raw
+
+    @property
     def stats(self) -> RoutingStats:
-        """Telemetry, computed on first access (keeps bincounts off the hot path when unused)."""
+        """Telemetry, computed on first access (keeps the counts off the hot path when unused)."""
         if self._stats is None:
             self._stats = routing_stats(
                 self.expert_ids_TK, self.kept_TK, self.proposed_TK, self.scores_TE, self.capacity
@@ -87,6 +101,12 @@ class Routing:
         return self.expert_ids_TK.shape[1]
 
 
+def check_input(cond: bool, what: str, message: str) -> None:
+    """Raise :class:`~edgemoe.errors.InputError` for run-time data (``what``) unless ``cond`` holds."""
+    if not cond:
+        raise InputError(what, message)
+
+
 def combine_weights(gate_TK: Tensor, kept_TK: Tensor, renormalize: bool) -> Tensor:
     """Zero the weights of dropped slots and, if asked, renormalise to sum to one over kept slots.
 
@@ -101,12 +121,10 @@ def combine_weights(gate_TK: Tensor, kept_TK: Tensor, renormalize: bool) -> Tens
 def routing_stats(
     expert_ids_TK: Tensor, kept_TK: Tensor, proposed_TK: Tensor, scores_TE: Tensor, capacity: int | None
 ) -> RoutingStats:
-    """Per-expert loads, drop counts and router entropy, without host syncs."""
+    """Per-expert loads, drop counts and router entropy, as tensors (no host reads)."""
     num_experts = scores_TE.shape[-1]
-    ids = expert_ids_TK.reshape(-1)
-    kept_f = kept_TK.reshape(-1).to(torch.float32)
-    tokens_E = torch.bincount(ids, weights=kept_f, minlength=num_experts)
-    proposed_E = torch.bincount(ids, weights=proposed_TK.reshape(-1).to(torch.float32), minlength=num_experts)
+    tokens_E = count_per_expert(expert_ids_TK, num_experts, kept_TK.to(torch.float32))
+    proposed_E = count_per_expert(expert_ids_TK, num_experts, proposed_TK.to(torch.float32))
     kept = tokens_E.sum()
     proposed = proposed_E.sum()
     dropped = proposed - kept
@@ -136,7 +154,7 @@ def make_routing(
     aux_losses: dict[str, Tensor],
     logits_TE: Tensor | None = None,
     proposed_TK: Tensor | None = None,
-    capacity: int | None = None,
+    capacity: int | Tensor | None = None,
     extras: dict[str, object] | None = None,
 ) -> Routing:
     """Assemble a :class:`Routing` from slot tables; the one constructor every router uses.
@@ -155,14 +173,45 @@ def make_routing(
         scores_TE=scores_TE,
         logits_TE=logits_TE,
         aux_losses=aux_losses,
-        capacity=capacity,
+        capacity_raw=capacity,
         extras=extras or {},
     )
 
 
-def token_choice_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """ceil(|cf|·k·T/E), at least 1: the per-expert cap of a token-choice router."""
-    return max(1, math.ceil(abs(capacity_factor) * top_k * num_tokens / num_experts))
+def expert_capacity(
+    capacity_factor: float, num_tokens: int, num_experts: int, slots_per_token: int = 1
+) -> int:
+    """ceil(|cf|·k·T/E), at least 1: the per-expert capacity of every router (k = slots per token).
+
+    Token choice uses k = top_k, expert choice k = 1, ETR k = ℓ_max. A 1e-9 slack keeps a
+    product that is an integer up to rounding (e.g. 1.1·10) from rounding up to the next one.
+    """
+    return max(1, math.ceil(abs(capacity_factor) * slots_per_token * num_tokens / num_experts - 1e-9))
+
+
+def expert_choice(scores_TE: Tensor, capacity: int, candidates_TE: Tensor | None = None) -> Tensor:
+    """Boolean kept mask ``[..., T, E]``: each expert keeps its ``capacity`` best tokens by score.
+
+    Only ``candidates_TE`` compete when given (ETR's proposers); non-candidates are never kept.
+    Tokens are along dim -2; ties are broken as ``torch.topk`` breaks them; no gradient.
+    """
+    num_tokens = scores_TE.shape[-2]
+    c = min(max(int(capacity), 0), num_tokens)
+    if candidates_TE is None:
+        candidates_TE = torch.ones_like(scores_TE, dtype=torch.bool)
+    if c == 0:
+        return torch.zeros_like(candidates_TE)
+    masked_TE = scores_TE.detach().masked_fill(~candidates_TE, -math.inf)
+    _, top_rows_CE = masked_TE.topk(c, dim=-2, sorted=False)
+    in_top_TE = torch.zeros_like(candidates_TE).scatter(-2, top_rows_CE, True)
+    return in_top_TE & candidates_TE
+
+
+def expert_choice_slots(kept_TE: Tensor) -> tuple[Tensor, Tensor]:
+    """``(expert_ids_TE, kept_TE)``: expert-choice slots, K = E with slot j meaning expert j."""
+    num_tokens, num_experts = kept_TE.shape
+    expert_ids_TE = torch.arange(num_experts, device=kept_TE.device).expand(num_tokens, -1)
+    return expert_ids_TE.contiguous(), kept_TE
 
 
 def rank_within_expert(expert_ids_TK: Tensor, gate_TK: Tensor, priority: str, num_experts: int) -> Tensor:
@@ -179,7 +228,7 @@ def rank_within_expert(expert_ids_TK: Tensor, gate_TK: Tensor, priority: str, nu
     else:
         pre_N = torch.arange(ids_N.numel(), device=ids_N.device)
     order_N = pre_N[torch.argsort(ids_N[pre_N], stable=True)]
-    counts_E = torch.bincount(ids_N, minlength=num_experts)
+    counts_E = count_per_expert(ids_N, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_sorted_N = torch.arange(ids_N.numel(), device=ids_N.device) - starts_E[ids_N[order_N]]
     rank_N = torch.empty_like(rank_sorted_N)
@@ -194,20 +243,23 @@ def apply_capacity(
     capacity_factor: float,
     priority: str,
     num_experts: int,
-) -> tuple[Tensor, int | None]:
+) -> tuple[Tensor, int | Tensor | None]:
     """Kept mask and capacity of token-choice routing under the documented capacity semantics.
 
     Only proposed slots compete for capacity. Returns ``(kept_TK, capacity)``; capacity is None
-    when dropless (cf == 0).
+    when dropless (cf == 0). A dynamic capacity (cf < 0) is returned as a 0-dim tensor (the
+    largest load, at most the cap): the kept mask never needs its value, since a slot's rank within
+    its expert is always below that expert's load.
     """
     if capacity_factor == 0:
         return proposed_TK.clone(), None
     num_tokens, top_k = expert_ids_TK.shape
-    cap = token_choice_capacity(capacity_factor, num_tokens, top_k, num_experts)
+    cap = expert_capacity(capacity_factor, num_tokens, num_experts, top_k)
     masked_ids = torch.where(proposed_TK, expert_ids_TK, torch.full_like(expert_ids_TK, num_experts))
     gate = torch.where(proposed_TK, gate_TK.detach(), torch.full_like(gate_TK, -math.inf))
     rank_TK = rank_within_expert(masked_ids, gate, priority, num_experts + 1)
+    kept_TK = proposed_TK & (rank_TK < cap)
     if capacity_factor < 0:
-        load_max = int(torch.bincount(masked_ids.reshape(-1), minlength=num_experts + 1)[:num_experts].max())
-        cap = max(1, min(cap, load_max))
-    return proposed_TK & (rank_TK < cap), cap
+        load_max = count_per_expert(masked_ids, num_experts + 1)[:num_experts].max()
+        return kept_TK, load_max.clamp(1, cap)
+    return kept_TK, cap

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = {
+from edgemoe.files import save_figure  # noqa: E402
+
+STYLE: dict[str, dict[str, Any]] = {
     "dmo": dict(color="C3", marker="o", lw=2.2, label="MoE² (DMO)"),
     "exhaustive": dict(color="k", marker="x", ls="none", ms=8, label="exhaustive"),
     "best_single": dict(color="C0", marker="s", label="best single"),
@@ -47,11 +50,11 @@ def plot_sweep(rows: list[dict], folder: str | Path) -> list[Path]:
             ax.set_xlabel(xlabel)
             ax.set_title(title)
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel("MMLU accuracy")
+        axes[0].set_ylabel("accuracy (expected, on correctness-only data)")
         axes[1].legend(fontsize=8)
         fig.tight_layout()
         path = folder / f"accuracy_vs_{sweep}.png"
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -73,7 +76,7 @@ def plot_gap(gap: dict, folder: str | Path) -> Path:
     fig.colorbar(sc, label="|S|")
     fig.tight_layout()
     path = Path(folder) / "optimality_gap.png"
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -90,6 +93,23 @@ def plot_dmo(results: list[dict], path: str | Path) -> Path:
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_stream(without_j, with_j, budget_j: float, folder: str | Path) -> Path:
+    """Running mean energy per request over a served stream, without and with the energy queue."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(range(1, len(without_j) + 1), without_j, color="C0", label="without queue")
+    ax.plot(range(1, len(with_j) + 1), with_j, color="C3", label="with energy queue")
+    ax.axhline(budget_j, color="k", ls="--", lw=1, label="budget")
+    ax.set_xlabel("request")
+    ax.set_ylabel("running mean energy per request (J)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(folder) / "energy_stream.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

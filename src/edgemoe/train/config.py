@@ -13,7 +13,7 @@ from edgemoe.config import ConfigError, check_choice, check_positive, from_dict,
 from edgemoe.edge import NetworkSpec, load_scenario
 from edgemoe.edge.controllers import CONTROLLER_NAMES
 from edgemoe.edge.spec import SCENARIOS, spec_from_dict
-from edgemoe.train.data import DATASETS
+from edgemoe.train.data import DATASETS, ImageDataset, load_dataset
 from edgemoe.train.model import ModelConfig
 
 
@@ -26,6 +26,19 @@ class DataConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     label: Literal["fine", "coarse"] = "fine"
+
+    def build(self, seed: int) -> ImageDataset:
+        """Load the dataset (seeded class-balanced subsets), refusing subsets larger than the data."""
+        data = load_dataset(
+            self.name,
+            self.data_dir,
+            train_subset=self.train_subset,
+            test_subset=self.test_subset,
+            seed=seed,
+            label=self.label,
+        )
+        check_subsets(self, data)
+        return data
 
     def __post_init__(self) -> None:
         check_choice(self.name, "data.name", DATASETS)
@@ -43,9 +56,10 @@ class FaultConfig:
     """Server ``server`` fails at the start of slot ``slot``.
 
     ``offline``: marked offline, queue re-routed, back after ``duration`` slots (0 = never).
-    ``kill``: the server's process is killed (``dist``; in-process it behaves like ``offline`` with its
-    queue lost). ``slow``: the server stalls ``stall_s`` wall seconds, misses its deadline and goes
-    offline for ``transport.rejoin_after`` slots.
+    ``kill``: the server's process is killed (``dist``: SIGKILL, then restarted with backoff; both
+    transports restore its expert and optimizer from the router's latest copy); its queue is
+    re-routed; back after ``duration`` slots, or once it answers if that is later (0 = never).
+    ``slow``: the server stalls ``stall_s`` wall seconds; past ``transport.deadline`` it is late.
     """
 
     server: int
@@ -65,29 +79,37 @@ class FaultConfig:
 class TransportConfig:
     """How the router reaches the servers.
 
-    ``inproc``: all servers in this process, simulated time. ``dist``: torch.distributed, rank 0 is
-    the router, ranks 1..J the servers; ``workers`` local processes are spawned on 127.0.0.1 unless
-    the run is already under ``torchrun``. ``time_scale`` > 0 makes each server take
-    ``time_scale * served * C_j / f_j`` wall seconds per slot (frequency emulation). A server whose
-    slot takes longer than ``deadline`` wall seconds is marked offline for ``rejoin_after`` slots.
+    ``inproc``: all servers in this process, simulated time. ``dist``: one process per server, each
+    connected to the router over TCP (``host:port``; port 0 = any free port). The router starts the
+    servers in ``local_servers`` itself (null = all) and restarts any that die; the others connect
+    from other machines (``edgemoe worker --connect HOST:PORT --servers ...``). ``time_scale`` > 0
+    makes each server take ``time_scale * served * C_j / f_j`` wall seconds per slot (frequency
+    emulation). A server that has not answered ``deadline`` wall seconds (router's clock) after a call
+    is late; after ``max_misses`` late slots in a row it goes offline, and it rejoins once it answers
+    again and at least ``rejoin_after`` slots have passed. ``timeout_s`` bounds start-up, state
+    transfers and profiling.
     """
 
-    kind: Literal["inproc", "dist"] = "inproc"
+    kind: str = "inproc"
     workers: int | None = None
-    backend: Literal["gloo", "nccl"] = "gloo"
-    time_scale: float = 0.0
-    deadline: float | None = None
-    rejoin_after: int = 5
+    host: str = "127.0.0.1"
     port: int = 0
-    timeout_s: float = 120.0
+    local_servers: list[int] | None = None
+    time_scale: float = 0.0
+    deadline: float = 10.0
+    max_misses: int = 2
+    rejoin_after: int = 2
+    timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        check_choice(self.kind, "transport.kind", ("inproc", "dist"))
-        check_choice(self.backend, "transport.backend", ("gloo", "nccl"))
+        from edgemoe.train.transport import TRANSPORTS
+
+        TRANSPORTS.get(self.kind, field="transport.kind")
         check_positive(self.time_scale, "transport.time_scale", allow_zero=True)
-        if self.deadline is not None:
-            check_positive(self.deadline, "transport.deadline")
+        check_positive(self.deadline, "transport.deadline")
+        require(self.max_misses >= 1, "transport.max_misses", f"must be >= 1, got {self.max_misses}")
         require(self.rejoin_after >= 1, "transport.rejoin_after", f"must be >= 1, got {self.rejoin_after}")
+        require(0 <= self.port < 65536, "transport.port", f"must be in [0, 65535], got {self.port}")
         require(
             self.workers is None or self.workers >= 1,
             "transport.workers",
@@ -155,6 +177,9 @@ class TrainConfig:
         )
         for i, fault in enumerate(self.faults):
             require(0 <= fault.server < J, f"faults[{i}].server", f"must be in [0, {J}), got {fault.server}")
+        check_router(self.model.router)
+        for j in self.transport.local_servers or []:
+            require(0 <= j < J, "transport.local_servers", f"server {j} is not in [0, {J})")
 
     def network_spec(self) -> NetworkSpec:
         """The scenario with ``network`` overrides, ``k`` and ``scale`` applied (validated)."""
@@ -185,6 +210,88 @@ class TrainConfig:
         return params
 
 
+def check_router(name: str, field_name: str = "model.router") -> None:
+    """An unknown gate name: one error naming ``field_name`` and every router, plug-ins included.
+
+    Checked with the config, so the error comes before any server process starts.
+    """
+    from edgemoe.moe.config import ROUTERS
+
+    ROUTERS.get(name, field=field_name)
+
+
+def check_subsets(cfg: DataConfig, data: ImageDataset) -> list[str]:
+    """Refuse subsets larger than the dataset (the loader returned fewer images than asked) or with
+    fewer test images than classes.
+
+    Returns warnings (a test set under 100 images measures accuracy in steps above 1 %).
+    """
+    train_size, test_size, num_classes = len(data.y_train_N), len(data.y_test_N), data.num_classes
+    for name, value, size in (
+        ("train_subset", cfg.train_subset, train_size),
+        ("test_subset", cfg.test_subset, test_size),
+    ):
+        require(
+            value is None or value <= size,
+            f"data.{name}",
+            f"asks for {value} images but {cfg.name!r} has {size}; use at most {size} or null (all)",
+        )
+    require(
+        cfg.test_subset is None or cfg.test_subset >= num_classes,
+        "data.test_subset",
+        f"{cfg.test_subset} images cannot cover {num_classes} classes; use at least {num_classes}",
+    )
+    if test_size < 100:
+        return [
+            f"data.test_subset: {test_size} test images measure accuracy only in steps of {100 / test_size:.1f} %"
+        ]
+    return []
+
+
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from a plain mapping."""
     return from_dict(TrainConfig, data)
+
+
+# command-line flag -> dotted config field (shared by ``train`` and ``profile``)
+FLAGS = {
+    "dataset": "data.name",
+    "data_dir": "data.data_dir",
+    "train_subset": "data.train_subset",
+    "test_subset": "data.test_subset",
+    "policy": "policy",
+    "scenario": "scenario",
+    "scale": "scale",
+    "slots": "slots",
+    "seed": "seed",
+    "k": "k",
+    "buffer": "buffer",
+    "router": "model.router",
+    "backbone": "model.backbone",
+    "eval_every": "eval_every",
+    "checkpoint_every": "checkpoint_every",
+    "transport": "transport.kind",
+    "workers": "transport.workers",
+    "time_scale": "transport.time_scale",
+    "deadline": "transport.deadline",
+    "max_misses": "transport.max_misses",
+    "local_servers": "transport.local_servers",
+    "host": "transport.host",
+    "port": "transport.port",
+}
+
+
+def config_with_flags(data: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
+    """``data`` (config file + ``--set``) with every non-None flag of :data:`FLAGS` applied on top."""
+    data = dict(data)
+    for flag, dotted in FLAGS.items():
+        value = flags.get(flag)
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node[key] = dict(node.get(key) or {})
+            node = node[key]
+        node[leaf] = value
+    return train_config_from_dict(data)

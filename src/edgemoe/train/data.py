@@ -9,8 +9,11 @@ Two layers:
   stay fast on small CPUs), scales to [0, 1], standardises per channel with the *training* statistics
   and returns float32 NCHW tensors in an :class:`ImageDataset`.
 
-A missing file raises :class:`FileNotFoundError` naming the file and where to put it. Nothing is
-downloaded. Decoded JPEG arrays are memoised in memory only (never written to disk).
+Where the files are: each dataset is a sub-folder of the data root (:mod:`edgemoe.paths`:
+``--data-dir``, else ``$EDGEMOE_DATA``, else ``~/.local/share/edgemoe``), e.g. ``<root>/cifar10``;
+Fashion-MNIST is also found where the Debian package ``dataset-fashion-mnist`` installs it. A missing
+or malformed file raises :class:`~edgemoe.errors.DataError` naming the file, where it goes and how
+to obtain it. Nothing is downloaded. Decoded JPEG arrays are memoised in memory only (never written to disk).
 """
 
 from __future__ import annotations
@@ -29,14 +32,27 @@ import numpy as np
 import torch
 
 from edgemoe.config import ConfigError, check_choice
+from edgemoe.errors import DataError
+from edgemoe.paths import dataset_dir, require_path
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "svhn")
 
-DEFAULT_ROOTS: dict[str, str] = {
-    "fashion-mnist": "/usr/share/datasets/fashion-mnist",
-    "cifar10": "../shared/data/cifar10",
-    "cifar100": "data/cifar100",
-    "svhn": "data/svhn",
+# Where the Debian package dataset-fashion-mnist installs the four IDX files.
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+# How to obtain each dataset that is not bundled (scikit-learn ships ``digits``).
+HOW_TO_OBTAIN: dict[str, str] = {
+    "fashion-mnist": (
+        "Install the Debian package dataset-fashion-mnist (it puts the 4 IDX files in "
+        f"{SYSTEM_FASHION_MNIST}) or copy train/t10k-images/labels-idx*-ubyte[.gz] from "
+        "github.com/zalandoresearch/fashion-mnist."
+    ),
+    "cifar10": (
+        "Unpack cifar-10-python.tar.gz from www.cs.toronto.edu/~kriz/cifar.html (the "
+        "cifar-10-batches-py/ folder), or put a cifar10_jpeg.zip laid out train|test/<class>/NNNN.jpg."
+    ),
+    "cifar100": "Unpack cifar-100-python.tar.gz from www.cs.toronto.edu/~kriz/cifar.html.",
+    "svhn": "Copy train_32x32.mat and test_32x32.mat from ufldl.stanford.edu/housenumbers.",
 }
 
 FASHION_CLASSES = (
@@ -94,8 +110,8 @@ class ImageDataset:
         return len(self.classes)
 
 
-def _missing(path: Path, what: str, hint: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{what} not found at {str(path)!r}; {hint}")
+def _missing(path: Path, what: str, hint: str) -> DataError:
+    return DataError(str(path), f"{what} not found; {hint}")
 
 
 # --------------------------------------------------------------------------------------------- IDX
@@ -112,15 +128,17 @@ def read_idx(path: str | Path) -> np.ndarray:
             raise _missing(path, "IDX file", "put the official file (optionally .gz) there")
     raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+        raise DataError(str(path), "not an IDX file (bad magic number)")
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if raw[2] not in dtypes:
-        raise ValueError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
+        raise DataError(str(path), f"unknown IDX element type 0x{raw[2]:02x}")
     ndim = raw[3]
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: IDX header says shape {shape} but holds {data.size} elements (truncated?)")
+        raise DataError(
+            str(path), f"IDX header says shape {shape} but holds {data.size} elements (truncated?)"
+        )
     return data.reshape(shape).astype(data.dtype.newbyteorder("="))
 
 
@@ -131,13 +149,13 @@ def read_fashion_mnist(root: str | Path, split: Split) -> tuple[np.ndarray, np.n
         raise _missing(
             root,
             "Fashion-MNIST directory",
-            "install the Debian package dataset-fashion-mnist or pass --data-dir with the 4 IDX files",
+            HOW_TO_OBTAIN["fashion-mnist"],
         )
     prefix = "train" if split == "train" else "t10k"
     images = read_idx(root / f"{prefix}-images-idx3-ubyte")
     labels = read_idx(root / f"{prefix}-labels-idx1-ubyte")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels for {split}")
+        raise DataError(str(root), f"{images.shape[0]} images but {labels.shape[0]} labels for {split}")
     return images.astype(np.uint8)[..., None], labels.astype(np.int64)
 
 
@@ -187,7 +205,7 @@ def _decoded_jpeg_zip(
     with zipfile.ZipFile(path) as zf:
         members = [n for n in zf.namelist() if n.startswith(f"{split}/") and n.lower().endswith(".jpg")]
         if not members:
-            raise ValueError(f"{path}: no {split}/<class>/NNNN.jpg entries")
+            raise DataError(str(path), f"no {split}/<class>/NNNN.jpg entries")
         classes = tuple(sorted({m.split("/")[1] for m in members}))
         members.sort()
         labels = np.array([classes.index(m.split("/")[1]) for m in members], dtype=np.int64)
@@ -287,10 +305,19 @@ def _stratified_indices(labels: np.ndarray, limit: int | None, seed: int) -> np.
     return np.sort(np.argsort(key, kind="stable")[:limit])
 
 
-def _resolve_root(name: str, data_dir: str | Path | None) -> Path:
-    if data_dir is not None:
-        return Path(data_dir)
-    return Path(DEFAULT_ROOTS[name])
+def dataset_root(name: str, data_dir: str | Path | None = None) -> Path:
+    """The folder (or zip) holding dataset ``name``'s files.
+
+    ``data_dir`` is the data root (``<data_dir>/<name>``); a folder that holds the dataset's files
+    directly is accepted too. Without it the data root comes from :func:`edgemoe.paths.data_root`.
+    Fashion-MNIST falls back to the Debian package's folder when the data root lacks it.
+    """
+    if data_dir is not None and not (Path(data_dir) / name).exists():
+        return Path(data_dir).expanduser()
+    root = dataset_dir(name, data_dir)
+    if name == "fashion-mnist" and not root.exists() and SYSTEM_FASHION_MNIST.is_dir():
+        return SYSTEM_FASHION_MNIST
+    return root
 
 
 def _read_raw(
@@ -299,7 +326,8 @@ def _read_raw(
     if name == "digits":
         x, y = read_digits(split)
         return x, y, tuple(str(i) for i in range(10))
-    assert root is not None
+    if root is None:
+        raise ConfigError("data.data_dir", f"dataset {name!r} needs a data folder")
     if name == "fashion-mnist":
         x, y = read_fashion_mnist(root, split)
         return x, y, FASHION_CLASSES
@@ -349,13 +377,15 @@ def load_dataset(
     for field, value in (("data.train_subset", train_subset), ("data.test_subset", test_subset)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(field, f"must be a positive integer or null, got {value!r}")
-    root = None if name == "digits" else _resolve_root(name, data_dir)
-    if root is not None and not root.exists():
-        raise _missing(
-            root, f"data directory for {name!r}", "create it with the official files or pass --data-dir"
-        )
+    root = None if name == "digits" else dataset_root(name, data_dir)
+    if root is not None:
+        require_path(root, f"data directory for {name!r}", HOW_TO_OBTAIN[name])
     splits = {}
-    for split, limit, split_seed in (("train", train_subset, seed), ("test", test_subset, seed + 1)):
+    plan: tuple[tuple[Split, int | None, int], ...] = (
+        ("train", train_subset, seed),
+        ("test", test_subset, seed + 1),
+    )
+    for split, limit, split_seed in plan:
         x, y, classes = _read_raw(name, root, split, limit, split_seed, label)
         keep = _stratified_indices(y, limit, split_seed)
         splits[split] = (to_float_nchw(x[keep]), torch.from_numpy(np.array(y[keep], dtype=np.int64)))

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from edgemoe.config import ConfigError, check_choice, require
-from edgemoe.moe import RouterConfig, build_router
+from edgemoe.moe import resolve_router_config
 from edgemoe.moe.routing import combine_weights
 from edgemoe.train.data import patchify
 
@@ -153,6 +153,8 @@ class RouterSide(nn.Module):
     Tokens are handled flat, ``T = N * P`` rows in sample order (a sample's P tokens are adjacent).
     """
 
+    route_bias_E: Tensor
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -175,13 +177,16 @@ class RouterSide(nn.Module):
             self.backbone = ViTBackbone(
                 in_channels, image_size, cfg.patch, cfg.dim, cfg.vit_depth, cfg.vit_heads, self.tokens
             )
-        router_cfg = RouterConfig(
-            name=cfg.router,
-            top_k=top_k,
-            capacity_factor=cfg.router_capacity_factor,
-            options=dict(cfg.router_options or {}),
+        router_cfg = resolve_router_config(
+            {
+                "name": cfg.router,
+                "top_k": top_k,
+                "capacity_factor": cfg.router_capacity_factor,
+                **(cfg.router_options or {}),
+            },
+            field="model.router",
         )
-        self.router = build_router(router_cfg, cfg.dim, num_experts)
+        self.router = router_cfg.build(cfg.dim, num_experts)
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(self.tokens * cfg.dim, num_classes)
         self.register_buffer("route_bias_E", torch.zeros(num_experts))

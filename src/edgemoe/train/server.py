@@ -89,6 +89,7 @@ class ExpertServer:
         h = h_ND.detach().requires_grad_(True)
         self.expert(h).backward(grad_y_ND)
         self.optimizer.step()
+        assert h.grad is not None  # the expert's output depends on its input
         return h.grad
 
     def infer(self, h_ND: Tensor) -> Tensor:

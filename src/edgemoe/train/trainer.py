@@ -1,4 +1,4 @@
-"""The slot-driven Stable-MoE trainer (DESIGN.md §2).
+"""The slot-driven Stable-MoE trainer (docs/stable-moe.md, docs/training.md).
 
 Every slot t:
 
@@ -49,14 +49,17 @@ from edgemoe.edge import (
 from edgemoe.edge.arrivals import restore_rng, rng_state
 from edgemoe.edge.controllers import SWITCH_COEF, auto_block, route_sequential, topk_ids
 from edgemoe.edge.spec import spec_from_dict
-from edgemoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from edgemoe.train.checkpoint import TraceLog, check_resumable, load_checkpoint, save_checkpoint
 from edgemoe.train.config import TrainConfig
-from edgemoe.train.data import ImageDataset, load_dataset
+from edgemoe.train.data import ImageDataset
 from edgemoe.train.model import RouterSide
 from edgemoe.train.server import ServerSpec
 from edgemoe.train.tokens import CompletedTokens, TokenTable
-from edgemoe.train.transport import InProcTransport, ServerOrder, ServerReply, Transport
+from edgemoe.train.transport import LATE, ServerOrder, ServerReply, Transport
+from edgemoe.train.transport import make_transport as _make_transport
 
+# Per-slot lists kept in the checkpoint's append-only trace file, not in the checkpoint itself.
+TRACED = ("history", "evals", "recorded", "recorded_labels")
 # Config fields that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("slots", "checkpoint_every", "transport", "record_scores")
 
@@ -138,14 +141,14 @@ def mutual_information_bits(counts_JC: np.ndarray) -> float:
     return float((p_JC[nz] * np.log2(p_JC[nz] / outer_JC[nz])).sum())
 
 
-def make_transport(cfg: TrainConfig, num_servers: int) -> Transport:
+def make_transport(
+    cfg: TrainConfig,
+    num_servers: int,
+    on_event: Callable[[int, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Transport:
     """The transport named by ``cfg.transport.kind``."""
-    specs = server_specs(cfg, num_servers)
-    if cfg.transport.kind == "inproc":
-        return InProcTransport(specs)
-    from edgemoe.train.dist import DistTransport
-
-    return DistTransport(specs, cfg.transport)
+    return _make_transport(server_specs(cfg, num_servers), cfg.transport, on_event, should_stop)
 
 
 class Trainer:
@@ -164,14 +167,7 @@ class Trainer:
         self.tokens = cfg.model.tokens_per_sample
         self.spec = token_spec(cfg.network_spec(), self.tokens)
         self.num_servers, self.k = self.spec.num_servers, self.spec.k
-        self.data = dataset or load_dataset(
-            cfg.data.name,
-            cfg.data.data_dir,
-            train_subset=cfg.data.train_subset,
-            test_subset=cfg.data.test_subset,
-            seed=cfg.seed,
-            label=cfg.data.label,
-        )
+        self.data = dataset or cfg.data.build(cfg.seed)
         self.view_prior_J: np.ndarray | None = None
         if cfg.gate_prior == "scenario" and self.spec.scores.kind == "skewed":
             prior_J = np.exp(SkewedScoreGenerator(self.spec.scores, self.spec.f_max_J).log_popularity_J)
@@ -206,6 +202,7 @@ class Trainer:
         self.evals: list[dict[str, float]] = []
         self.recorded: list[np.ndarray] = []
         self.recorded_labels: list[np.ndarray] = []
+        self.trace = TraceLog(TRACED)
         self.counters = {
             "arrived": 0,
             "trained": 0,
@@ -215,19 +212,33 @@ class Trainer:
             "dropped_assignments": 0,
             "rerouted": 0,
             "no_expert": 0,
+            "late_replies": 0,
+            "late_backward": 0,
         }
         self.keep_decisions = keep_decisions
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self._last_completed = 0
         self.decisions: list[SlotDecision] = []
-        self.transport = transport or make_transport(cfg, self.num_servers)
+        self.lost: dict[int, int] = {}
+        self.misses_J = np.zeros(self.num_servers, dtype=np.int64)
+        self.events: list[dict[str, Any]] = []
+        self.on_event: Callable[[str], None] = lambda text: None
+        self.transport = transport or make_transport(cfg, self.num_servers, self._transport_event)
 
     # ------------------------------------------------------------------------------------- faults
 
     def _live(self) -> np.ndarray:
         return np.flatnonzero(self.state.online_J)
 
-    def go_offline(self, server: int, until: int | None, *, reachable: bool = True) -> int:
+    def _event(self, server: int, what: str) -> None:
+        """Record a fault event (console and ``summary.json``)."""
+        self.events.append({"slot": self.slot, "server": server, "event": what})
+        self.on_event(f"slot {self.slot}: server {server} {what}")
+
+    def _transport_event(self, server: int, text: str) -> None:
+        self.on_event(f"slot {self.slot}: server {server} {text}")
+
+    def go_offline(self, server: int, until: int | None) -> int:
         """Mark ``server`` offline until slot ``until`` (None = for good) and re-route its queue.
 
         Each queued assignment moves to a live server that does not already hold that token,
@@ -237,8 +248,7 @@ class Trainer:
         self.engine.mark_offline(server)
         self.offline_until[server] = until
         self.requeue.pop(server, None)
-        if reachable:
-            self.transport.reset(server)
+        self.transport.detach(server)
         rows, cols = self.table.queued_on(server)
         if len(rows) == 0:
             return 0
@@ -258,12 +268,38 @@ class Trainer:
         self.counters["dropped_assignments"] += int((new < 0).sum())
         return len(rows)
 
+    def lose(self, server: int, why: str) -> None:
+        """The transport lost ``server`` (dead or too late): offline until it answers again."""
+        if not self.state.online_J[server]:
+            return
+        self.go_offline(server, None)
+        del self.offline_until[server]
+        self.lost[server] = self.slot + self.cfg.transport.rejoin_after
+        self._event(server, why)
+
+    def _rejoin(self, server: int) -> None:
+        self.transport.attach(server)
+        self.engine.mark_online(server)
+        self.misses_J[server] = 0
+
+    def _sync_transport(self) -> None:
+        """Bring back lost servers that answer again (after ``rejoin_after`` slots)."""
+        back = set(self.transport.back())
+        for server, earliest in list(self.lost.items()):
+            if server in back and self.slot >= earliest:
+                del self.lost[server]
+                self._rejoin(server)
+                self._event(server, "rejoined")
+
     def _apply_faults(self, t: int) -> None:
+        self._sync_transport()
         for server, until in list(self.offline_until.items()):
             if until is not None and until == t:
                 del self.offline_until[server]
-                self.transport.reset(server)
-                self.engine.mark_online(server)
+                if server in self.transport.back():
+                    self._rejoin(server)
+                else:  # a killed process not restarted yet: rejoins when it answers
+                    self.lost[server] = t
         for fault in self.cfg.faults:
             if fault.slot != t:
                 continue
@@ -272,7 +308,7 @@ class Trainer:
                 self.stall_J[fault.server] = fault.stall_s
             elif fault.kind == "kill":
                 self.transport.kill(fault.server)
-                self.go_offline(fault.server, until, reachable=False)
+                self.go_offline(fault.server, until)
             elif self.state.online_J[fault.server]:
                 self.go_offline(fault.server, until)
 
@@ -308,28 +344,41 @@ class Trainer:
         self.stall_J[:] = 0.0
         return orders
 
-    def _collect(self, t: int, replies: dict[int, ServerReply | None]) -> tuple[np.ndarray, np.ndarray]:
-        """Deliver outputs, count overflow, take unreachable or late servers offline; returns the
-        assignments served and refused (finite buffer) per server."""
+    def _deliver(self, j: int, reply: ServerReply, served_J: np.ndarray, overflow_J: np.ndarray) -> None:
+        self.table.deliver(j, reply.served_ids.numpy(), reply.served_y)
+        self.table.drop(j, reply.overflow_ids.numpy())
+        self.counters["dropped_assignments"] += int(reply.overflow_ids.numel())
+        overflow_J[j] += reply.overflow_ids.numel()
+        served_J[j] += reply.served_ids.numel()
+
+    def _collect(self, replies: dict[int, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Deliver outputs (late ones from earlier slots too), count misses, lose dead servers;
+        returns the assignments served and refused (finite buffer) per server."""
         served_J = np.zeros(self.num_servers)
         overflow_J = np.zeros(self.num_servers)
-        deadline = self.cfg.transport.deadline
+        for j, late in self.transport.late_replies().items():
+            for reply in late:
+                self._deliver(j, reply, served_J, overflow_J)
         for j, reply in replies.items():
             if reply is None:
-                self.go_offline(j, None, reachable=False)
-                continue
-            if deadline is not None and reply.wall_s > deadline:
-                self.go_offline(j, t + self.cfg.transport.rejoin_after)
-                continue
-            self.table.deliver(j, reply.served_ids.numpy(), reply.served_y)
-            self.table.drop(j, reply.overflow_ids.numpy())
-            self.counters["dropped_assignments"] += int(reply.overflow_ids.numel())
-            overflow_J[j] = reply.overflow_ids.numel()
-            served_J[j] = reply.served_ids.numel()
-            pending = len(self.requeue.get(j, ()))
-            mirror = int(self.table.backlog_J(self.num_servers)[j]) - pending
-            if reply.backlog != mirror:
-                raise RuntimeError(f"server {j} holds {reply.backlog} tokens but the router expects {mirror}")
+                self.lose(j, "unreachable")
+            elif reply is LATE:
+                self.misses_J[j] += 1
+                self.counters["late_replies"] += 1
+                if self.misses_J[j] >= self.cfg.transport.max_misses:
+                    self.lose(j, f"late {self.misses_J[j]} slots in a row")
+            else:
+                self.misses_J[j] = 0
+                self._deliver(j, reply, served_J, overflow_J)
+        pending_J = np.zeros(self.num_servers, dtype=np.int64)
+        for j, ids in self.requeue.items():
+            pending_J[j] = len(ids)
+        mirror_J = self.table.backlog_J(self.num_servers) - pending_J
+        for j, reply in replies.items():
+            if isinstance(reply, ServerReply) and self.state.online_J[j] and reply.backlog != mirror_J[j]:
+                raise RuntimeError(
+                    f"server {j} holds {reply.backlog} tokens but the router expects {mirror_J[j]}"
+                )
         return served_J, overflow_J
 
     def controller_view(self, scores_TJ: np.ndarray) -> np.ndarray:
@@ -366,7 +415,7 @@ class Trainer:
         serve_J = self.engine.plan(decision.freq_J).astype(np.int64)
         self.table.add(ids_T, samples_T, t, h_TD, experts_TK, kept_TK)
         orders = self._orders(serve_J, decision.freq_J, ids_T, h_TD, experts_TK, kept_TK)
-        served_J, overflow_J = self._collect(t, self.transport.step(orders))
+        served_J, overflow_J = self._collect(self.transport.step(orders))
         self.counters["served_assignments"] += int(served_J.sum())
         completed = self.table.pop_completed()
         loss = self._train(completed)
@@ -466,7 +515,9 @@ class Trainer:
         grad_h_TD = torch.zeros_like(h_TD)
         for j, grad in self.transport.backward(jobs).items():
             if grad is None:
-                self.go_offline(j, None, reachable=False)
+                self.lose(j, "unreachable")
+            elif grad is LATE:  # the expert still steps when it catches up; the backbone goes without
+                self.counters["late_backward"] += 1
             else:
                 grad_h_TD.index_add_(0, cells[j], grad)
         self.optimizer.zero_grad(set_to_none=True)
@@ -497,7 +548,7 @@ class Trainer:
             outs = self.transport.infer(h_TD, live) if need_experts else {}
             y_JTD = torch.zeros(self.num_servers, *h_TD.shape)
             for j, y in outs.items():
-                if y is not None:
+                if isinstance(y, Tensor):  # an unreachable or late expert contributes nothing
                     y_JTD[j] = y
             rows_T1 = torch.arange(len(h_TD))[:, None]
             for routing in routings:
@@ -543,17 +594,28 @@ class Trainer:
     # ------------------------------------------------------------------------------------ running
 
     def run(
-        self, slots: int | None = None, *, on_slot: Callable[[dict[str, float]], None] | None = None
-    ) -> None:
-        """Run until ``slots`` (default ``cfg.slots``) slots have elapsed, checkpointing on schedule."""
+        self,
+        slots: int | None = None,
+        *,
+        on_slot: Callable[[dict[str, float]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Run until ``slots`` (default ``cfg.slots``) slots have elapsed, checkpointing on schedule.
+
+        ``should_stop`` is asked before every slot (e.g. a signal arrived); returns False if it stopped
+        the run early.
+        """
         end = self.cfg.slots if slots is None else slots
         while self.slot < end:
+            if should_stop is not None and should_stop():
+                return False
             row = self.run_slot()
             if on_slot is not None:
                 on_slot(row)
             every = self.cfg.checkpoint_every
             if every and self.slot % every == 0 and self.checkpoint_path is not None:
                 self.save(self.checkpoint_path)
+        return True
 
     def summary(self) -> dict[str, Any]:
         """Headline metrics of the run so far."""
@@ -578,6 +640,8 @@ class Trainer:
             "gc_norm_mean": mean("gc_norm"),
             "in_flight": len(self.table),
             **self.counters,
+            "offline_at_end": [int(j) for j in np.flatnonzero(~self.state.online_J)],
+            "fault_events": list(self.events),
         }
 
     def save_scores(self, path: str | Path) -> None:
@@ -609,26 +673,16 @@ class Trainer:
             "controller": self.controller.state_dict(),
             "arrivals": self.arrivals.state_dict(),
             "samples": self.samples.state_dict(),
-            "history": list(self.history),
-            "evals": list(self.evals),
-            "recorded": list(self.recorded),
-            "recorded_labels": list(self.recorded_labels),
             "counters": dict(self.counters),
+            "lost": dict(self.lost),
+            "misses_J": self.misses_J.copy(),
+            "events": list(self.events),
             "torch_rng": torch.random.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != 1:
-            raise CheckpointError("checkpoint format not understood (expected format 1)")
-        mine, theirs = to_dict(self.cfg), state["config"]
-        diff = sorted(
-            k for k in set(mine) | set(theirs) if k not in RESUMABLE_CHANGES and mine.get(k) != theirs.get(k)
-        )
-        if diff:
-            raise CheckpointError(
-                f"checkpoint was written with a different configuration (fields {diff}); "
-                "resume with the same config or start a new run"
-            )
+        check_resumable(to_dict(self.cfg), state, RESUMABLE_CHANGES)
+        self.load_traced(state)
         self.slot, self.next_id = int(state["slot"]), int(state["next_id"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -642,18 +696,37 @@ class Trainer:
         self.controller.load_state_dict(state["controller"])
         self.arrivals.load_state_dict(state["arrivals"])
         self.samples.load_state_dict(state["samples"])
-        self.history, self.evals = list(state["history"]), list(state["evals"])
-        self.recorded, self.recorded_labels = list(state["recorded"]), list(state["recorded_labels"])
-        self.counters = dict(state["counters"])
+        self.counters = {**self.counters, **state["counters"]}
+        self.events = list(state.get("events", []))
+        self.misses_J = np.array(state.get("misses_J", self.misses_J))
+        # servers lost to the transport rejoin as soon as they answer; scheduled faults keep their slots
+        self.lost = {int(j): self.slot for j in state.get("lost", {})}
+        for j in np.flatnonzero(~self.state.online_J):
+            self.transport.detach(int(j))
         torch.random.set_rng_state(state["torch_rng"])
 
     def save(self, path: str | Path) -> Path:
-        """Atomic checkpoint of everything needed to continue exactly."""
-        return save_checkpoint(path, self.state_dict())
+        """Atomic checkpoint of everything needed to continue exactly (per-slot lists appended to the
+        trace file next to it first, so the checkpoint stays the same size as the run grows)."""
+        for j in np.flatnonzero(self.state.online_J & (self.misses_J > 0)):
+            # a late server's queue is in flux; offline first, so the checkpoint is consistent
+            self.lose(int(j), "late at a checkpoint")
+        counts = self.trace.save(path, {k: getattr(self, k) for k in TRACED})
+        return save_checkpoint(path, {**self.state_dict(), "traced": counts})
 
     def resume(self, path: str | Path) -> None:
         """Load a checkpoint written by :meth:`save` (refuses corrupt or partial files)."""
         self.load_state_dict(load_checkpoint(path))
+
+    def load_traced(self, state: dict[str, Any]) -> None:
+        """Restore the per-slot lists of a checkpoint loaded from ``state["path"]``."""
+        if "traced" not in state:  # an in-memory state_dict(), or a checkpoint holding the lists itself
+            for key in TRACED:
+                if key in state:
+                    setattr(self, key, list(state[key]))
+            return
+        for key, values in self.trace.load(state["path"], state["traced"]).items():
+            setattr(self, key, values)
 
     def close(self) -> None:
         self.transport.close()

@@ -7,22 +7,44 @@ back to the servers as ``backward`` jobs (activations + gradient on the expert o
 recomputes its forward, steps its optimizer and returns the gradient on the activations.
 
 :class:`InProcTransport` keeps every :class:`~edgemoe.train.server.ExpertServer` in this process
-(simulated time). :mod:`edgemoe.train.dist` runs the same :func:`handle_order` in worker processes.
-A transport reports a server it could not reach as ``None`` in its replies; the trainer then marks
-that server offline.
+(simulated time). :mod:`edgemoe.train.dist` runs the same :func:`handle_order` in worker processes
+reached over TCP. Both report faults the same way, through small hooks the trainer polls:
+
+- a reply is ``None`` when the server is unreachable (dead), :data:`LATE` when it missed the
+  router-side ``transport.deadline``; a late ``step`` reply is delivered later by
+  :meth:`Transport.late_replies` (the trainer uses it: the tokens it served complete then);
+- :meth:`Transport.detach` tells the transport the trainer took a server offline (its pending replies
+  are discarded, its queue drained); :meth:`Transport.back` lists detached servers that answer again
+  (a restarted one holds the router's latest copy of its expert and optimizer);
+  :meth:`Transport.attach` brings one back.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from edgemoe.registry import Registry
 from edgemoe.train.server import ExpertServer, ServerSpec
+
+# name -> transport class; ``dist`` registers itself when edgemoe.train.dist is imported (on first use)
+TRANSPORTS: Registry[Any] = Registry("transport", plugin_package="edgemoe.train", plugins=("dist",))
+
+
+class _Late:
+    """Marker reply of a server that missed the router's deadline."""
+
+    def __repr__(self) -> str:
+        return "LATE"
+
+
+LATE: Any = _Late()
 
 
 def _empty_ids() -> Tensor:
@@ -76,8 +98,15 @@ def handle_order(server: ExpertServer, order: ServerOrder) -> ServerReply:
     )
 
 
+def without_queue(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A server state with an empty queue: what a restarted server gets (its tokens were re-routed)."""
+    if state is None:
+        return None
+    return {**state, "queue_ids": state["queue_ids"][:0], "queue_h": state["queue_h"][:0]}
+
+
 class Transport(ABC):
-    """Router-side handle on the J servers. ``None`` in a reply means the server is unreachable."""
+    """Router-side handle on the J servers. ``None`` in a reply: unreachable; :data:`LATE`: too late."""
 
     num_servers: int
 
@@ -92,10 +121,6 @@ class Transport(ABC):
     @abstractmethod
     def infer(self, h_ND: Tensor, servers: list[int]) -> dict[int, Tensor | None]:
         """Expert outputs of ``servers`` for ``h_ND`` (evaluation; queues untouched)."""
-
-    @abstractmethod
-    def reset(self, server: int) -> None:
-        """Discard a server's queue (it went offline; the router re-routes those tokens)."""
 
     @abstractmethod
     def kill(self, server: int) -> None:
@@ -113,19 +138,72 @@ class Transport(ABC):
     def profile(self, tokens: int, repeats: int) -> dict[int, dict[str, float] | None]:
         """Each server measures its own per-token expert cost (see ``ExpertServer.profile``)."""
 
+    @abstractmethod
+    def late_replies(self) -> dict[int, list[ServerReply]]:
+        """``step`` replies that arrived after their deadline from servers still attached."""
+
+    @abstractmethod
+    def detach(self, server: int) -> None:
+        """The trainer took ``server`` offline: discard its pending replies and drain its queue."""
+
+    @abstractmethod
+    def back(self) -> list[int]:
+        """Detached servers that answer again (empty queue, latest known expert state)."""
+
+    @abstractmethod
+    def attach(self, server: int) -> None:
+        """Track ``server`` again (the trainer brings it online)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, in-process transports hold nothing
         """Release processes and sockets (nothing to do in-process)."""
 
 
+@TRANSPORTS.register("inproc")
 class InProcTransport(Transport):
-    """Every server in this process; time is simulated (no emulated sleeps unless asked)."""
+    """Every server in this process; time is simulated (no emulated sleeps unless asked).
 
-    def __init__(self, specs: list[ServerSpec]):
+    A reply slower than ``deadline`` wall seconds is reported :data:`LATE` and handed over by
+    :meth:`late_replies` at the next slot (after the next ``step``), as a late reply over the
+    network would be.
+    """
+
+    def __init__(self, specs: list[ServerSpec], deadline: float | None = None):
         self.servers = [ExpertServer(s) for s in specs]
         self.num_servers = len(specs)
+        self.deadline = deadline
+        self.tracked = set(range(self.num_servers))
+        self.held: dict[int, list[ServerReply]] = {}  # late in the current slot
+        self.arrived: dict[int, list[ServerReply]] = {}  # late in an earlier slot, handed over now
+        self.snapshots: dict[int, dict[str, Any]] = {}
 
-    def step(self, orders: dict[int, ServerOrder]) -> dict[int, ServerReply | None]:
-        return {j: handle_order(self.servers[j], o) for j, o in orders.items()}
+    def step(self, orders: dict[int, ServerOrder]) -> dict[int, Any]:
+        for j, replies in self.held.items():
+            self.arrived.setdefault(j, []).extend(replies)
+        self.held = {}
+        out: dict[int, Any] = {}
+        for j, order in orders.items():
+            reply = handle_order(self.servers[j], order)
+            if self.deadline is not None and reply.wall_s > self.deadline:
+                self.held.setdefault(j, []).append(reply)
+                reply = LATE
+            out[j] = reply
+        return out
+
+    def late_replies(self) -> dict[int, list[ServerReply]]:
+        arrived, self.arrived = self.arrived, {}
+        return {j: r for j, r in arrived.items() if j in self.tracked}
+
+    def detach(self, server: int) -> None:
+        self.tracked.discard(server)
+        self.held.pop(server, None)
+        self.arrived.pop(server, None)
+        self.servers[server].drain()
+
+    def back(self) -> list[int]:
+        return [j for j in range(self.num_servers) if j not in self.tracked]
+
+    def attach(self, server: int) -> None:
+        self.tracked.add(server)
 
     def backward(self, jobs: dict[int, tuple[Tensor, Tensor]]) -> dict[int, Tensor | None]:
         return {j: self.servers[j].backward(h, g) for j, (h, g) in jobs.items()}
@@ -133,20 +211,39 @@ class InProcTransport(Transport):
     def infer(self, h_ND: Tensor, servers: list[int]) -> dict[int, Tensor | None]:
         return {j: self.servers[j].infer(h_ND) for j in servers}
 
-    def reset(self, server: int) -> None:
-        self.servers[server].drain()
-
     def kill(self, server: int) -> None:
-        """In-process a killed server loses its queue and comes back (on rejoin) with its weights."""
-        self.servers[server].drain()
+        """A killed server loses its queue and restarts from the router's latest copy of its state."""
+        self.detach(server)
+        state = without_queue(self.snapshots.get(server))
+        if state is not None:
+            self.servers[server].load_state_dict(state)
 
     def profile(self, tokens: int, repeats: int) -> dict[int, dict[str, float] | None]:
         return {j: s.profile(tokens, repeats) for j, s in enumerate(self.servers)}
 
     def state_dict(self) -> dict[int, dict[str, Any] | None]:
-        return {j: s.state_dict() for j, s in enumerate(self.servers)}
+        self.snapshots = {j: s.state_dict() for j, s in enumerate(self.servers)}
+        return dict(self.snapshots)
 
     def load_state_dict(self, states: dict[int, dict[str, Any] | None]) -> None:
         for j, state in states.items():
             if state is not None:
                 self.servers[j].load_state_dict(state)
+                self.snapshots[j] = state
+
+
+def make_transport(
+    specs: list[ServerSpec],
+    cfg: Any,
+    on_event: Callable[[int, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Transport:
+    """The transport named by ``cfg.kind`` (a :class:`~edgemoe.train.config.TransportConfig`).
+
+    ``on_event(server, text)`` hears about deaths and restarts; ``should_stop()`` can cut short the
+    wait for servers to connect (a Ctrl-C during start-up).
+    """
+    factory = TRANSPORTS.get(cfg.kind, field="transport.kind")
+    if cfg.kind == "inproc":
+        return factory(specs, cfg.deadline)
+    return factory(specs, cfg, on_event=on_event, should_stop=should_stop)

@@ -10,6 +10,7 @@ letters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import math
@@ -17,20 +18,20 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from edgemoe.collab.backends.base import (
     BackendError,
     ChoiceScores,
-    ExpertBackend,
     Generation,
+    LLMBackend,
     Message,
     Stopwatch,
     log_softmax,
-    option_letters,
 )
+from edgemoe.collab.prompts import option_letters
 from edgemoe.config import ConfigError
 
 INSTALL_HINT = "install the [llm] extra (see docs/serving.md, 'Local models')"
@@ -107,7 +108,7 @@ def _without_extra_buffers(llama_cpp: Any):
 
 
 @dataclass
-class LlamaCppBackend(ExpertBackend):
+class LlamaCppBackend(LLMBackend):
     """A GGUF model through ``llama_cpp.Llama`` (CPU, ``n_threads`` threads).
 
     ``extra_buffers=False`` keeps llama.cpp from repacking weights into extra buffer types (AMX
@@ -120,6 +121,10 @@ class LlamaCppBackend(ExpertBackend):
     n_threads: int = 1
     seed: int = 0
     extra_buffers: bool = True
+    supported_params: ClassVar[frozenset[str]] = frozenset(
+        {"stop", "top_p", "seed", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
+         "top_logprobs", "response_format", "tools", "tool_choice"}
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self._llm: Any = None
@@ -165,16 +170,23 @@ class LlamaCppBackend(ExpertBackend):
             letters_from_logits(logits_V, self._letter_ids[n_options]), "logits", sw.seconds, len(tokens)
         )
 
-    def generate(self, messages: Sequence[Message], max_tokens: int, temperature: float = 0.0) -> Generation:
+    def generate(
+        self,
+        messages: Sequence[Message],
+        max_tokens: int,
+        temperature: float = 0.0,
+        params: Mapping[str, Any] | None = None,
+    ) -> Generation:
         self.load()
         with Stopwatch() as sw:
             out = self._llm.create_chat_completion(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=[m.openai() for m in messages],
                 max_tokens=max_tokens,
                 temperature=temperature,
-                seed=self.seed,
+                **{"seed": self.seed, **(params or {})},
             )
-        return _generation(out, str(out["choices"][0]["message"].get("content") or ""), sw.seconds)
+        gen = _generation(out, str(out["choices"][0]["message"].get("content") or ""), sw.seconds)
+        return dataclasses.replace(gen, choices=tuple(out["choices"]))
 
     def complete(self, prompt: str, max_tokens: int) -> Generation:
         self.load()
@@ -195,7 +207,7 @@ def _generation(out: dict[str, Any], text: str, seconds: float) -> Generation:
 
 
 @dataclass
-class TransformersBackend(ExpertBackend):
+class TransformersBackend(LLMBackend):
     """A causal LM from a local Hugging Face model directory (or a GGUF file via ``gguf_file``)."""
 
     path: str = ""
@@ -273,7 +285,13 @@ class TransformersBackend(ExpertBackend):
             self._tok.decode(new, skip_special_tokens=True), len(ids), len(new), sw.seconds, finish
         )
 
-    def generate(self, messages: Sequence[Message], max_tokens: int, temperature: float = 0.0) -> Generation:
+    def generate(
+        self,
+        messages: Sequence[Message],
+        max_tokens: int,
+        temperature: float = 0.0,
+        params: Mapping[str, Any] | None = None,
+    ) -> Generation:
         self.load()
         return self._generate_ids(self._chat_ids(messages), max_tokens, temperature)
 

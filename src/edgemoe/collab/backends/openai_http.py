@@ -9,27 +9,29 @@ the smallest listed probability (an upper bound on what they could have had, hal
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import httpx
 
 from edgemoe.collab.backends.base import (
+    PASS_THROUGH_PARAMS,
     BackendError,
     ChoiceScores,
-    ExpertBackend,
     Generation,
+    LLMBackend,
     Message,
     Stopwatch,
     letter_from_text,
     log_softmax,
-    option_letters,
     smoothed_one_hot,
 )
-from edgemoe.collab.backends.http_pool import AsyncHTTPPool, PoolError
+from edgemoe.collab.backends.http_pool import AsyncHTTPPool, PoolError, StatusError
+from edgemoe.collab.prompts import option_letters
 
 # Requests go out as two writes (headers, body): without TCP_NODELAY, Nagle's algorithm can hold
 # the body until the server's delayed ACK, tens of milliseconds per call.
@@ -77,7 +79,7 @@ def _text_of(choice: dict[str, Any]) -> str:
 
 
 @dataclass
-class OpenAIBackend(ExpertBackend):
+class OpenAIBackend(LLMBackend):
     """Client for one OpenAI-compatible endpoint.
 
     ``url`` is the server's base (``http://host:8080``; a trailing ``/v1`` is accepted).
@@ -93,6 +95,8 @@ class OpenAIBackend(ExpertBackend):
     use_logprobs: bool = True
     top_logprobs: int = 20
     max_connections: int = 256
+    supported_params: ClassVar[frozenset[str]] = frozenset(PASS_THROUGH_PARAMS)
+    streams: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         base = self.url.rstrip("/")
@@ -139,11 +143,16 @@ class OpenAIBackend(ExpertBackend):
         return ChoiceScores(smoothed_one_hot(index, n_options), "text", seconds, prompt_tokens)
 
     def _chat_request(
-        self, messages: Sequence[Message], max_tokens: int, temperature: float
+        self,
+        messages: Sequence[Message],
+        max_tokens: int,
+        temperature: float,
+        params: Mapping[str, Any] | None = None,
     ) -> tuple[str, dict[str, Any]]:
         body = {
+            **(params or {}),
             "model": self.model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [m.openai() for m in messages],
             "max_tokens": max_tokens,
             "temperature": temperature,
         }
@@ -152,27 +161,31 @@ class OpenAIBackend(ExpertBackend):
     def _parse_chat(self, data: dict[str, Any], seconds: float) -> Generation:
         choice = self._first_choice(data)
         usage = data.get("usage") or {}
+        choices = tuple(c for c in data["choices"] if isinstance(c, dict))
         return Generation(
             _text_of(choice),
             int(usage.get("prompt_tokens", 0)),
             int(usage.get("completion_tokens", 0)),
             seconds,
             str(choice.get("finish_reason") or "stop"),
+            choices if "message" in choice else (),
         )
 
     def _first_choice(self, data: Any) -> dict[str, Any]:
         choices = data.get("choices") if isinstance(data, dict) else None
         if not choices or not isinstance(choices[0], dict):
-            raise BackendError(f"expert {self.name!r}: reply has no choices: {str(data)[:200]}")
+            raise BackendError(f"expert {self.name!r}: reply has no choices: {str(data)[:200]}", "bad_reply")
         return choices[0]
 
     def _check(self, resp: httpx.Response) -> dict[str, Any]:
         if resp.status_code >= 400:
-            raise BackendError(f"expert {self.name!r}: HTTP {resp.status_code}: {resp.text[:200]}")
+            raise BackendError(
+                f"expert {self.name!r}: HTTP {resp.status_code}: {resp.text[:200]}", "http_error"
+            )
         try:
             return resp.json()
         except ValueError as exc:
-            raise BackendError(f"expert {self.name!r}: reply is not JSON") from exc
+            raise BackendError(f"expert {self.name!r}: reply is not JSON", "bad_reply") from exc
 
     # -- blocking --
 
@@ -184,7 +197,7 @@ class OpenAIBackend(ExpertBackend):
                 resp = self._client.post(path, json=body)
             except httpx.HTTPError as exc:
                 raise BackendError(
-                    f"expert {self.name!r} at {self.base_url}: {type(exc).__name__}: {exc}"
+                    f"expert {self.name!r} at {self.base_url}: {type(exc).__name__}: {exc}", "unreachable"
                 ) from exc
             data = self._check(resp)
         return data, sw.seconds
@@ -193,8 +206,14 @@ class OpenAIBackend(ExpertBackend):
         data, seconds = self._post(*self._mc_request(prompt, n_options))
         return self._parse_mc(data, n_options, seconds)
 
-    def generate(self, messages: Sequence[Message], max_tokens: int, temperature: float = 0.0) -> Generation:
-        data, seconds = self._post(*self._chat_request(messages, max_tokens, temperature))
+    def generate(
+        self,
+        messages: Sequence[Message],
+        max_tokens: int,
+        temperature: float = 0.0,
+        params: Mapping[str, Any] | None = None,
+    ) -> Generation:
+        data, seconds = self._post(*self._chat_request(messages, max_tokens, temperature, params))
         return self._parse_chat(data, seconds)
 
     def complete(self, prompt: str, max_tokens: int) -> Generation:
@@ -210,7 +229,7 @@ class OpenAIBackend(ExpertBackend):
             try:
                 self._check(self._client.get("/v1/models"))
             except httpx.HTTPError as exc:
-                raise BackendError(f"expert {self.name!r} at {self.base_url}: {exc}") from exc
+                raise BackendError(f"expert {self.name!r} at {self.base_url}: {exc}", "unreachable") from exc
         return sw.seconds
 
     def close(self) -> None:
@@ -221,31 +240,89 @@ class OpenAIBackend(ExpertBackend):
 
     # -- async (the gateway's fan-out): the lean pool of http_pool.py, not httpx (see there) --
 
-    async def _apost(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    def _pool_for_async(self) -> AsyncHTTPPool:
         if self._pool is None:
             self._pool = AsyncHTTPPool(self.base_url, self._headers(), self.max_connections)
+        return self._pool
+
+    async def _apost(
+        self, path: str, body: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> tuple[dict[str, Any], float]:
+        pool = self._pool_for_async()
         with Stopwatch() as sw:
             try:
-                status, data = await asyncio.wait_for(self._pool.request("POST", path, body), self.timeout_s)
+                status, data = await asyncio.wait_for(
+                    pool.request("POST", path, body, headers), self.timeout_s
+                )
             except PoolError as exc:
-                raise BackendError(f"expert {self.name!r} at {self.base_url}: {exc}") from exc
+                raise BackendError(f"expert {self.name!r} at {self.base_url}: {exc}", "unreachable") from exc
             except asyncio.TimeoutError as exc:
-                raise BackendError(f"expert {self.name!r}: no reply within {self.timeout_s:g} s") from exc
+                raise BackendError(
+                    f"expert {self.name!r}: no reply within {self.timeout_s:g} s", "timeout"
+                ) from exc
             if status >= 400:
-                raise BackendError(f"expert {self.name!r}: HTTP {status}: {str(data)[:200]}")
+                raise BackendError(f"expert {self.name!r}: HTTP {status}: {str(data)[:200]}", "http_error")
             if not isinstance(data, dict):
-                raise BackendError(f"expert {self.name!r}: reply is not a JSON object")
+                raise BackendError(f"expert {self.name!r}: reply is not a JSON object", "bad_reply")
         return data, sw.seconds
 
-    async def ascore_choices(self, prompt: str, n_options: int) -> ChoiceScores:
-        data, seconds = await self._apost(*self._mc_request(prompt, n_options))
+    async def ascore_choices(
+        self, prompt: str, n_options: int, headers: Mapping[str, str] | None = None
+    ) -> ChoiceScores:
+        data, seconds = await self._apost(*self._mc_request(prompt, n_options), headers)
         return self._parse_mc(data, n_options, seconds)
 
     async def agenerate(
-        self, messages: Sequence[Message], max_tokens: int, temperature: float = 0.0
+        self,
+        messages: Sequence[Message],
+        max_tokens: int,
+        temperature: float = 0.0,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Generation:
-        data, seconds = await self._apost(*self._chat_request(messages, max_tokens, temperature))
+        request = self._chat_request(messages, max_tokens, temperature, params)
+        data, seconds = await self._apost(*request, headers)
         return self._parse_chat(data, seconds)
+
+    async def astream(
+        self,
+        messages: Sequence[Message],
+        max_tokens: int,
+        temperature: float = 0.0,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """The endpoint's own server-sent events, parsed, batched per network read; usage is always
+        requested."""
+        path, body = self._chat_request(messages, max_tokens, temperature, params)
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        buffer, done = b"", False
+        try:
+            # Read to the end of the body (past ``[DONE]``) so the connection goes back to the pool.
+            async for data in self._pool_for_async().stream("POST", path, body, headers):
+                buffer += data
+                batch = []
+                while b"\n\n" in buffer and not done:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    for line in event.splitlines():
+                        payload = line[5:].strip() if line.startswith(b"data:") else b""
+                        if payload == b"[DONE]":
+                            done = True
+                        elif payload:
+                            try:
+                                chunk = json.loads(payload)
+                            except ValueError as exc:
+                                raise BackendError(
+                                    f"expert {self.name!r}: bad stream event", "bad_reply"
+                                ) from exc
+                            if isinstance(chunk, dict):
+                                batch.append(chunk)
+                if batch:
+                    yield batch
+        except PoolError as exc:
+            raise BackendError(f"expert {self.name!r} at {self.base_url}: {exc}", "unreachable") from exc
+        except StatusError as exc:
+            raise BackendError(f"expert {self.name!r}: {exc}", "http_error") from exc
 
     async def aclose(self) -> None:
         if self._pool is not None:

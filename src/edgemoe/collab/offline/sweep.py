@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from edgemoe.collab.baselines import BASELINES, uniform_gate
-from edgemoe.collab.dmo import SelectionResult, dmo, exhaustive, fits
-from edgemoe.collab.problem import SelectionProblem
 from edgemoe.collab.profiles import Budgets
+from edgemoe.collab.selection.baselines import BASELINES, equal_weight_reference, uniform_gate
+from edgemoe.collab.selection.dmo import SelectionResult, dmo, exhaustive, fits
+from edgemoe.collab.selection.problem import SelectionProblem
 from edgemoe.config import check_choice
 
 METHODS = ("dmo", "exhaustive", *BASELINES)
@@ -31,8 +31,8 @@ def solve(
     if method == "exhaustive":
         return exhaustive(problem, budget)
     if method == "random":
-        return BASELINES["random"](problem, budget, seed=seed)
-    return BASELINES[method](problem, budget)
+        return BASELINES.get("random", field="method")(problem, budget, seed=seed)
+    return BASELINES.get(method, field="method")(problem, budget)
 
 
 def _row(
@@ -74,6 +74,12 @@ def _row(
         for split in (sel, tst)
         for c, v in split["latency"].items()
     )
+    if res.method.startswith("dmo"):
+        # The gate-free reference on the same set (selection.baselines.equal_weight_reference).
+        for name, prob in (("select", select), ("test", test)):
+            ref = equal_weight_reference(prob, mask)
+            row[f"{name}_accuracy_equal_weights"] = ref["accuracy"]
+            row[f"{name}_energy_equal_weights_j"] = ref["energy_j"]
     row.update(
         test_accuracy=tst["accuracy"],
         test_log_likelihood=tst["log_likelihood"],
@@ -139,10 +145,11 @@ def uniform_latency(budgets: Budgets, seconds: float | None) -> Budgets:
 
 def summarise(rows: list[dict]) -> dict:
     """Headline figures: DMO == exhaustive, MoE² vs every baseline, margin over the best single expert."""
-    by = {}
+    by: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by.setdefault((r.get("sweep", ""), r["energy_budget_j"], r["latency_budget_s"]), {})[r["method"]] = r
     exact, dominates, within, margins, test_margins, test_over = [], [], [], [], [], []
+    vs_equal = []
     for group in by.values():
         moe = group.get("dmo")
         if moe is None:
@@ -157,6 +164,8 @@ def summarise(rows: list[dict]) -> dict:
         dominates.append(all(moe["select_accuracy"] >= o["select_accuracy"] - 1e-12 for o in others))
         within.append(all(g["within_budget"] for g in group.values()))
         test_over.append(not moe.get("energy_within_budget_test", True))
+        if "test_accuracy_equal_weights" in moe:
+            vs_equal.append(moe["test_accuracy"] - moe["test_accuracy_equal_weights"])
         single = group.get("best_single")
         if single is not None and single["feasible"]:
             margins.append(moe["select_accuracy"] - single["select_accuracy"])
@@ -171,4 +180,7 @@ def summarise(rows: list[dict]) -> dict:
         "margin_over_best_single_mean": float(np.mean(margins)) if margins else None,
         "test_margin_over_best_single_max": float(max(test_margins)) if test_margins else None,
         "test_margin_over_best_single_mean": float(np.mean(test_margins)) if test_margins else None,
+        "test_gate_minus_equal_weights_min": float(min(vs_equal)) if vs_equal else None,
+        "test_gate_at_or_above_equal_weights": int(sum(d >= -1e-12 for d in vs_equal)),
+        "test_gate_vs_equal_weights_budgets": len(vs_equal),
     }

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edgemoe.collab.gate import Gate, restricted_weights
-from edgemoe.collab.problem import SelectionProblem
+from edgemoe.collab.selection.problem import SelectionProblem
 from edgemoe.config import ConfigError
 
 

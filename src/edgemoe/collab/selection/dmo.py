@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edgemoe.collab.problem import P_FLOOR, TIE_EPS, SelectionProblem
+from edgemoe.collab.selection.problem import P_FLOOR, TIE_EPS, UNDERFLOW, SelectionProblem
 from edgemoe.config import check_choice
 
 BOUNDS = ("valid", "monotone")
@@ -68,7 +68,8 @@ class SelectionResult:
 
 
 def no_feasible_reason(problem: SelectionProblem, budget: float) -> str | None:
-    """Why no non-empty set is feasible, or None when one is."""
+    """Why no non-empty set is feasible, or None when one is (a single expert's energy is the same
+    reserved or routed, and with routed energy a set is never cheaper than its cheapest member)."""
     if not problem.usable_N.any():
         return "no feasible set: no expert meets any request's latency budget"
     cheapest = float(problem.cost_N[problem.usable_N].min())
@@ -138,15 +139,23 @@ def exhaustive(problem: SelectionProblem, budget: float, chunk: int = 512) -> Se
     reason = no_feasible_reason(problem, budget)
     if reason:
         return result_for(problem, "exhaustive", None, budget, reason, seconds=time.perf_counter() - t0)
-    bits = feasible_subsets(problem.cost_N, budget, problem.usable_N)
+    if problem.additive:
+        bits = feasible_subsets(problem.cost_N, budget, problem.usable_N)
+    else:
+        bits = feasible_subsets(problem.cost_N, np.inf, problem.usable_N)
     best_val, best_bits = -np.inf, 0
     for i in range(0, len(bits), chunk):
         part = bits[i : i + chunk]
-        val = problem.evaluate(unpack(part, problem.num_experts), chunk=chunk).value_B
+        masks = unpack(part, problem.num_experts)
+        val = problem.evaluate(masks, chunk=chunk).value_B
+        if not problem.additive:
+            val = np.where(fits(problem.energies(masks), budget), val, -np.inf)
         j = int(np.argmax(val))
         if val[j] > best_val:
             best_val, best_bits = float(val[j]), int(part[j])
-    mask = unpack(np.array([best_bits], dtype=np.int64), problem.num_experts)[0]
+    mask = (
+        None if best_val == -np.inf else unpack(np.array([best_bits], dtype=np.int64), problem.num_experts)[0]
+    )
     return result_for(problem, "exhaustive", mask, budget, evals=len(bits), seconds=time.perf_counter() - t0)
 
 
@@ -193,12 +202,15 @@ class _Bounder:
         b, q, o = num_BQO.shape
         c = cand_BN.astype(np.float64)
         served_BQ = den_BQ > 0
+        # A served mixture whose weights underflowed: bound it by 1 (optimistic, so still valid).
+        lost_BQ = (den_BQ < UNDERFLOW) & p.served(members_BN)
+        served_BQ &= ~lost_BQ
         num_y_BQ = num_BQO[:, self.rows, p.answer_Q]
-        if p.objective == "accuracy":
+        if p.objective == "accuracy" and not p.correctness_only:
             gain_BQO = (c @ self.gain_NX).reshape(b, q, o)
             # Without an enabled member, some candidate must rank y at least as high as each o.
             reach_BQO = served_BQ[:, :, None] | ((c @ self.ind_NX).reshape(b, q, o) > 0)
-            ok_BQ = (((num_y_BQ[:, :, None] - num_BQO + gain_BQO) >= 0) & reach_BQO).all(axis=2)
+            ok_BQ = (((num_y_BQ[:, :, None] - num_BQO + gain_BQO) >= 0) & reach_BQO).all(axis=2) | lost_BQ
             acc_bound_B = ok_BQ.mean(axis=1)
         # p_S(y) is at most the ratio with every candidate's gain and no extra weight, and at most
         # the best of A's mixture and the candidates (a mixture never beats its best component).
@@ -209,7 +221,12 @@ class _Bounder:
         p_bound_BQ = np.where(
             served_BQ, np.minimum(np.minimum(ratio_BQ, mix_BQ), 1.0), np.maximum(best_cand_BQ, 1.0 / o)
         )
+        p_bound_BQ = np.where(lost_BQ, 1.0, p_bound_BQ)
         ll_bound_B = np.log(np.maximum(p_bound_BQ, P_FLOOR)).mean(axis=1)
+        if p.objective == "accuracy" and p.correctness_only:
+            # An unserved request scores 0 (wrong); served ones as for the likelihood bound.
+            acc_p_BQ = np.where(served_BQ, p_bound_BQ, best_cand_BQ)
+            acc_bound_B = np.where(lost_BQ, 1.0, acc_p_BQ).mean(axis=1)
         return acc_bound_B + TIE_EPS * ll_bound_B if p.objective == "accuracy" else ll_bound_B
 
     def _bound_top_k(
@@ -236,6 +253,13 @@ class _Bounder:
         ll_BQ = np.where(fixed_BQ, exact_ll_BQ, ll_BQ)
         if p.objective != "accuracy":
             return ll_BQ.mean(axis=1)
+        if p.correctness_only:
+            unserved_p = 0.0  # an unserved request is wrong
+            p_BQ = np.where(any_BQ, best_py_BQ, unserved_p)
+            p_BQ = np.where(mem_BQN.any(axis=2), p_BQ, np.maximum(p_BQ, unserved_p))
+            exact_p_BQ = np.where(served_BQ, py_BQ, unserved_p)
+            p_BQ = np.where(fixed_BQ, exact_p_BQ, p_BQ)
+            return p_BQ.mean(axis=1) + TIE_EPS * ll_BQ.mean(axis=1)
         best_margin_BQO = np.where(allowed_BQN[..., None], self.margin_sorted_QNO[None], -np.inf).max(axis=2)
         ok_BQ = (best_margin_BQO >= 0).all(axis=2) & any_BQ
         exact_ok_BQ = (num_BQO.argmax(axis=2) == p.answer_Q[None, :]) & served_BQ
@@ -274,18 +298,20 @@ class _Search:
         self.tick = itertools.count()
 
     def offer(self, values_B: np.ndarray, masks_BN: np.ndarray, mono_limit: float = np.inf) -> None:
-        """Update the incumbent with freshly evaluated sets (and count superset-bound violations)."""
+        """Update the incumbent with freshly evaluated feasible sets (and count superset-bound violations)."""
+        self.violations += int(np.sum(values_B > mono_limit + 1e-12))
+        if not self.p.additive:
+            values_B = np.where(fits(self.p.energies(masks_BN), self.budget), values_B, -np.inf)
         j = int(np.argmax(values_B))
         if values_B[j] > self.best_val:
             self.best_val, self.best_mask = float(values_B[j]), masks_BN[j].copy()
-        self.violations += int(np.sum(values_B > mono_limit + 1e-12))
 
     def expand(self, node: _Node, fallback: bool) -> None:
         """Evaluate all children of a node incrementally from its cached mixture, then queue them."""
         p, cost = self.p, self.p.cost_N
         self.nodes += 1
         later = self.order[node.pos + 1 :]
-        fit_later = fits(float(cost @ node.mask) + cost[later], self.budget)
+        fit_later = fits(float(cost @ node.mask) + cost[later], self.budget) | (not p.additive)
         kids = later[fit_later]
         if len(kids) == 0:
             return
@@ -297,7 +323,7 @@ class _Search:
         else:
             num_BQO, den_BQ = p.mixtures(masks_BN)
         self.evals += len(kids)
-        self.offer(p.score(num_BQO, den_BQ).value_B, masks_BN, node.mono_limit)
+        self.offer(p.score(num_BQO, den_BQ, masks_BN).value_B, masks_BN, node.mono_limit)
         self.queue(
             masks_BN, node.pos + 1 + np.flatnonzero(fit_later), num_BQO, den_BQ, node.mono_limit, fallback
         )
@@ -315,7 +341,7 @@ class _Search:
         cost = self.p.cost_N
         set_cost_B = masks_BN @ cost
         later_BN = self.rank_N[None, :] > pos_B[:, None]
-        cand_BN = later_BN & fits(set_cost_B[:, None] + cost[None, :], self.budget)
+        cand_BN = later_BN & (fits(set_cost_B[:, None] + cost[None, :], self.budget) | (not self.p.additive))
         idx = np.flatnonzero(cand_BN.any(axis=1))
         if len(idx) == 0:
             return
@@ -380,7 +406,8 @@ def _dmo(problem: SelectionProblem, budget: float, bound: str) -> SelectionResul
     reason = no_feasible_reason(problem, budget)
     if reason:
         return result_for(problem, f"dmo-{bound}", None, budget, reason, seconds=time.perf_counter() - t0)
-    singles = np.flatnonzero(problem.usable_N & fits(problem.cost_N, budget))
+    # With routed (non-additive) energy a set can cost less than a member alone: start from every expert.
+    singles = np.flatnonzero(problem.usable_N & (fits(problem.cost_N, budget) | (not problem.additive)))
     # Expert order: most influential first (mean full-set gate weight), so the candidates left deep
     # in the tree carry little gate mass and the bounds there are tight.
     share_QN = problem.gate_QN / np.maximum(problem.gate_QN.sum(axis=1, keepdims=True), 1e-300)
@@ -390,7 +417,7 @@ def _dmo(problem: SelectionProblem, budget: float, bound: str) -> SelectionResul
     masks_BN = np.eye(problem.num_experts, dtype=bool)[order]
     num_BQO, den_BQ = problem.mixtures(masks_BN)
     s.evals += len(order)
-    s.offer(problem.score(num_BQO, den_BQ).value_B, masks_BN)
+    s.offer(problem.score(num_BQO, den_BQ, masks_BN).value_B, masks_BN)
     s.queue(masks_BN, np.arange(len(order)), num_BQO, den_BQ, np.inf, fallback=False)
     s.run(fallback=False)
     before = None if s.best_mask is None else s.best_mask.copy()
@@ -401,7 +428,7 @@ def _dmo(problem: SelectionProblem, budget: float, bound: str) -> SelectionResul
             heapq.heappush(s.heap, node)
         s.deferred = []
         s.run(fallback=True)
-        changed = before is not None and not np.array_equal(before, s.best_mask)
+        changed = before is not None and s.best_mask is not None and not np.array_equal(before, s.best_mask)
     return result_for(
         problem,
         f"dmo-{bound}",

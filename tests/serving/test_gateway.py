@@ -6,59 +6,17 @@ import json
 import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
 
-from edgemoe.collab.backends import mc_prompt
 from edgemoe.collab.backends.openai_http import OpenAIBackend
-from edgemoe.collab.backends.tiny import TinyOpenAIServer
-from edgemoe.collab.server import Gateway, ServeSettings, create_app, load_gateway_config, start_in_thread
+from edgemoe.collab.prompts import gate_prompt, mc_prompt
 from edgemoe.config import ConfigError
-
-QUESTION = {"question": "Which planet is largest?", "choices": ["Mars", "Jupiter", "Venus", "Earth"]}
-
-
-def collab_dict(servers: dict[str, TinyOpenAIServer], timeout_s: float = 5.0, **serve) -> dict:
-    hardware = ["jetson-orin-nano", "jetson-agx-orin", "rtx-4090"]
-    experts = [
-        {
-            "name": name,
-            "hardware": hardware[i % 3],
-            "params_b": 0.2,
-            "backend": {"kind": "openai", "url": srv.url, "timeout_s": timeout_s, "top_logprobs": 100},
-        }
-        for i, (name, srv) in enumerate(servers.items())
-    ]
-    return {"experts": experts, "serve": serve}
-
-
-class Running:
-    """Tiny expert servers + a gateway on ephemeral loopback ports; ``close()`` stops them all."""
-
-    def __init__(self, servers: dict[str, TinyOpenAIServer], timeout_s: float = 5.0, **serve):
-        self.servers = {n: s.start() for n, s in servers.items()}
-        self.gateway = Gateway(load_gateway_config(collab_dict(self.servers, timeout_s, **serve)))
-        self.http = start_in_thread(create_app(self.gateway))
-        self.client = httpx.Client(base_url=self.http.url, timeout=10, trust_env=False)
-
-    def close(self) -> None:
-        self.client.close()
-        self.http.stop()
-        for s in self.servers.values():
-            s.stop()
-
-
-@pytest.fixture(scope="module")
-def pair():
-    run = Running(
-        {
-            "alpha": TinyOpenAIServer(1, letter_bias={"A": 4.0}),
-            "beta": TinyOpenAIServer(2, letter_bias={"B": 4.0}),
-        }
-    )
-    yield run
-    run.close()
+from edgemoe.serving.config import ServeSettings, load_gateway_config, resolve_api_key
+from edgemoe.serving.service import MoE2Service
+from edgemoe.testing import TinyOpenAIServer
+from edgemoe.testing.gateway import SAMPLE_QUESTION as QUESTION
+from edgemoe.testing.gateway import collab_dict, metric
 
 
 def direct_probs(url: str, body: dict) -> np.ndarray:
@@ -91,88 +49,67 @@ def test_chat_completion_speaks_the_openai_schema(pair):
     r = pair.client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["object"] == "chat.completion"
+    assert out["object"] == "chat.completion" and out["model"] == "edgemoe"
     msg = out["choices"][0]["message"]
     assert msg["role"] == "assistant" and len(msg["content"]) == 6
-    assert out["usage"]["completion_tokens"] == 6
-    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + 6
     block = out["moe2"]
     best = max(block["experts"], key=lambda e: e["weight"])
     assert block["answered_by"] == best["name"]
+    # usage sums every expert that answered (a cancelled hedge reports nothing).
+    answered = [e for e in block["experts"] if e["status"] == "ok"]
+    assert out["usage"]["completion_tokens"] == 6 * len(answered)
+    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + 6 * len(answered)
     # Content parts (the format newer OpenAI clients send) are accepted too.
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}], "max_tokens": 6}
     assert pair.client.post("/v1/chat/completions", json=parts).json()["choices"] == out["choices"]
 
 
-def test_fan_out_is_concurrent():
-    run = Running({"slow1": TinyOpenAIServer(1, delay_s=0.6), "slow2": TinyOpenAIServer(2, delay_s=0.6)})
-    try:
-        t0 = time.perf_counter()
-        r = run.client.post("/v1/moe2/answer", json=QUESTION)
-        elapsed = time.perf_counter() - t0
-        assert r.status_code == 200
-        assert len(r.json()["moe2"]["experts"]) == 2
-        assert elapsed < 1.15, f"two 0.6 s experts took {elapsed:.2f} s: not called concurrently"
-    finally:
-        run.close()
+def test_fan_out_is_concurrent(make_gateway):
+    run = make_gateway({"slow1": TinyOpenAIServer(1, delay_s=0.6), "slow2": TinyOpenAIServer(2, delay_s=0.6)})
+    t0 = time.perf_counter()
+    r = run.client.post("/v1/moe2/answer", json=QUESTION)
+    elapsed = time.perf_counter() - t0
+    assert r.status_code == 200
+    assert [e["status"] for e in r.json()["moe2"]["experts"]] == ["ok", "ok"]
+    assert elapsed < 1.15, f"two 0.6 s experts took {elapsed:.2f} s: not called concurrently"
 
 
-def test_expert_killed_mid_request_degrades_and_says_so():
-    run = Running(
+def test_expert_killed_mid_request_degrades_and_says_so(make_gateway):
+    run = make_gateway(
         {
             "steady": TinyOpenAIServer(1, letter_bias={"C": 6.0}, delay_s=0.3),
             "doomed": TinyOpenAIServer(2, letter_bias={"B": 6.0}, delay_s=3.0),
         }
     )
-    try:
-        result: dict = {}
-        worker = threading.Thread(
-            target=lambda: result.update(r=run.client.post("/v1/moe2/answer", json=QUESTION))
-        )
-        worker.start()
-        time.sleep(0.15)  # both requests are in flight now
-        run.servers["doomed"].kill()
-        worker.join(timeout=10)
-        r = result["r"]
-        assert r.status_code == 200, r.text
-        block = r.json()["moe2"]
-        assert block["degraded"] and block["failed"] == ["doomed"]
-        status = {e["name"]: e for e in block["experts"]}
-        assert status["doomed"]["status"] == "failed" and status["doomed"]["weight"] == 0
-        assert "doomed" in status["doomed"]["error"]
-        assert status["steady"]["weight"] == pytest.approx(1.0)
-        assert r.json()["answer"] == "C"
-        # The dead expert keeps failing fast; the gateway keeps answering.
-        again = run.client.post("/v1/moe2/answer", json=QUESTION).json()["moe2"]
-        assert again["failed"] == ["doomed"]
-        metrics = run.client.get("/metrics").text
-        assert 'edgemoe_expert_calls_total{expert="doomed",outcome="failed"} 2' in metrics
-        assert "edgemoe_degraded_responses_total 2" in metrics
-        # With every expert gone the answer is a clear 5xx, not a hang.
-        run.servers["steady"].kill()
-        gone = run.client.post("/v1/moe2/answer", json=QUESTION)
-        assert gone.status_code == 502 and gone.json()["error"]["code"] == "experts_unavailable"
-    finally:
-        run.close()
-
-
-def test_slow_expert_times_out_and_the_others_answer():
-    run = Running(
-        {"quick": TinyOpenAIServer(1), "stuck": TinyOpenAIServer(2, delay_s=8.0)},
-        timeout_s=1.0,
+    result: dict = {}
+    worker = threading.Thread(
+        target=lambda: result.update(r=run.client.post("/v1/moe2/answer", json=QUESTION))
     )
-    try:
-        t0 = time.perf_counter()
-        r = run.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-        assert time.perf_counter() - t0 < 5.0  # the stuck expert would take 8 s
-        block = r.json()["moe2"]
-        assert r.status_code == 200 and block["failed"] == ["stuck"] and block["answered_by"] == "quick"
-        stuck = next(e for e in block["experts"] if e["name"] == "stuck")
-        assert stuck["status"] == "timeout" and 1.0 <= stuck["latency_s"] < 4.0
-    finally:
-        for s in run.servers.values():
-            s.kill()
-        run.close()
+    worker.start()
+    time.sleep(0.15)  # both requests are in flight now
+    run.servers["doomed"].kill()
+    worker.join(timeout=10)
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    block = r.json()["moe2"]
+    assert block["degraded"] and block["failed"] == ["doomed"]
+    status = {e["name"]: e for e in block["experts"]}
+    # The public error is a category: no URL, no errno text.
+    assert status["doomed"]["status"] == "failed" and status["doomed"]["error"] == "unreachable"
+    assert status["doomed"]["weight"] == 0
+    assert status["steady"]["weight"] == pytest.approx(1.0)
+    assert r.json()["answer"] == "C"
+    # The dead expert keeps failing fast; the gateway keeps answering.
+    again = run.client.post("/v1/moe2/answer", json=QUESTION).json()["moe2"]
+    assert again["failed"] == ["doomed"]
+    metrics = run.client.get("/metrics").text
+    assert 'edgemoe_expert_calls_total{expert="doomed",outcome="failed"} 2' in metrics
+    assert "edgemoe_degraded_responses_total 2" in metrics
+    # With every expert gone the answer is a clear 5xx naming no internal address.
+    run.servers["steady"].kill()
+    gone = run.client.post("/v1/moe2/answer", json=QUESTION)
+    assert gone.status_code == 502 and gone.json()["error"]["code"] == "experts_unavailable"
+    assert "127.0.0.1" not in gone.text and "Errno" not in gone.text
 
 
 @pytest.mark.parametrize(
@@ -180,8 +117,13 @@ def test_slow_expert_times_out_and_the_others_answer():
     [
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True}, "stream"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 99}, "n"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "colour": "blue"},
+            "colour",
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 3}, "top_p"),
         (
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
@@ -220,8 +162,8 @@ def test_malformed_and_oversized_bodies(pair):
         "/v1/moe2/answer", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
-    r = pair.client.post("/v1/moe2/answer", content=json.dumps(QUESTION))  # no content-type header
-    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+    r = pair.client.post("/v1/moe2/answer", content=b"[1, 2]")
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
     for bad in (float("inf"), float("nan")):
         body = json.dumps({**QUESTION, "energy_budget_j": bad})
         r = pair.client.post("/v1/moe2/answer", content=body, headers={"content-type": "application/json"})
@@ -248,13 +190,10 @@ def test_budgets_choose_experts_or_refuse_with_422(pair):
     )
     r = pair.client.post("/v1/moe2/answer", json={**QUESTION, "energy_budget_j": 1e-9})
     assert r.status_code == 422 and r.json()["error"]["param"] == "energy_budget_j"
-    # The predicted energy of each expert, then a budget that fits only the cheaper one.
+    # The policy's predicted energy of both experts, then a budget that fits only one of them.
     both = pair.client.post("/v1/moe2/answer", json=QUESTION).json()["moe2"]
-    gw = pair.gateway
     prompt = mc_prompt(QUESTION["question"], QUESTION["choices"])
-    from edgemoe.collab.server import AnswerRequest
-
-    full = gw.select(prompt, "other", AnswerRequest(**QUESTION), output_tokens=1)
+    full = pair.service.policy.route(prompt, "other", gate_text=gate_prompt(**QUESTION), output_tokens=1)
     assert both["predicted"]["energy_j"] == pytest.approx(full.energy_j, rel=1e-4)
     budget = full.energy_j * 0.99
     one = pair.client.post("/v1/moe2/answer", json={**QUESTION, "energy_budget_j": budget}).json()["moe2"]
@@ -262,52 +201,62 @@ def test_budgets_choose_experts_or_refuse_with_422(pair):
     assert one["experts"][0]["weight"] == pytest.approx(1.0)
 
 
-def test_api_key_is_required_when_set(monkeypatch):
+def test_api_key_is_required_when_set_or_off_loopback(monkeypatch, make_gateway):
     monkeypatch.setenv("EDGEMOE_TEST_KEY", "s3cret")
-    run = Running({"one": TinyOpenAIServer(1)}, api_key_env="EDGEMOE_TEST_KEY")
-    try:
-        assert run.client.get("/health").status_code == 200
-        r = run.client.post("/v1/moe2/answer", json=QUESTION)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        assert r.headers["www-authenticate"] == "Bearer"
-        bad = {"Authorization": "Bearer nope"}
-        assert run.client.post("/v1/moe2/answer", json=QUESTION, headers=bad).status_code == 401
-        assert run.client.get("/metrics").status_code == 401
-        good = {"Authorization": "Bearer s3cret"}
-        assert run.client.post("/v1/moe2/answer", json=QUESTION, headers=good).status_code == 200
-        assert (
-            run.client.post("/v1/moe2/answer", json=QUESTION, headers={"x-api-key": "s3cret"}).status_code
-            == 200
-        )
-    finally:
-        run.close()
+    run = make_gateway({"one": TinyOpenAIServer(1)}, api_key_env="EDGEMOE_TEST_KEY")
+    assert run.client.get("/health").status_code == 200
+    r = run.client.post("/v1/moe2/answer", json=QUESTION)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["www-authenticate"] == "Bearer"
+    bad = {"Authorization": "Bearer nope"}
+    assert run.client.post("/v1/moe2/answer", json=QUESTION, headers=bad).status_code == 401
+    assert run.client.get("/metrics").status_code == 401
+    good = {"Authorization": "Bearer s3cret"}
+    assert run.client.post("/v1/moe2/answer", json=QUESTION, headers=good).status_code == 200
+    assert (
+        run.client.post("/v1/moe2/answer", json=QUESTION, headers={"x-api-key": "s3cret"}).status_code == 200
+    )
+    # 401s are counted like any other answer.
+    assert (
+        'edgemoe_requests_total{route="/v1/moe2/answer",status="401"} 2'
+        in run.client.get("/metrics", headers=good).text
+    )
     monkeypatch.delenv("EDGEMOE_TEST_KEY")
-    cfg = load_gateway_config(collab_dict({"one": TinyOpenAIServer(1)}, api_key_env="EDGEMOE_TEST_KEY"))
-    with pytest.raises(ConfigError, match="EDGEMOE_TEST_KEY"):
-        create_app(Gateway(cfg))
+    serve = ServeSettings(api_key_env="EDGEMOE_TEST_KEY")
+    with pytest.raises(ConfigError, match="EDGEMOE_TEST_KEY is not set"):
+        resolve_api_key(serve)
+    # Binding beyond loopback without a key is refused; loopback is fine.
+    with pytest.raises(ConfigError, match=r"serve\.api_key_env.*0\.0\.0\.0"):
+        resolve_api_key(ServeSettings(), host="0.0.0.0")
+    assert resolve_api_key(ServeSettings(), host="127.0.0.1") is None
+    assert resolve_api_key(ServeSettings(), host="::1") is None
 
 
 def test_health_metrics_and_defaults(pair):
     health = pair.client.get("/health").json()
-    assert health["status"] == "ok" and health["experts"] == ["alpha", "beta"] and health["gate"] == "uniform"
+    assert (
+        health["status"] == "ok"
+        and list(health["experts"]) == ["alpha", "beta"]
+        and health["gate"] == "uniform"
+    )
+    assert health["experts"]["alpha"]["state"] == "closed"
     before = pair.client.get("/metrics").text
     pair.client.post("/v1/moe2/answer", json=QUESTION)
     text = pair.client.get("/metrics").text
     assert "# TYPE edgemoe_requests_total counter" in text
-
-    def count(t: str, line: str) -> int:
-        hit = [x for x in t.splitlines() if x.startswith(line)]
-        return int(hit[0].rsplit(" ", 1)[1]) if hit else 0
-
     key = 'edgemoe_requests_total{route="/v1/moe2/answer",status="200"}'
-    assert count(text, key) == count(before, key) + 1
-    assert count(text, 'edgemoe_expert_calls_total{expert="alpha",outcome="ok"}') >= 1
+    assert metric(text, key) == metric(before, key) + 1
+    assert metric(text, 'edgemoe_expert_calls_total{expert="alpha",outcome="ok"}') >= 1
+    assert metric(text, 'edgemoe_expert_tokens_total{expert="alpha",kind="prompt"}') > 0
+    assert metric(text, 'edgemoe_expert_up{expert="alpha"}') == 1
     assert ServeSettings().host == "127.0.0.1"
 
 
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"experts\[0\]\.backend\.url"):
         load_gateway_config({"experts": [{"name": "x", "backend": {"kind": "openai", "url": "ftp://x"}}]})
+    with pytest.raises(ConfigError, match=r"experts\[0\]\.backend\.kind.*'llama_cpp', 'openai'"):
+        load_gateway_config({"experts": [{"name": "x", "backend": {"kind": "ollama"}}]})
     with pytest.raises(ConfigError, match=r"experts\[0\]\.backend"):
         load_gateway_config({"experts": [{"name": "x"}]})
     with pytest.raises(ConfigError, match=r"serve\.enabled"):
@@ -320,14 +269,13 @@ def test_config_errors_name_the_field():
         )
 
 
-def test_fitted_gate_weights_the_experts(tmp_path):
+def test_fitted_gate_weights_the_experts(tmp_path, make_gateway):
     """With a ``collab fit`` run the weights are the gate's softmax for the question, not uniform."""
     import torch
     import yaml
 
     from edgemoe.collab.embed import HashingEmbedder
     from edgemoe.collab.gate import Gate, GateConfig
-    from edgemoe.collab.server import gate_prompt
 
     cats = ["stem", "humanities", "social_sciences", "other"]
     gate = Gate(128, ["alpha", "beta"], cats, GateConfig(hidden=8))
@@ -337,20 +285,35 @@ def test_fitted_gate_weights_the_experts(tmp_path):
     gate.save(run / "gate.pt")
     (run / "run.yaml").write_text(yaml.safe_dump({"embedder": "hashing-128"}))
     servers = {"alpha": TinyOpenAIServer(1), "beta": TinyOpenAIServer(2)}
-    run_gw = Running(servers, run=str(run))
-    try:
-        out = run_gw.client.post("/v1/moe2/answer", json={**QUESTION, "category": "humanities"}).json()
-        logits = gate.logits(
-            HashingEmbedder(128).encode([gate_prompt(QUESTION["question"], QUESTION["choices"])]), [1]
-        )[0]
-        expected = np.exp(logits) / np.exp(logits).sum()
-        weights = {e["name"]: e["weight"] for e in out["moe2"]["experts"]}
-        np.testing.assert_allclose([weights["alpha"], weights["beta"]], expected, atol=1e-6)
-        assert weights["beta"] > weights["alpha"]
-        top1 = run_gw.client.post("/v1/moe2/answer", json={**QUESTION, "top_k": 1}).json()["moe2"]["experts"]
-        assert [e["name"] for e in top1] == ["beta"]
-        assert run_gw.client.get("/health").json()["gate"] == "trained"
-    finally:
-        run_gw.close()
+    run_gw = make_gateway(servers, run=str(run))
+    out = run_gw.client.post("/v1/moe2/answer", json={**QUESTION, "category": "humanities"}).json()
+    logits = gate.logits(HashingEmbedder(128).encode([gate_prompt(**QUESTION)]), [1])[0]
+    expected = np.exp(logits) / np.exp(logits).sum()
+    weights = {e["name"]: e["weight"] for e in out["moe2"]["experts"]}
+    np.testing.assert_allclose([weights["alpha"], weights["beta"]], expected, atol=1e-6)
+    assert weights["beta"] > weights["alpha"]
+    top1 = run_gw.client.post("/v1/moe2/answer", json={**QUESTION, "top_k": 1}).json()["moe2"]["experts"]
+    assert [e["name"] for e in top1] == ["beta"]
+    assert run_gw.client.get("/health").json()["gate"] == "trained"
+    urls = {n: s.url for n, s in servers.items()}
     with pytest.raises(ConfigError, match="serve.run"):
-        Gateway(load_gateway_config(collab_dict(servers, run=str(tmp_path))))  # not a run folder
+        MoE2Service(load_gateway_config(collab_dict(urls, run=str(tmp_path))))  # not a run folder
+
+
+def test_energy_queue_holds_the_streams_mean_energy(make_gateway):
+    """With ``serve.energy_budget_j`` the gateway prices energy by its own stream's backlog: once the
+    realised energy overshoots a budget no set can meet, only the best-ranked expert serves."""
+    servers = {n: TinyOpenAIServer(i + 1) for i, n in enumerate(("a", "b", "c"))}
+    free = make_gateway(servers)
+    three = free.client.post("/v1/moe2/answer", json=QUESTION).json()["moe2"]
+    assert len(three["experts"]) == 3 and free.service.policy.energy_queue is None
+    servers = {n: TinyOpenAIServer(i + 1) for i, n in enumerate(("a", "b", "c"))}
+    run = make_gateway(servers, energy_budget_j=1e-9)
+    sizes = [
+        len(run.client.post("/v1/moe2/answer", json=QUESTION).json()["moe2"]["experts"]) for _ in range(4)
+    ]
+    queue = run.service.policy.energy_queue
+    assert sizes[0] == 3 and sizes[1:] == [1, 1, 1]
+    assert queue.requests == 4 and queue.backlog_j > 0 and queue.mean_energy_j > 0
+    with pytest.raises(ConfigError, match="serve.energy_budget_j"):
+        ServeSettings(energy_budget_j=-1.0)

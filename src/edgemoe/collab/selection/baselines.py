@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import numpy as np
 
-from edgemoe.collab.dmo import SelectionResult, fits, no_feasible_reason, result_for
-from edgemoe.collab.problem import SelectionProblem
+from edgemoe.collab.selection.dmo import SelectionResult, fits, no_feasible_reason, result_for
+from edgemoe.collab.selection.problem import SelectionProblem
+from edgemoe.registry import Registry
 
 
 def _candidates(problem: SelectionProblem, budget: float) -> np.ndarray:
@@ -33,8 +35,41 @@ def best_single(problem: SelectionProblem, budget: float) -> SelectionResult:
 
 
 def uniform_gate(problem: SelectionProblem) -> SelectionProblem:
-    """The same instance with equal combine weights (all gate logits zero)."""
-    return dataclasses.replace(problem, logits_QN=np.zeros_like(problem.logits_QN))
+    """The same instance without a gate: no ranking, equal combine weights (all logits zero)."""
+    zeros = np.zeros_like(problem.logits_QN)
+    return dataclasses.replace(problem, logits_QN=zeros, weight_logits_QN=zeros)
+
+
+def equal_weights(problem: SelectionProblem) -> SelectionProblem:
+    """The same instance and routing, but equal combine weights over the routed experts."""
+    return dataclasses.replace(problem, weight_logits_QN=np.zeros_like(problem.logits_QN))
+
+
+def equal_weight_reference(problem: SelectionProblem, mask_N: np.ndarray) -> dict[str, float]:
+    """The gate-free reference on the same enabled set: what MoE² would give without its gate.
+
+    - every enabled expert serves (k = all): equal weights over all of them;
+    - top-k on correctness-only data: k of the enabled experts that fit, drawn uniformly at random,
+      equal weights; in expectation its accuracy is their mean probability of being right and its
+      energy k times their mean energy;
+    - top-k with option distributions: the gate's routing with equal combine weights.
+    """
+    mask_N = np.asarray(mask_N, dtype=bool)
+    if problem.top_k is None:
+        real = uniform_gate(problem).realised(mask_N)
+        return {"accuracy": real["accuracy"], "energy_j": real["energy_realised_j"]}
+    if problem.correctness_only:
+        fit_QN = problem.eligible_QN & mask_N[None, :]
+        count_Q = fit_QN.sum(axis=1)
+        served_Q = count_Q > 0
+        safe_Q = np.maximum(count_Q, 1)
+        p_Q = np.where(fit_QN, problem.correct_QN, 0.0).sum(axis=1) / safe_Q
+        p_Q = np.where(served_Q, p_Q, 0.0)  # unserved: wrong
+        k_Q = np.minimum(count_Q, problem.top_k)
+        e_Q = k_Q * np.where(fit_QN, problem.energy_QN, 0.0).sum(axis=1) / safe_Q
+        return {"accuracy": float(p_Q.mean()), "energy_j": float(e_Q.mean())}
+    real = equal_weights(problem).realised(mask_N)
+    return {"accuracy": real["accuracy"], "energy_j": real["energy_realised_j"]}
 
 
 def uniform(problem: SelectionProblem, budget: float) -> SelectionResult:
@@ -96,4 +131,11 @@ def random_feasible(problem: SelectionProblem, budget: float, seed: int = 0) -> 
     return result_for(problem, "random", mask, budget, evals=1, seconds=time.perf_counter() - t0)
 
 
-BASELINES = {"best_single": best_single, "uniform": uniform, "greedy": greedy, "random": random_feasible}
+BASELINES: Registry[Callable[..., SelectionResult]] = Registry("baseline")
+for _name, _fn in (
+    ("best_single", best_single),
+    ("uniform", uniform),
+    ("greedy", greedy),
+    ("random", random_feasible),
+):
+    BASELINES.add(_name, _fn)

@@ -1,4 +1,5 @@
-"""Plots for ``edgemoe simulate`` runs (matplotlib, Agg backend; PNG files in the run folder)."""
+"""Reports of network simulations (``edgemoe simulate``): the comparison table and PNG plots
+(matplotlib, Agg backend) written atomically into the run folder."""
 
 from __future__ import annotations
 
@@ -11,8 +12,48 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from edgemoe.edge.controllers import GATE_FOLLOWING  # noqa: E402
 from edgemoe.edge.simulator import RunTrace  # noqa: E402
 from edgemoe.edge.spec import NetworkSpec  # noqa: E402
+from edgemoe.files import save_figure  # noqa: E402
+
+
+def policy_entries(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-policy entries of a simulation summary (label -> metrics)."""
+    return {k: v for k, v in summary.items() if isinstance(v, dict) and "throughput_mean" in v}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The comparison table printed after a simulation: one row per policy, then the headline ratios
+    (and the backlog-against-parameter fit of a sweep)."""
+    entries = policy_entries(summary)
+    gate = [v["throughput_mean"] for v in entries.values() if v["controller"] in (*GATE_FOLLOWING, "topk")]
+    best_gate = max(gate) if gate else None
+    header = (
+        f"{'policy':28s} {'thr/slot':>9s} {'x best top-K':>12s} {'done/slot':>9s} {'backlog':>10s} "
+        f"{'slope':>8s} {'E/budget':>8s} {'GC':>6s} stable"
+    )
+    lines = [header, "-" * len(header)]
+    for label, v in entries.items():
+        ratio = f"{v['throughput_mean'] / best_gate:12.2f}" if best_gate else f"{'-':>12s}"
+        lines.append(
+            f"{label:28s} {v['throughput_mean']:9.1f} {ratio} {v['completed_mean']:9.1f} "
+            f"{v['backlog_mean']:10.0f} {v['backlog_slope_last_half']:8.2f} "
+            f"{v['energy_over_budget_max']:8.3f} {v['gc_norm_mean']:6.3f} {'yes' if v['stable'] else 'NO'}"
+        )
+    for key, base in (
+        ("stable_moe_throughput_ratio", "best_gate_following_baseline"),
+        ("stable_moe_gc_gain", "best_load_only_baseline"),
+    ):
+        if key in summary:
+            lines.append(f"{key}: {summary[key]:.3f} ({summary['stable_moe_policy']} vs {summary.get(base)})")
+    fit = summary.get("sweep", {}).get("backlog_linear_fit")
+    if fit:
+        lines.append(
+            f"backlog vs {summary['sweep']['param']}: {fit['backlog_per_unit']:.2f} per unit, "
+            f"R^2 = {fit['r2']:.3f}"
+        )
+    return "\n".join(lines)
 
 
 def moving_average(y_T: np.ndarray, window: int) -> np.ndarray:
@@ -23,9 +64,10 @@ def moving_average(y_T: np.ndarray, window: int) -> np.ndarray:
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _per_slot_lines(
@@ -76,10 +118,10 @@ def plot_runs(runs: dict[str, RunTrace], spec: NetworkSpec, summary: dict[str, A
     )
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    J = spec.num_servers
+    E = spec.num_servers
     width = 0.8 / max(len(runs), 1)
     for i, (lab, r) in enumerate(runs.items()):
-        ax.bar(np.arange(J) + i * width, r["energy"].mean(axis=0) / spec.budget_J, width, label=lab)
+        ax.bar(np.arange(E) + i * width, r["energy"].mean(axis=0) / spec.budget_E, width, label=lab)
     ax.axhline(1.0, color="k", ls="--", lw=1, label="budget")
     ax.set_xlabel("server")
     ax.set_ylabel("time-average energy / budget")
@@ -88,9 +130,7 @@ def plot_runs(runs: dict[str, RunTrace], spec: NetworkSpec, summary: dict[str, A
 
     fig, ax = plt.subplots(figsize=(6, 5))
     markers = "osD^vP*X<>"
-    for i, (lab, entry) in enumerate(
-        e for e in summary.items() if isinstance(e[1], dict) and "throughput_mean" in e[1]
-    ):
+    for i, (lab, entry) in enumerate(policy_entries(summary).items()):
         ax.scatter(
             entry["gc_norm_mean"], entry["throughput_mean"], s=50, marker=markers[i % len(markers)], label=lab
         )

@@ -1,0 +1,1 @@
+"""Coarse-level expert selection: the problem instance, DMO / exhaustive search, and baselines."""

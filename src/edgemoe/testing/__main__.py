@@ -1,0 +1,3 @@
+from edgemoe.testing.fake_openai import main
+
+raise SystemExit(main())
