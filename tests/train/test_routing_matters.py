@@ -145,7 +145,7 @@ def test_token_level_routing_conserves_tokens(digits, buffer):
     assert c["tokens_trained"] + len(tr.table) == c["tokens_arrived"]
     assert c["trained"] + tr.table.num_samples() == c["arrived"]
     # every assignment is served, dropped or still queued, exactly once
-    queued = int(tr.table.backlog_J(4).sum())
+    queued = int(tr.table.backlog_E(4).sum())
     assert c["served_assignments"] + c["dropped_assignments"] + queued == tr.k * c["tokens_arrived"]
     trained = np.concatenate([d.trained_ids for d in tr.decisions])
     assert len(np.unique(trained)) == len(trained) == c["tokens_trained"]
