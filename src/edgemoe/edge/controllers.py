@@ -116,7 +116,8 @@ def rule_frequency(
 ) -> np.ndarray:
     """Frequency per server under a named rule, always within [lo, hi] of :func:`frequency_bounds`."""
     if rule == "lyapunov":
-        assert cfg is not None
+        if cfg is None:
+            raise TypeError("rule_frequency: the 'lyapunov' rule needs the controller settings (cfg)")
         return lyapunov_frequency(spec, state, cfg.V, cfg.omega1, cfg.energy_weight)
     lo, hi = frequency_bounds(spec, state)
     target = spec.f_max_E if rule == "max" else spec.f_sustainable_E

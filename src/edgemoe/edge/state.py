@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgemoe.config import ConfigError, require
+from edgemoe.config import require
 from edgemoe.edge.spec import NetworkSpec
+from edgemoe.errors import InputError
 
 
 @dataclass
@@ -99,9 +100,9 @@ def advance(
     else:
         served_E = np.asarray(served_E, dtype=np.float64)
         if served_E.min() < 0:
-            raise ConfigError("served_E", "counts must be >= 0")
+            raise InputError("served_E", "counts must be >= 0")
     if arrived_E.min() < 0:
-        raise ConfigError("arrived_E", "counts must be >= 0")
+        raise InputError("arrived_E", "counts must be >= 0")
     energy_E = spec.energy_E(freq_E)
     state.backlog_E = np.maximum(state.backlog_E - served_E, 0.0) + arrived_E
     state.energy_queue_E = np.maximum(state.energy_queue_E + energy_E - spec.budget_E, 0.0)
