@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemoe.cli.common import add_config_args, load_config_dict, write_json
 from edgemoe.config import to_dict
+from edgemoe.files import write_csv
 
 if TYPE_CHECKING:  # the CLI builds its parser without importing torch
     from edgemoe.train.config import TrainConfig
@@ -95,12 +96,12 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 def write_run(out: Path, trainer: Any, *, plots: bool = True) -> dict[str, Any]:
     """Write the run folder (summary, traces, scores, plots); returns the summary."""
-    from edgemoe.report.train import plot_comparison, plot_servers, write_rows
+    from edgemoe.report.train import plot_comparison, plot_servers
 
     summary = trainer.summary()
     write_json(out / "summary.json", {**summary, "config": to_dict(trainer.cfg)})
-    write_rows(out / "slots.csv", trainer.history)
-    write_rows(out / "evals.csv", trainer.evals)
+    write_csv(out / "slots.csv", trainer.history)
+    write_csv(out / "evals.csv", trainer.evals)
     if trainer.cfg.record_scores:
         trainer.save_scores(out / "scores.npz")
     if plots and trainer.history:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from edgemoe.config import ConfigError, apply_overrides, require
 from edgemoe.edge.controllers import expand_policies
-from edgemoe.files import write_json
+from edgemoe.files import write_csv, write_json
 from edgemoe.report.train import (
     diagnostics_table,
     format_table,
@@ -36,7 +36,6 @@ from edgemoe.report.train import (
     paired_table,
     plot_comparison,
     plot_servers,
-    write_rows,
 )
 from edgemoe.runs import check_out_dir
 from edgemoe.train.config import TrainConfig, train_config_from_dict
@@ -104,8 +103,8 @@ def run_comparison(
             row.update(trainer.diagnostics())
             row["wall_s"] = time.perf_counter() - start
             per_run[policy].append(row)
-            write_rows(out / "traces" / f"slots_{policy}_seed{seed}.csv", trainer.history)
-            write_rows(out / "traces" / f"evals_{policy}_seed{seed}.csv", trainer.evals)
+            write_csv(out / "traces" / f"slots_{policy}_seed{seed}.csv", trainer.history)
+            write_csv(out / "traces" / f"evals_{policy}_seed{seed}.csv", trainer.evals)
             if seed == seeds[0]:
                 curves[policy] = (trainer.history, trainer.evals)
                 plot_servers(
@@ -120,7 +119,7 @@ def run_comparison(
     summaries = aggregate(per_run)
     add_paired(summaries)
     write_json(out / "summary.json", summaries)
-    write_rows(
+    write_csv(
         out / "comparison.csv",
         [{"policy": p, "seed": s, **r} for p, runs in per_run.items() for s, r in zip(seeds, runs)],
     )
