@@ -11,32 +11,11 @@ from edgemoe.config import ConfigError
 from edgemoe.edge import Workload, load_score_trace, spec_from_dict
 from edgemoe.edge.controllers import CONTROLLER_NAMES
 from edgemoe.errors import DataError
+from edgemoe.testing.train import TINY_SERVERS as SERVERS
+from edgemoe.testing.train import tiny_train_config as tiny
 from edgemoe.train.checkpoint import CheckpointError
 from edgemoe.train.config import train_config_from_dict
-from edgemoe.train.data import load_dataset
 from edgemoe.train.trainer import Trainer
-
-SERVERS = [
-    {"f_max": 1e9, "cycles_per_token": 1e8, "kappa": 1e-28, "energy_budget": 0.5, "count": 2},
-    {"f_max": 3e9, "cycles_per_token": 1e8, "kappa": 1e-28, "energy_budget": 0.5, "count": 2},
-]
-
-
-def tiny(**overrides) -> dict:
-    base = {
-        "slots": 6,
-        "eval_every": 3,
-        "network": {"servers": SERVERS, "arrivals": {"rate": 20.0}},
-        "model": {"dim": 16, "expert_hidden": 16, "channels": 4},
-        "data": {"train_subset": 200, "test_subset": 60},
-    }
-    base.update(overrides)
-    return base
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", train_subset=200, test_subset=60)
 
 
 def conserved(tr: Trainer) -> None:
