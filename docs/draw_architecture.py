@@ -40,12 +40,12 @@ WHAT = {
     "experiments": "comparisons, demo, simulation runs,\nseeds, sweeps, run folders",
     "report": "tables and plots of runs",
     "serving": "OpenAI-compatible gateway",
-    "testing": "test doubles",
+    "testing": "loopback test doubles",
     "train": "Stable-MoE training\n(composes moe + edge)",
     "collab": "MoE² collaborative inference",
     "moe": "MoE layer, routers (pure torch)",
     "edge": "network model, controllers,\nsimulator (pure numpy)",
-    "base": "errors, files, paths, registry, config",
+    "base": "errors, files, runs, paths,\nregistry, config",
 }
 
 

@@ -19,10 +19,8 @@ Axis letters in array names (``scores_NE`` is tokens x experts):
 - ``N`` tokens of one slot in the edge model; ``K`` experts per token; ``R`` rows of a chunk (the
   tokens of several slots concatenated);
 - ``D`` model width, ``H`` expert hidden width, ``C`` classes, channels or token classes;
-- MoE²: ``Q`` questions, ``O`` answer options, ``B`` candidate subsets of a batch, ``V`` vocabulary.
-
-Older names still being moved over: ``_J`` for servers in ``edge`` and ``train`` and ``N`` for the
-LLM experts in ``collab`` (``_QN``) both mean ``E``.
+- MoE²: ``Q`` questions, ``O`` answer options, ``B`` candidate subsets of a batch, ``V`` vocabulary,
+  and (within ``collab``/``serving`` only) ``N`` its experts, which are whole LLMs (``probs_QNO``).
 """
 
 __version__ = "0.1.0"

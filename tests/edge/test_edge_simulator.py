@@ -20,12 +20,12 @@ SUMMARY_KEYS = {
 }
 
 
-def completions_by_loop(assignments, served_TJ):
+def completions_by_loop(assignments, served_TE):
     """Per-token FIFO bookkeeping, one token at a time."""
-    J = served_TJ.shape[1]
-    cum = np.cumsum(served_TJ, axis=0)
+    J = served_TE.shape[1]
+    cum = np.cumsum(served_TE, axis=0)
     count = np.zeros(J, dtype=int)
-    done = np.zeros(len(served_TJ), dtype=int)
+    done = np.zeros(len(served_TE), dtype=int)
     for ids, kept in assignments:
         last = -1
         for j, keep in zip(ids, kept):
@@ -34,7 +34,7 @@ def completions_by_loop(assignments, served_TJ):
             t = int(np.searchsorted(cum[:, j], count[j] + 1 - 1e-9))
             count[j] += 1
             last = max(last, t)
-        if 0 <= last < len(served_TJ):  # a token with every assignment dropped never completes
+        if 0 <= last < len(served_TE):  # a token with every assignment dropped never completes
             done[last] += 1
     return done
 
@@ -44,7 +44,7 @@ def test_completion_tracker_matches_token_loop():
     J, T, K = 4, 30, 2
     served = rng.uniform(0, 3, (T, J))
     tracker = CompletionTracker(J, T)
-    tracker.cum_served_JT[:] = np.cumsum(served, axis=0).T
+    tracker.cum_served_ET[:] = np.cumsum(served, axis=0).T
     assignments = []
     for t0 in range(0, T, 10):  # chunks of 10 slots, two tokens per slot
         ids = np.array([rng.choice(J, K, replace=False) for _ in range(20)])

@@ -77,11 +77,6 @@ def test_train_tables_show_spread_and_markdown():
     assert md[0].startswith("| policy |") and md[2].startswith("| stable-moe | 10.0 |")
 
 
-def test_train_rows_csv(tmp_path):
-    path = train.write_rows(tmp_path / "x" / "rows.csv", [{"slot": 0, "a": 1.5}])
-    assert path.read_text().splitlines() == ["slot,a", "0,1.5"]
-
-
 def test_collab_plots(tmp_path):
     rows = [
         {

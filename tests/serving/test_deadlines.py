@@ -127,3 +127,12 @@ def test_stream_falls_back_to_a_hedge_when_the_first_ranked_expert_fails(make_ga
     assert len(text) == 4 and block["answered_by"] == "hedge" and block["failed"] == ["first"]
     direct = client.chat.completions.create(model="hedge", messages=HELLO["messages"], max_tokens=4)
     assert text == direct.choices[0].message.content
+
+
+def test_a_stream_that_stalls_ends_with_an_error_event_within_the_expert_timeout(make_gateway):
+    run = make_gateway({"a": TinyOpenAIServer(1, output_token_s=5.0)}, timeout_s=0.6)
+    t0 = time.perf_counter()
+    with run.client.stream("POST", "/v1/chat/completions", json={**HELLO, "stream": True}) as r:
+        body = r.read().decode()
+    assert r.status_code == 200 and time.perf_counter() - t0 < 3.0
+    assert '"code":"stream_interrupted"' in body and body.endswith("data: [DONE]\n\n")

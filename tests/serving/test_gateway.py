@@ -298,3 +298,22 @@ def test_fitted_gate_weights_the_experts(tmp_path, make_gateway):
     urls = {n: s.url for n, s in servers.items()}
     with pytest.raises(ConfigError, match="serve.run"):
         MoE2Service(load_gateway_config(collab_dict(urls, run=str(tmp_path))))  # not a run folder
+
+
+def test_energy_queue_holds_the_streams_mean_energy(make_gateway):
+    """With ``serve.energy_budget_j`` the gateway prices energy by its own stream's backlog: once the
+    realised energy overshoots a budget no set can meet, only the best-ranked expert serves."""
+    servers = {n: TinyOpenAIServer(i + 1) for i, n in enumerate(("a", "b", "c"))}
+    free = make_gateway(servers)
+    three = free.client.post("/v1/moe2/answer", json=QUESTION).json()["moe2"]
+    assert len(three["experts"]) == 3 and free.service.policy.energy_queue is None
+    servers = {n: TinyOpenAIServer(i + 1) for i, n in enumerate(("a", "b", "c"))}
+    run = make_gateway(servers, energy_budget_j=1e-9)
+    sizes = [
+        len(run.client.post("/v1/moe2/answer", json=QUESTION).json()["moe2"]["experts"]) for _ in range(4)
+    ]
+    queue = run.service.policy.energy_queue
+    assert sizes[0] == 3 and sizes[1:] == [1, 1, 1]
+    assert queue.requests == 4 and queue.backlog_j > 0 and queue.mean_energy_j > 0
+    with pytest.raises(ConfigError, match="serve.energy_budget_j"):
+        ServeSettings(energy_budget_j=-1.0)

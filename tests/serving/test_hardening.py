@@ -89,6 +89,7 @@ def test_slow_headers_and_slow_bodies_are_cut_off(make_gateway):
         reply = sock.recv(4096)
         assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 2.0
         assert sock.recv(4096) == b""  # closed
+    assert metric(run.client.get("/metrics").text, 'edgemoe_requests_total{route="other",status="408"}') == 1
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
         reply = sock.recv(4096)

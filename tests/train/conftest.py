@@ -17,6 +17,12 @@ def data():
     return load_dataset("digits", train_subset=200, test_subset=60)
 
 
+@pytest.fixture(scope="module")
+def digits(data):
+    """The same small digits set under the name the single-process tests use."""
+    return data
+
+
 def _exact_accounting(tr: Trainer) -> None:
     trained = np.concatenate([d.trained_ids for d in tr.decisions])
     assert len(np.unique(trained)) == len(trained) == tr.counters["trained"]

@@ -45,7 +45,7 @@ def test_dist_equals_inproc_and_restarts_killed_workers(data, exact_accounting, 
         tr.run(5)  # server 1's process is SIGKILLed at slot 3 by the fault schedule (never back)
         for a, b in zip(ref.decisions, tr.decisions):
             assert np.array_equal(a.expert_ids_NK, b.expert_ids_NK)
-            assert np.array_equal(a.freq_J, b.freq_J) and np.array_equal(a.served_J, b.served_J)
+            assert np.array_equal(a.freq_E, b.freq_E) and np.array_equal(a.served_E, b.served_E)
             assert np.array_equal(a.trained_ids, b.trained_ids)
         assert ref.summary() == {**tr.summary(), "slots": 5}
         for p, q in zip(ref.model.parameters(), tr.model.parameters()):
@@ -58,15 +58,15 @@ def test_dist_equals_inproc_and_restarts_killed_workers(data, exact_accounting, 
         assert steps_before > 0
         os.kill(tr.transport.pid(0), signal.SIGKILL)
         tr.run(9)
-        assert not tr.state.online_J[0]
+        assert not tr.state.online_E[0]
         assert [e["event"] for e in tr.events if e["server"] == 0] == ["unreachable"]
-        run_until(tr, lambda: tr.state.online_J[0])  # a restart imports torch: seconds on a busy machine
-        assert tr.state.online_J[0] and tr.events[-1] == {**tr.events[-1], "server": 0, "event": "rejoined"}
+        run_until(tr, lambda: tr.state.online_E[0])  # a restart imports torch: seconds on a busy machine
+        assert tr.state.online_E[0] and tr.events[-1] == {**tr.events[-1], "server": 0, "event": "rejoined"}
         restored = tr.transport.state_dict()[0]
         assert max(int(s["step"]) for s in restored["optimizer"]["state"].values()) >= steps_before
         tr.run(tr.slot + 2)
         assert (tr.decisions[-1].expert_ids_NK == 0).any()
-        assert tr.state.online_J.tolist() == [True, False, True]  # the scheduled kill is permanent
+        assert tr.state.online_E.tolist() == [True, False, True]  # the scheduled kill is permanent
         exact_accounting(tr)
         summary = tr.summary()
         assert {"slot", "server", "event"} <= set(summary["fault_events"][0])
@@ -87,14 +87,14 @@ def test_paused_server_goes_offline_without_slowing_others_and_rejoins(data, exa
         try:
             paused_at = tr.slot
             tr.run(paused_at + 6)
-            assert not tr.state.online_J[0]
+            assert not tr.state.online_E[0]
             assert tr.events[0]["event"].startswith("late")
             healthy = [r["wall_s"] for r in tr.history[paused_at + 1 :]]
             assert statistics.median(healthy) < 0.3  # the router no longer waits for server 0
         finally:
             os.kill(pid, signal.SIGCONT)
-        run_until(tr, lambda: tr.state.online_J[0])
-        assert tr.state.online_J[0] and tr.events[-1]["event"] == "rejoined"
+        run_until(tr, lambda: tr.state.online_E[0])
+        assert tr.state.online_E[0] and tr.events[-1]["event"] == "rejoined"
         tr.run(tr.slot + 3)
         exact_accounting(tr)
     finally:
@@ -106,11 +106,11 @@ def test_late_reply_is_used_when_server_stays_online(data, exact_accounting):
     faults = [{"server": 0, "slot": 2, "kind": "slow", "stall_s": 0.5}]
     tr = Trainer(_cfg("inproc", slots=6, faults=faults, deadline=0.2), dataset=data, keep_decisions=True)
     tr.run(3)
-    assert tr.decisions[2].served_J[0] == 0  # nothing back from server 0 in the slot it was late
+    assert tr.decisions[2].served_E[0] == 0  # nothing back from server 0 in the slot it was late
     tr.run()
     ref = Trainer(_cfg("inproc", slots=6, faults=[]), dataset=data, keep_decisions=True)
     ref.run(3)
     # its late reply is delivered in the next slot, with that slot's own service
-    assert tr.decisions[3].served_J[0] >= ref.decisions[2].served_J[0] > 0
-    assert tr.state.online_J.all() and tr.counters["late_replies"] == 1 and not tr.events
+    assert tr.decisions[3].served_E[0] >= ref.decisions[2].served_E[0] > 0
+    assert tr.state.online_E.all() and tr.counters["late_replies"] == 1 and not tr.events
     exact_accounting(tr)

@@ -13,32 +13,10 @@ from hypothesis import strategies as st
 from edgemoe.edge import spec_from_dict
 from edgemoe.edge.simulator import PolicySpec, simulate
 from edgemoe.edge.spec import SCENARIOS
+from edgemoe.testing.train import tiny_train_config as tiny
 from edgemoe.train.config import train_config_from_dict
-from edgemoe.train.data import load_dataset
 from edgemoe.train.model import ModelConfig, RouterSide
 from edgemoe.train.trainer import Trainer, mutual_information_bits, token_spec
-
-SERVERS = [
-    {"f_max": 1e9, "cycles_per_token": 1e8, "kappa": 1e-28, "energy_budget": 0.5, "count": 2},
-    {"f_max": 3e9, "cycles_per_token": 1e8, "kappa": 1e-28, "energy_budget": 0.5, "count": 2},
-]
-
-
-def tiny(**overrides) -> dict:
-    base = {
-        "slots": 6,
-        "eval_every": 3,
-        "network": {"servers": SERVERS, "arrivals": {"rate": 20.0}},
-        "model": {"dim": 16, "expert_hidden": 16, "channels": 4},
-        "data": {"train_subset": 200, "test_subset": 60},
-    }
-    base.update(overrides)
-    return base
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", train_subset=200, test_subset=60)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -145,7 +123,7 @@ def test_token_level_routing_conserves_tokens(digits, buffer):
     assert c["tokens_trained"] + len(tr.table) == c["tokens_arrived"]
     assert c["trained"] + tr.table.num_samples() == c["arrived"]
     # every assignment is served, dropped or still queued, exactly once
-    queued = int(tr.table.backlog_J(4).sum())
+    queued = int(tr.table.backlog_E(4).sum())
     assert c["served_assignments"] + c["dropped_assignments"] + queued == tr.k * c["tokens_arrived"]
     trained = np.concatenate([d.trained_ids for d in tr.decisions])
     assert len(np.unique(trained)) == len(trained) == c["tokens_trained"]

@@ -128,3 +128,17 @@ def test_torchrun_with_the_wrong_number_of_processes_is_one_line(tmp_path, capsy
         monkeypatch.setenv(name, value)
     assert main(["train", "--transport", "dist", "--out", str(tmp_path / "r")]) == 2
     assert "J+1 = 9 processes" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_compare_runs_paired_seeds_and_refuses_bad_flags(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--policies", "stable-moe,jsq-k", "--seeds", "0,1", "--slots", "2", "--scale", "0.05"]
+    args += ["--train-subset", "100", "--test-subset", "40", "--eval-every", "2", *TINY, "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["stable-moe", "jsq-k"] and len(summary["jsq-k"]["seeds"]) == 2
+    assert "stable-moe vs jsq-k" in capsys.readouterr().out
+    for bad, field in ((["--seeds", "0,x"], "--seeds"), (["--seeds", "1,1"], "--seeds"), ([], "--out")):
+        assert main([*args, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and field in err and "Traceback" not in err

@@ -211,12 +211,12 @@ def test_resume_brings_servers_lost_to_the_transport_back(tmp_path):
     )
     tr = Trainer(cfg, dataset=data)
     tr.run(3)
-    assert not tr.state.online_J[1] and tr.lost == {1: 101}  # would stay away for 100 slots
+    assert not tr.state.online_E[1] and tr.lost == {1: 101}  # would stay away for 100 slots
     tr.save(tmp_path / "checkpoint.pt")
     fresh = Trainer(cfg, dataset=data)
     fresh.resume(tmp_path / "checkpoint.pt")
     fresh.run(4)
-    assert fresh.state.online_J[1] and fresh.events[-1] == {"slot": 3, "server": 1, "event": "rejoined"}
+    assert fresh.state.online_E[1] and fresh.events[-1] == {"slot": 3, "server": 1, "event": "rejoined"}
 
 
 def test_a_job_restarted_by_torchrun_resumes_in_the_same_folder(tmp_path, monkeypatch):

@@ -11,32 +11,11 @@ from edgemoe.config import ConfigError
 from edgemoe.edge import Workload, load_score_trace, spec_from_dict
 from edgemoe.edge.controllers import CONTROLLER_NAMES
 from edgemoe.errors import DataError
+from edgemoe.testing.train import TINY_SERVERS as SERVERS
+from edgemoe.testing.train import tiny_train_config as tiny
 from edgemoe.train.checkpoint import CheckpointError
 from edgemoe.train.config import train_config_from_dict
-from edgemoe.train.data import load_dataset
 from edgemoe.train.trainer import Trainer
-
-SERVERS = [
-    {"f_max": 1e9, "cycles_per_token": 1e8, "kappa": 1e-28, "energy_budget": 0.5, "count": 2},
-    {"f_max": 3e9, "cycles_per_token": 1e8, "kappa": 1e-28, "energy_budget": 0.5, "count": 2},
-]
-
-
-def tiny(**overrides) -> dict:
-    base = {
-        "slots": 6,
-        "eval_every": 3,
-        "network": {"servers": SERVERS, "arrivals": {"rate": 20.0}},
-        "model": {"dim": 16, "expert_hidden": 16, "channels": 4},
-        "data": {"train_subset": 200, "test_subset": 60},
-    }
-    base.update(overrides)
-    return base
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", train_subset=200, test_subset=60)
 
 
 def conserved(tr: Trainer) -> None:
@@ -56,7 +35,7 @@ def test_every_controller_trains(policy, digits):
     assert s["trained"] > 0 and 0.0 <= s["test_accuracy"] <= 1.0
     assert np.isfinite([r["loss"] for r in tr.history if r["completed"]]).all()
     # the real queues equal the controller's view of the backlog
-    assert np.array_equal(tr.state.backlog_J, tr.table.backlog_J(4).astype(float))
+    assert np.array_equal(tr.state.backlog_E, tr.table.backlog_E(4).astype(float))
 
 
 @pytest.mark.parametrize(
@@ -80,8 +59,8 @@ def test_service_follows_frequency_and_fifo(digits):
     tr = Trainer(train_config_from_dict(tiny(policy="topk", slots=5)), dataset=digits, keep_decisions=True)
     tr.run()
     for d in tr.decisions:
-        capacity = np.floor(d.freq_J * tr.spec.tau / tr.spec.cycles_J + 1.0)
-        assert (d.served_J <= capacity).all()
+        capacity = np.floor(d.freq_E * tr.spec.tau / tr.spec.cycles_E + 1.0)
+        assert (d.served_E <= capacity).all()
     # queues are FIFO: every server's queue holds increasing token ids
     for server in tr.transport.servers:
         ids = server.queue_ids_Q.numpy()
@@ -106,11 +85,11 @@ def test_offline_server_requeues_and_rejoins(digits):
     cfg = tiny(policy="topk", slots=8, faults=[{"server": 0, "slot": 3, "kind": "offline", "duration": 2}])
     tr = Trainer(train_config_from_dict(cfg), dataset=digits, keep_decisions=True)
     tr.run(4)
-    assert not tr.state.online_J[0] and tr.table.backlog_J(4)[0] == 0
+    assert not tr.state.online_E[0] and tr.table.backlog_E(4)[0] == 0
     assert tr.counters["rerouted"] > 0
     assert not (tr.decisions[3].expert_ids_NK == 0).any()
     tr.run()
-    assert tr.state.online_J[0]
+    assert tr.state.online_E[0]
     conserved(tr)
 
 
@@ -118,7 +97,7 @@ def test_killed_server_loses_no_sample(digits):
     cfg = tiny(policy="stable-moe", slots=7, faults=[{"server": 2, "slot": 2, "kind": "kill"}])
     tr = Trainer(train_config_from_dict(cfg), dataset=digits, keep_decisions=True)
     tr.run()
-    assert not tr.state.online_J[2]
+    assert not tr.state.online_E[2]
     assert all(not (d.expert_ids_NK == 2).any() for d in tr.decisions[2:])
     conserved(tr)
 
@@ -127,7 +106,7 @@ def test_finite_buffer_counts_overflow(digits):
     tr = Trainer(train_config_from_dict(tiny(policy="topk", buffer=3)), dataset=digits, keep_decisions=True)
     tr.run()
     assert tr.counters["dropped_assignments"] > 0
-    assert (tr.table.backlog_J(4) <= 3).all()
+    assert (tr.table.backlog_E(4) <= 3).all()
     conserved(tr)
 
 
@@ -158,7 +137,7 @@ def test_resume_continues_exactly(digits, tmp_path):
     for a, b in zip(full.decisions[3:], resumed.decisions):
         assert a.slot == b.slot
         assert np.array_equal(a.expert_ids_NK, b.expert_ids_NK)
-        assert np.array_equal(a.freq_J, b.freq_J) and np.array_equal(a.served_J, b.served_J)
+        assert np.array_equal(a.freq_E, b.freq_E) and np.array_equal(a.served_E, b.served_E)
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
     assert full.summary() == resumed.summary()
@@ -222,9 +201,9 @@ def test_missed_deadline_goes_offline_then_rejoins(digits):
     )
     tr = Trainer(train_config_from_dict(cfg), dataset=digits, keep_decisions=True)
     tr.run(3)
-    assert not tr.state.online_J[1] and tr.table.backlog_J(4)[1] == 0
+    assert not tr.state.online_E[1] and tr.table.backlog_E(4)[1] == 0
     tr.run()
-    assert tr.state.online_J[1]
+    assert tr.state.online_E[1]
     assert (tr.decisions[5].expert_ids_NK == 1).any()
     conserved(tr)
 
@@ -234,5 +213,5 @@ def test_frequency_emulation_takes_wall_time(digits):
     tr = Trainer(train_config_from_dict(cfg), dataset=digits, keep_decisions=True)
     tr.run()
     for d, row in zip(tr.decisions, tr.history):
-        busy = 0.01 * d.served_J * tr.spec.cycles_J / np.maximum(d.freq_J, 1.0)
+        busy = 0.01 * d.served_E * tr.spec.cycles_E / np.maximum(d.freq_E, 1.0)
         assert row["wall_s"] >= busy.max() * 0.95

@@ -33,12 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edgemoe.cli.common import check_common_flags
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
     try:
+        check_common_flags(args)
         return int(args.func(args) or 0)
     except (EdgeMoEError, FileNotFoundError) as exc:
         print(f"edgemoe {args.command}: error: {exc}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Helpers shared by subcommands: config loading with overrides, the data root flag, run folders."""
+"""Helpers shared by subcommands: config loading with overrides, the data root flag, flag checks,
+run folders (:mod:`edgemoe.runs`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from edgemoe.config import apply_overrides, load_yaml
-from edgemoe.experiments.runs import RunFolder, run_path
+from edgemoe.errors import ConfigError
 from edgemoe.files import write_json
 from edgemoe.paths import DATA_ENV
+from edgemoe.runs import RunFolder, run_path
 
-__all__ = ["RunFolder", "add_config_args", "add_data_dir_arg", "load_config_dict", "run_dir", "write_json"]
+__all__ = [
+    "RunFolder",
+    "add_config_args",
+    "add_data_dir_arg",
+    "check_common_flags",
+    "load_config_dict",
+    "run_dir",
+    "write_json",
+]
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -37,12 +47,20 @@ def add_data_dir_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_dir(out: str | Path | None, default_root: str, name: str) -> Path:
-    """A results folder for one run, created now: ``out`` if given, else ``runs/<name>-<timestamp>``.
+def check_common_flags(args: argparse.Namespace) -> None:
+    """Flags several subcommands share, checked once for all of them: ``--threads`` >= 1."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ConfigError("--threads", f"must be >= 1 (torch threads), got {threads}")
 
-    Prefer :class:`~edgemoe.experiments.runs.RunFolder`, which creates the folder only with its first
-    file (so a run that fails validation leaves no empty folder).
+
+def run_dir(out: str | Path | None, default_root: str, name: str) -> Path:
+    """A results folder for one run, created now: ``out`` if given (it may hold earlier results the
+    command continues from), else a fresh ``<default_root>/<name>-<timestamp>``.
+
+    Prefer :class:`~edgemoe.runs.RunFolder`, which creates the folder only with its first file (so a
+    run that fails validation leaves no empty folder) and refuses a ``--out`` holding another run.
     """
-    path = run_path(out, default_root, name)
+    path = run_path(out, default_root, name, resuming=True)
     path.mkdir(parents=True, exist_ok=True)
     return path

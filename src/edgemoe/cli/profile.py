@@ -61,14 +61,14 @@ def run(args: argparse.Namespace) -> int:
     rows, servers = [], []
     for j in range(spec.num_servers):
         r = results[j] or {}
-        cycles = r.get("s_per_token", float("nan")) * spec.f_max_J[j]
-        rows.append({"server": j, **r, "f_max_ghz": spec.f_max_J[j] / 1e9, "cycles_per_token": cycles})
+        cycles = r.get("s_per_token", float("nan")) * spec.f_max_E[j]
+        rows.append({"server": j, **r, "f_max_ghz": spec.f_max_E[j] / 1e9, "cycles_per_token": cycles})
         servers.append(
             {
-                "f_max": float(spec.f_max_J[j]),
+                "f_max": float(spec.f_max_E[j]),
                 "cycles_per_token": float(cycles),
-                "kappa": float(spec.kappa_J[j]),
-                "energy_budget": float(spec.budget_J[j]),
+                "kappa": float(spec.kappa_E[j]),
+                "energy_budget": float(spec.budget_E[j]),
             }
         )
     with RunFolder(out) as folder:

@@ -8,8 +8,10 @@
     edgemoe train --config run.yaml --set controller.V=50 --resume auto --out runs/x
 
 Writes ``summary.json``, ``slots.csv``, ``evals.csv``, ``scores.npz`` (gate scores for
-``edgemoe simulate`` replay), ``checkpoint.pt`` and PNG plots to the run folder. Ctrl-C or SIGTERM
-stops after the current slot, writes all of these, and exits 130 / 143.
+``edgemoe simulate`` replay) and PNG plots to the run folder, which must be new or empty unless
+``--resume`` continues a run in it. ``checkpoint.pt`` is written only with ``--checkpoint-every N``
+(every N slots) or when a run is stopped: Ctrl-C or SIGTERM stops after the current slot, writes
+``checkpoint.pt``, ``summary.json`` and ``slots.csv``, and exits 130 / 143.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemoe.cli.common import add_config_args, load_config_dict, write_json
 from edgemoe.config import to_dict
+from edgemoe.files import write_csv
 
 if TYPE_CHECKING:  # the CLI builds its parser without importing torch
     from edgemoe.train.config import TrainConfig
@@ -48,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--router", help="gate: any router of edgemoe.moe (topk, expert_choice, etr, ...)")
     p.add_argument("--backbone", help="cnn or vit")
     p.add_argument("--eval-every", type=int)
-    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="write <out>/checkpoint.pt every N slots")
     add_network_args(p)
     p.add_argument("--time-scale", type=float, help="dist: wall seconds per simulated second of service")
     p.add_argument(
@@ -62,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", help="checkpoint to continue from, or 'auto': <out>/checkpoint.pt if present, else start"
     )
-    p.add_argument("--out", type=Path, help="run folder (default runs/train-<time>)")
+    p.add_argument(
+        "--out", type=Path, help="run folder, new or empty unless --resume (default runs/train-<time>)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads in the router process")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=run)
@@ -91,12 +96,12 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 def write_run(out: Path, trainer: Any, *, plots: bool = True) -> dict[str, Any]:
     """Write the run folder (summary, traces, scores, plots); returns the summary."""
-    from edgemoe.report.train import plot_comparison, plot_servers, write_rows
+    from edgemoe.report.train import plot_comparison, plot_servers
 
     summary = trainer.summary()
     write_json(out / "summary.json", {**summary, "config": to_dict(trainer.cfg)})
-    write_rows(out / "slots.csv", trainer.history)
-    write_rows(out / "evals.csv", trainer.evals)
+    write_csv(out / "slots.csv", trainer.history)
+    write_csv(out / "evals.csv", trainer.evals)
     if trainer.cfg.record_scores:
         trainer.save_scores(out / "scores.npz")
     if plots and trainer.history:
@@ -111,10 +116,10 @@ def run(args: argparse.Namespace) -> int:
 
     from edgemoe.config import require
     from edgemoe.train.dist import torchrun_address, under_torchrun
-    from edgemoe.train.lifecycle import check_out_dir, default_out, resolve_resume
+    from edgemoe.train.lifecycle import check_out_dir, default_out, resolve_resume, restarted
     from edgemoe.train.worker import run_launcher
 
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     cfg = build_config(args)
     if cfg.transport.kind == "dist" and under_torchrun():
         world, servers = int(os.environ["WORLD_SIZE"]), cfg.network_spec().num_servers
@@ -127,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         rank = int(os.environ["RANK"])
         if rank != 0:  # keeps server rank-1 alive (restarting it): one death never ends the job
             return run_launcher(torchrun_address(cfg.transport), [rank - 1], cfg.transport.timeout_s)
-    out = check_out_dir(args.out or default_out("runs", "train"))
+    resuming = args.resume is not None or restarted()  # only a resumed run may reuse a used --out
+    out = check_out_dir(args.out or default_out("runs", "train"), resuming=resuming)
     state = None
     resume = resolve_resume(args.resume, out)
     if resume is not None:  # checked before any worker starts

@@ -4,10 +4,10 @@ Public API (see docs/stable-moe.md):
 
 - :class:`NetworkSpec`, :func:`load_scenario`, :func:`load_spec`: servers, slots, arrivals, scores;
 - :func:`make_arrivals`: seeded arrival processes (Poisson, MMPP, CSV trace);
-- :class:`NetworkState`, :func:`advance`: token backlog Q_J, virtual energy queue Z_J, ``online_J``;
+- :class:`NetworkState`, :func:`advance`: token backlog Q_E, virtual energy queue Z_E, ``online_E``;
 - :class:`SlotEngine`: the one slot loop state (queues, energy, on/offline) that the simulator and
   the trainer both advance;
-- :class:`Decision`, :func:`make_controller`: ``decide(state, scores_NJ) -> Decision``;
+- :class:`Decision`, :func:`make_controller`: ``decide(state, scores_NE) -> Decision``;
 - :func:`save_score_trace`, :func:`load_score_trace`: the recorded gate-score format.
 """
 

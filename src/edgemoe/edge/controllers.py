@@ -1,7 +1,7 @@
 """Per-slot controllers: given the queues and the gate's scores, choose K experts per token and each
 server's CPU frequency.
 
-One interface for all of them, ``decide(state, scores_NJ) -> Decision``, used both by the simulator
+One interface for all of them, ``decide(state, scores_NE) -> Decision``, used both by the simulator
 and by the training loop. Everything is vectorised over tokens (``sequential`` routing loops over
 blocks of tokens, never over single tokens unless ``block=1`` is asked for).
 
@@ -36,10 +36,10 @@ FreqRule = Literal["lyapunov", "sustainable", "max"]
 @dataclass(frozen=True)
 class Decision:
     """One slot's decision. ``expert_ids_NK[i]`` are token i's K distinct servers; ``kept_NK`` is False
-    where an assignment was dropped (capacity overflow; ``None`` means all kept); ``freq_J`` in cycles/s."""
+    where an assignment was dropped (capacity overflow; ``None`` means all kept); ``freq_E`` in cycles/s."""
 
     expert_ids_NK: np.ndarray
-    freq_J: np.ndarray
+    freq_E: np.ndarray
     kept_NK: np.ndarray | None = None
 
     def kept_mask(self) -> np.ndarray:
@@ -47,7 +47,7 @@ class Decision:
             return np.ones(self.expert_ids_NK.shape, dtype=bool)
         return self.kept_NK
 
-    def routed_J(self, num_servers: int) -> np.ndarray:
+    def routed_E(self, num_servers: int) -> np.ndarray:
         """A_j: kept assignments per server."""
         ids = self.expert_ids_NK if self.kept_NK is None else self.expert_ids_NK[self.kept_NK]
         return np.bincount(ids.ravel(), minlength=num_servers).astype(np.float64)
@@ -57,43 +57,43 @@ class Decision:
 # Building blocks
 
 
-def topk_ids(values_NJ: np.ndarray, k: int) -> np.ndarray:
+def topk_ids(values_NE: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest entries per row (unordered within the row), int64 [N, k]."""
-    J = values_NJ.shape[1]
+    J = values_NE.shape[1]
     if k == J:
-        return np.broadcast_to(np.arange(J), values_NJ.shape).copy()
-    return values_NJ.argpartition(J - k, axis=1)[:, J - k :]
+        return np.broadcast_to(np.arange(J), values_NE.shape).copy()
+    return values_NE.argpartition(J - k, axis=1)[:, J - k :]
 
 
-def masked(values_NJ: np.ndarray, online_J: np.ndarray) -> np.ndarray:
+def masked(values_NE: np.ndarray, online_E: np.ndarray) -> np.ndarray:
     """Offline servers' columns set to -inf so no top-k picks them."""
-    if online_J.all():
-        return values_NJ
-    return np.where(online_J, values_NJ, -np.inf)
+    if online_E.all():
+        return values_NE
+    return np.where(online_E, values_NE, -np.inf)
 
 
 def check_online(state: NetworkState, k: int) -> None:
-    n_online = int(np.count_nonzero(state.online_J))
+    n_online = int(np.count_nonzero(state.online_E))
     require(
         n_online >= k,
-        "state.online_J",
+        "state.online_E",
         f"only {n_online} servers are online but every token needs K={k} distinct experts; "
         "bring servers back online or lower k",
     )
 
 
-def energy_weight_J(spec: NetworkSpec, energy_weight: float) -> np.ndarray:
+def energy_weight_E(spec: NetworkSpec, energy_weight: float) -> np.ndarray:
     """beta_j = w / (3 kappa_j C_j E_j^max f_sust_j^2): scales the virtual energy queue so that the
     Lyapunov frequency equals the sustainable one when Z_j / E_j^max = (Q_j + V omega1) / w."""
-    return energy_weight / (3 * spec.kappa_J * spec.cycles_J * spec.budget_J * spec.f_sustainable_J**2)
+    return energy_weight / (3 * spec.kappa_E * spec.cycles_E * spec.budget_E * spec.f_sustainable_E**2)
 
 
 def frequency_bounds(spec: NetworkSpec, state: NetworkState) -> tuple[np.ndarray, np.ndarray]:
     """Feasible frequency interval per server: hi = min(f_max, C Q / tau) (no faster than the backlog
     needs), lo = min(f_min, hi); both 0 when offline."""
-    hi = np.minimum(spec.f_max_J, spec.cycles_J * state.backlog_J / spec.tau)
-    hi = np.where(state.online_J, hi, 0.0)
-    lo = np.minimum(spec.f_min_J, hi)
+    hi = np.minimum(spec.f_max_E, spec.cycles_E * state.backlog_E / spec.tau)
+    hi = np.where(state.online_E, hi, 0.0)
+    lo = np.minimum(spec.f_min_E, hi)
     return lo, hi
 
 
@@ -104,11 +104,11 @@ def lyapunov_frequency(
     f* = sqrt((Q + V omega1) / (3 beta kappa C Z)) clipped, or hi when Z = 0 (the objective is then
     non-increasing in f)."""
     lo, hi = frequency_bounds(spec, state)
-    Z = state.energy_queue_J
-    # With beta from energy_weight_J this is f_sust * sqrt((Q + V omega1) E^max / (w Z)).
-    pressure = (state.backlog_J + V * omega1) * spec.budget_J / energy_weight
+    Z = state.energy_queue_E
+    # With beta from energy_weight_E this is f_sust * sqrt((Q + V omega1) E^max / (w Z)).
+    pressure = (state.backlog_E + V * omega1) * spec.budget_E / energy_weight
     ratio = np.divide(pressure, Z, out=np.full(len(Z), np.inf), where=Z > 0)
-    return np.minimum(np.maximum(spec.f_sustainable_J * np.sqrt(ratio), lo), hi)
+    return np.minimum(np.maximum(spec.f_sustainable_E * np.sqrt(ratio), lo), hi)
 
 
 def rule_frequency(
@@ -116,10 +116,11 @@ def rule_frequency(
 ) -> np.ndarray:
     """Frequency per server under a named rule, always within [lo, hi] of :func:`frequency_bounds`."""
     if rule == "lyapunov":
-        assert cfg is not None
+        if cfg is None:
+            raise TypeError("rule_frequency: the 'lyapunov' rule needs the controller settings (cfg)")
         return lyapunov_frequency(spec, state, cfg.V, cfg.omega1, cfg.energy_weight)
     lo, hi = frequency_bounds(spec, state)
-    target = spec.f_max_J if rule == "max" else spec.f_sustainable_J
+    target = spec.f_max_E if rule == "max" else spec.f_sustainable_E
     return np.minimum(np.maximum(target, lo), hi)
 
 
@@ -132,27 +133,27 @@ def auto_block(num_tokens: int, block: int) -> int:
     return block if block > 0 else max(1, math.ceil(num_tokens / AUTO_BLOCKS))
 
 
-def route_linear(utility_NJ: np.ndarray, backlog_J: np.ndarray, k: int) -> np.ndarray:
-    """Each token takes the K largest utility_ij - Q_j (computed in place, in utility_NJ's dtype:
+def route_linear(utility_NE: np.ndarray, backlog_E: np.ndarray, k: int) -> np.ndarray:
+    """Each token takes the K largest utility_ij - Q_j (computed in place, in utility_NE's dtype:
     float32 gate scores keep the selection on float32, about twice as fast as float64)."""
-    utility_NJ -= backlog_J.astype(utility_NJ.dtype)
-    return topk_ids(utility_NJ, k)
+    utility_NE -= backlog_E.astype(utility_NE.dtype)
+    return topk_ids(utility_NE, k)
 
 
-def route_sequential(utility_NJ: np.ndarray, backlog_J: np.ndarray, k: int, block: int) -> np.ndarray:
+def route_sequential(utility_NE: np.ndarray, backlog_E: np.ndarray, k: int, block: int) -> np.ndarray:
     """Like :func:`route_linear` but a provisional backlog Q~_j grows by one per assignment within the
     slot, so one slot's tokens do not all join the same short queue. Tokens are processed in blocks of
     ``block`` that share one Q~ (``block=1`` is the strict token-by-token rule)."""
-    N, J = utility_NJ.shape
-    provisional_J = np.asarray(backlog_J, dtype=utility_NJ.dtype).copy()
+    N, J = utility_NE.shape
+    provisional_E = np.asarray(backlog_E, dtype=utility_NE.dtype).copy()
     ids_NK = np.empty((N, k), dtype=np.int64)
-    buffer = np.empty((min(block, N), J), dtype=utility_NJ.dtype)
+    buffer = np.empty((min(block, N), J), dtype=utility_NE.dtype)
     for start in range(0, N, block):
-        rows = utility_NJ[start : start + block]
-        values = np.subtract(rows, provisional_J, out=buffer[: len(rows)])
+        rows = utility_NE[start : start + block]
+        values = np.subtract(rows, provisional_E, out=buffer[: len(rows)])
         out = ids_NK[start : start + block]
         out[:] = topk_ids(values, k)
-        provisional_J += np.bincount(out.ravel(), minlength=J)  # a contiguous view: no copy
+        provisional_E += np.bincount(out.ravel(), minlength=J)  # a contiguous view: no copy
     return ids_NK
 
 
@@ -173,15 +174,15 @@ class Controller:
         self.cfg = cfg or spec.controller
         self.k = spec.k
 
-    def decide(self, state: NetworkState, scores_NJ: np.ndarray) -> Decision:
-        """Route this slot's tokens (gate scores ``scores_NJ``) and set each server's frequency."""
-        scores_NJ = check_scores(scores_NJ, self.spec.num_servers)
+    def decide(self, state: NetworkState, scores_NE: np.ndarray) -> Decision:
+        """Route this slot's tokens (gate scores ``scores_NE``) and set each server's frequency."""
+        scores_NE = check_scores(scores_NE, self.spec.num_servers)
         check_online(state, self.k)
-        ids_NK, kept_NK = self._route(state, scores_NJ)
-        freq_J = rule_frequency(self.freq_rule, self.spec, state, self.cfg)
-        return Decision(ids_NK, freq_J, kept_NK)
+        ids_NK, kept_NK = self._route(state, scores_NE)
+        freq_E = rule_frequency(self.freq_rule, self.spec, state, self.cfg)
+        return Decision(ids_NK, freq_E, kept_NK)
 
-    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _route(self, state: NetworkState, scores_NE: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -203,29 +204,29 @@ class StableMoE(Controller):
         super().__init__(spec, cfg)
         self.freq_rule = freq_rule
 
-    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
+    def _route(self, state: NetworkState, scores_NE: np.ndarray) -> tuple[np.ndarray, None]:
         # A fresh array in the scores' floating dtype (float32 for a real gate, float64 otherwise).
-        dtype = scores_NJ.dtype if np.issubdtype(scores_NJ.dtype, np.floating) else np.float64
-        utility_NJ = masked(np.multiply(scores_NJ, self.cfg.V * self.cfg.omega2, dtype=dtype), state.online_J)
+        dtype = scores_NE.dtype if np.issubdtype(scores_NE.dtype, np.floating) else np.float64
+        utility_NE = masked(np.multiply(scores_NE, self.cfg.V * self.cfg.omega2, dtype=dtype), state.online_E)
         if self.cfg.mode == "linear":
-            return route_linear(utility_NJ, state.backlog_J, self.k), None
-        block = auto_block(len(scores_NJ), self.cfg.block)
-        return route_sequential(utility_NJ, state.backlog_J, self.k, block), None
+            return route_linear(utility_NE, state.backlog_E, self.k), None
+        block = auto_block(len(scores_NE), self.cfg.block)
+        return route_sequential(utility_NE, state.backlog_E, self.k, block), None
 
 
-def water_fill_counts(backlog_J: np.ndarray, num_tokens: int, k: int) -> np.ndarray:
+def water_fill_counts(backlog_E: np.ndarray, num_tokens: int, k: int) -> np.ndarray:
     """Assignments per server when ``num_tokens`` identical tokens each join the K shortest provisional
     queues in turn (raising each by one): the N*K cheapest "units", where server j's m-th unit costs
     Q_j + m and a server takes at most one unit per token (m < N). Equal to the token-by-token rule
     (tested), computed by one partition instead of a loop."""
-    J = len(backlog_J)
+    J = len(backlog_E)
     total = num_tokens * k
     if total == J * num_tokens:
         return np.full(J, num_tokens, dtype=np.int64)
-    costs_JN = backlog_J[:, None] + np.arange(num_tokens)[None, :]
-    threshold = np.partition(costs_JN.ravel(), total - 1)[total - 1]
-    counts = (costs_JN < threshold).sum(axis=1)
-    at_threshold = np.flatnonzero((costs_JN == threshold).any(axis=1))  # ties: lowest index first
+    costs_EN = backlog_E[:, None] + np.arange(num_tokens)[None, :]
+    threshold = np.partition(costs_EN.ravel(), total - 1)[total - 1]
+    counts = (costs_EN < threshold).sum(axis=1)
+    at_threshold = np.flatnonzero((costs_EN == threshold).any(axis=1))  # ties: lowest index first
     counts[at_threshold[: total - counts.sum()]] += 1
     return counts
 
@@ -245,13 +246,13 @@ class JSQK(Controller):
         super().__init__(spec, dataclasses.replace(cfg or spec.controller, V=0.0))
         self.rng = np.random.default_rng(seed)
 
-    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
-        N = len(scores_NJ)
-        servers = np.flatnonzero(state.online_J)
+    def _route(self, state: NetworkState, scores_NE: np.ndarray) -> tuple[np.ndarray, None]:
+        N = len(scores_NE)
+        servers = np.flatnonzero(state.online_E)
         if self.cfg.mode == "linear":
-            best = servers[np.argsort(state.backlog_J[servers], kind="stable")[: self.k]]
+            best = servers[np.argsort(state.backlog_E[servers], kind="stable")[: self.k]]
             return np.broadcast_to(best, (N, self.k)).copy(), None
-        counts = water_fill_counts(state.backlog_J[servers], N, self.k)
+        counts = water_fill_counts(state.backlog_E[servers], N, self.k)
         order = self.rng.permutation(len(servers))
         # Each server appears at most N times in a row, so entries i, i + N, ... are distinct.
         ids_NK = np.repeat(servers[order], counts[order]).reshape(self.k, N).T
@@ -274,8 +275,8 @@ class TopK(Controller):
         super().__init__(spec, cfg)
         self.freq_rule = freq_rule
 
-    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
-        return topk_ids(masked(scores_NJ, state.online_J), self.k), None
+    def _route(self, state: NetworkState, scores_NE: np.ndarray) -> tuple[np.ndarray, None]:
+        return topk_ids(masked(scores_NE, state.online_E), self.k), None
 
 
 def group_rank(keys: np.ndarray, num_groups: int) -> np.ndarray:
@@ -302,10 +303,10 @@ class TopKCapacity(Controller):
     name = "topk-capacity"
     freq_rule: FreqRule = "sustainable"
 
-    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids_NK = topk_ids(masked(scores_NJ, state.online_J), self.k)
-        n_online = int(np.count_nonzero(state.online_J))
-        capacity = math.ceil(self.cfg.capacity_factor * len(scores_NJ) * self.k / n_online)
+    def _route(self, state: NetworkState, scores_NE: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids_NK = topk_ids(masked(scores_NE, state.online_E), self.k)
+        n_online = int(np.count_nonzero(state.online_E))
+        capacity = math.ceil(self.cfg.capacity_factor * len(scores_NE) * self.k / n_online)
         return ids_NK, capacity_keep(ids_NK, self.spec.num_servers, capacity)
 
 
@@ -319,9 +320,9 @@ class RandomK(Controller):
         super().__init__(spec, cfg)
         self.rng = np.random.default_rng(seed)
 
-    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
-        keys_NJ = self.rng.random(scores_NJ.shape)
-        return topk_ids(masked(keys_NJ, state.online_J), self.k), None
+    def _route(self, state: NetworkState, scores_NE: np.ndarray) -> tuple[np.ndarray, None]:
+        keys_NE = self.rng.random(scores_NE.shape)
+        return topk_ids(masked(keys_NE, state.online_E), self.k), None
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_state(self.rng)}
@@ -354,24 +355,24 @@ class BiasBalance(Controller):
     ):
         super().__init__(spec, dataclasses.replace(cfg or spec.controller, V=0.0))
         require(bias_rate >= 0 and math.isfinite(bias_rate), "bias_rate", f"must be >= 0, got {bias_rate}")
-        weight_J = np.ones(spec.num_servers) if target == "uniform" else spec.f_max_J / spec.cycles_J
-        self.weight_J = weight_J / weight_J.sum()
+        weight_E = np.ones(spec.num_servers) if target == "uniform" else spec.f_max_E / spec.cycles_E
+        self.weight_E = weight_E / weight_E.sum()
         self.bias_rate = bias_rate
-        self.bias_J = np.zeros(spec.num_servers)
+        self.bias_E = np.zeros(spec.num_servers)
 
-    def _route(self, state: NetworkState, scores_NJ: np.ndarray) -> tuple[np.ndarray, None]:
-        ids_NK = topk_ids(masked(scores_NJ + self.bias_J, state.online_J), self.k)
-        load_J = np.bincount(ids_NK.ravel(), minlength=self.spec.num_servers)
-        target_J = np.where(state.online_J, self.weight_J, 0.0)
-        target_J *= ids_NK.size / max(target_J.sum(), 1e-12)
-        self.bias_J += self.bias_rate * np.sign(target_J - load_J) * state.online_J
+    def _route(self, state: NetworkState, scores_NE: np.ndarray) -> tuple[np.ndarray, None]:
+        ids_NK = topk_ids(masked(scores_NE + self.bias_E, state.online_E), self.k)
+        load_E = np.bincount(ids_NK.ravel(), minlength=self.spec.num_servers)
+        target_E = np.where(state.online_E, self.weight_E, 0.0)
+        target_E *= ids_NK.size / max(target_E.sum(), 1e-12)
+        self.bias_E += self.bias_rate * np.sign(target_E - load_E) * state.online_E
         return ids_NK, None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"bias_J": self.bias_J.copy()}
+        return {"bias_E": self.bias_E.copy()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.bias_J = np.array(state["bias_J"], dtype=np.float64)
+        self.bias_E = np.array(state["bias_E"], dtype=np.float64)
 
 
 class TopKSwitch(TopK):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import optimize, sparse
 
-from edgemoe.edge.controllers import Decision, energy_weight_J, frequency_bounds
+from edgemoe.edge.controllers import Decision, energy_weight_E, frequency_bounds
 from edgemoe.edge.spec import ControllerSpec, NetworkSpec
 from edgemoe.edge.state import NetworkState
 
@@ -19,15 +19,15 @@ def frequency_objective_E(
     spec: NetworkSpec, state: NetworkState, cfg: ControllerSpec, freq_E: np.ndarray
 ) -> np.ndarray:
     """Per-server frequency part of the bound: beta Z (kappa f^3 tau - E^max) - (Q + V omega1) f tau / C."""
-    beta = energy_weight_J(spec, cfg.energy_weight)
-    pressure = state.backlog_J + cfg.V * cfg.omega1
-    energy_term = beta * state.energy_queue_J * (spec.energy_E(freq_E) - spec.budget_E)
+    beta = energy_weight_E(spec, cfg.energy_weight)
+    pressure = state.backlog_E + cfg.V * cfg.omega1
+    energy_term = beta * state.energy_queue_E * (spec.energy_E(freq_E) - spec.budget_E)
     return energy_term - pressure * spec.capacity_E(freq_E)
 
 
 def routing_costs_NE(state: NetworkState, cfg: ControllerSpec, scores_NE: np.ndarray) -> np.ndarray:
     """Cost of assigning token i to server j: Q_j - V omega2 g_ij."""
-    return state.backlog_J[None, :] - cfg.V * cfg.omega2 * np.asarray(scores_NE, dtype=np.float64)
+    return state.backlog_E[None, :] - cfg.V * cfg.omega2 * np.asarray(scores_NE, dtype=np.float64)
 
 
 def slot_objective(
@@ -36,7 +36,7 @@ def slot_objective(
     """Drift-plus-penalty bound of ``decision`` (the quantity Stable-MoE minimises each slot)."""
     costs_NE = routing_costs_NE(state, cfg, scores_NE)
     routing = np.take_along_axis(costs_NE, decision.expert_ids_NK, axis=1)[decision.kept_mask()].sum()
-    return float(routing + frequency_objective_E(spec, state, cfg, decision.freq_J).sum())
+    return float(routing + frequency_objective_E(spec, state, cfg, decision.freq_E).sum())
 
 
 def solve_routing_milp(
@@ -47,7 +47,7 @@ def solve_routing_milp(
     N, E = costs_NE.shape
     rows = np.repeat(np.arange(N), E)
     A = sparse.csr_array((np.ones(N * E), (rows, np.arange(N * E))), shape=(N, N * E))
-    upper = np.tile(state.online_J.astype(np.float64), N)
+    upper = np.tile(state.online_E.astype(np.float64), N)
     options = {"time_limit": time_limit} if time_limit else {}
     res = optimize.milp(
         costs_NE.ravel(),

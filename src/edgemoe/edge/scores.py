@@ -142,11 +142,6 @@ class SkewedScoreGenerator:
         offsets_CE = spec.class_spread * rng.standard_normal((spec.num_classes, E))
         self.class_logits_CE = self.log_popularity_E + offsets_CE
 
-    @property
-    def log_popularity_J(self) -> np.ndarray:
-        """The former name of :attr:`log_popularity_E`, kept until every caller uses the new one."""
-        return self.log_popularity_E
-
     def sample(
         self, n: int, rng: np.random.Generator, noise_rng: np.random.Generator | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

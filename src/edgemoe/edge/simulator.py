@@ -65,8 +65,8 @@ class CompletionTracker:
 
     def __init__(self, num_servers: int, slots: int):
         self.J = num_servers
-        self.arrived_J = np.zeros(num_servers, dtype=np.int64)
-        self.cum_served_JT = np.zeros((num_servers, slots))
+        self.arrived_E = np.zeros(num_servers, dtype=np.int64)
+        self.cum_served_ET = np.zeros((num_servers, slots))
         self.completed_T = np.zeros(slots, dtype=np.int64)
         self.pool_ids: list[np.ndarray] = []  # waiting tokens' servers, int16 [P, K] blocks
         self.pool_idx: list[np.ndarray] = []  # and FIFO positions (-1 = dropped)
@@ -74,7 +74,7 @@ class CompletionTracker:
         self.resolve_at = self.MIN_POOL
 
     def _done_slot(self, j: int | np.integer, positions: np.ndarray, upto: int) -> np.ndarray:
-        return np.searchsorted(self.cum_served_JT[j, :upto], positions + 1 - 1e-9, side="left")
+        return np.searchsorted(self.cum_served_ET[j, :upto], positions + 1 - 1e-9, side="left")
 
     def add(self, ids_NK: np.ndarray, kept_NK: np.ndarray, upto: int) -> None:
         """Enqueue a chunk's assignments (token order, slots in order) and resolve what service in
@@ -83,13 +83,13 @@ class CompletionTracker:
         all_kept = bool(kept.all())
         kept_ids = flat if all_kept else flat[kept]  # dropped assignments never enter a queue
         rank = group_rank(kept_ids, self.J)
-        counts_J = np.bincount(kept_ids, minlength=self.J)
-        offsets = np.concatenate([[0], np.cumsum(counts_J)])
+        counts_E = np.bincount(kept_ids, minlength=self.J)
+        offsets = np.concatenate([[0], np.cumsum(counts_E)])
         table = np.empty(offsets[-1], dtype=np.int64)
-        for j in np.nonzero(counts_J)[0]:
-            positions = self.arrived_J[j] + np.arange(counts_J[j])
+        for j in np.nonzero(counts_E)[0]:
+            positions = self.arrived_E[j] + np.arange(counts_E[j])
             table[offsets[j] : offsets[j + 1]] = self._done_slot(j, positions, upto)
-        position = self.arrived_J[kept_ids] + rank  # FIFO position on its server
+        position = self.arrived_E[kept_ids] + rank  # FIFO position on its server
         if all_kept:
             done, idx = table[offsets[kept_ids] + rank], position
         else:
@@ -97,7 +97,7 @@ class CompletionTracker:
             done[kept] = table[offsets[kept_ids] + rank]
             idx = np.full(len(flat), -1, dtype=np.int64)
             idx[kept] = position
-        self.arrived_J += counts_J
+        self.arrived_E += counts_E
         waiting = self._count(done.reshape(ids_NK.shape), upto)
         self.pool_ids.append(ids_NK[waiting].astype(np.int16))
         self.pool_idx.append(idx.reshape(ids_NK.shape)[waiting])
@@ -122,8 +122,8 @@ class CompletionTracker:
         ids_PK, idx_PK = np.concatenate(self.pool_ids), np.concatenate(self.pool_idx)
         # Position n on server j is served by now iff n < floor(cumulative service); only tokens whose
         # every assignment is served need their completion slots looked up.
-        served_J = np.floor(self.cum_served_JT[:, upto - 1] + 1e-9)
-        ready = ((idx_PK < 0) | (idx_PK < served_J[ids_PK])).all(axis=1)
+        served_E = np.floor(self.cum_served_ET[:, upto - 1] + 1e-9)
+        ready = ((idx_PK < 0) | (idx_PK < served_E[ids_PK])).all(axis=1)
         ready_ids, ready_idx = ids_PK[ready], idx_PK[ready]
         flat_ids, flat_idx = ready_ids.ravel(), ready_idx.ravel()
         done = np.where(flat_idx < 0, -1, upto)
@@ -163,7 +163,7 @@ class PolicyRun:
         self.arrays: dict[str, np.ndarray] = {name: np.zeros((slots, J)) for name in PER_SERVER}
         self.arrays.update({name: np.zeros(slots) for name in PER_SLOT})
         self.tracker = CompletionTracker(J, slots)
-        self.cum_served_J = np.zeros(J)
+        self.cum_served_E = np.zeros(J)
 
     def run_chunk(self, trace: ScoreTrace, t0: int, topk_mass_R: np.ndarray, kth_R: np.ndarray) -> None:
         J, K = self.spec.num_servers, self.spec.k
@@ -172,16 +172,16 @@ class PolicyRun:
         for i in range(trace.num_slots):
             t = t0 + i
             decision = self.controller.decide(self.state, trace.slot(i))
-            arrived_J = decision.routed_J(J)
-            outcome = self.engine.step(decision.freq_J, arrived_J)
-            self.cum_served_J += outcome.served_J
-            self.tracker.cum_served_JT[:, t] = self.cum_served_J
-            a["served"][t] = outcome.served_J
-            a["arrived"][t] = arrived_J
-            a["energy"][t] = outcome.energy_J
-            a["freq"][t] = decision.freq_J
-            a["backlog"][t] = self.state.backlog_J
-            a["energy_queue"][t] = self.state.energy_queue_J
+            arrived_E = decision.routed_E(J)
+            outcome = self.engine.step(decision.freq_E, arrived_E)
+            self.cum_served_E += outcome.served_E
+            self.tracker.cum_served_ET[:, t] = self.cum_served_E
+            a["served"][t] = outcome.served_E
+            a["arrived"][t] = arrived_E
+            a["energy"][t] = outcome.energy_E
+            a["freq"][t] = decision.freq_E
+            a["backlog"][t] = self.state.backlog_E
+            a["energy_queue"][t] = self.state.energy_queue_E
             ids.append(decision.expert_ids_NK)
             kept.append(decision.kept_mask())
         ids_RK = np.concatenate(ids) if ids else np.zeros((0, K), dtype=np.int64)
@@ -260,7 +260,7 @@ def summarize_run(run: RunTrace, spec: NetworkSpec, cfg_omega: tuple[float, floa
     with np.errstate(invalid="ignore", divide="ignore"):
         gc_T = np.where(run["topk_mass"] > 0, run["gate_mass"] / run["topk_mass"], 1.0)
         overlap_T = np.where(run["tokens"] > 0, run["overlap"] / (run["tokens"] * spec.k), 1.0)
-    energy_ratio_J = run["energy"].mean(axis=0) / spec.budget_J
+    energy_ratio_E = run["energy"].mean(axis=0) / spec.budget_E
     omega1, omega2 = cfg_omega
     served_T = run["served"].sum(axis=1)
     return {
@@ -272,7 +272,7 @@ def summarize_run(run: RunTrace, spec: NetworkSpec, cfg_omega: tuple[float, floa
         "backlog_slope_last_half": slope(half),
         "backlog_slope_relative": slope(half) / max(demand, 1e-12),
         "backlog_trend_r": trend_correlation(half),
-        "energy_over_budget_max": float(energy_ratio_J.max()),
+        "energy_over_budget_max": float(energy_ratio_E.max()),
         "energy_queue_mean": float(run["energy_queue"].sum(axis=1).mean()),
         "energy_queue_slope_last_half": slope(run["energy_queue"].sum(axis=1)[T // 2 :]),
         "gc_norm_mean": float(gc_T.mean()),

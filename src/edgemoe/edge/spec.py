@@ -239,16 +239,6 @@ class NetworkSpec:
         """Energy spent in one slot at ``freq_E``: E_j = kappa_j f_j^3 tau."""
         return self.kappa_E * freq_E**3 * self.tau
 
-    # The former ``_J`` names, kept until every caller uses the ``_E`` ones.
-    f_max_J = property(lambda self: self.f_max_E)
-    f_min_J = property(lambda self: self.f_min_E)
-    cycles_J = property(lambda self: self.cycles_E)
-    kappa_J = property(lambda self: self.kappa_E)
-    budget_J = property(lambda self: self.budget_E)
-    f_sustainable_J = property(lambda self: self.f_sustainable_E)
-    capacity_J = capacity_E
-    energy_J = energy_E
-
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 

@@ -3,7 +3,7 @@
 - token backlog      Q_j(t+1) = max(Q_j(t) - S_j(t), 0) + A_j(t)
 - virtual energy     Z_j(t+1) = max(Z_j(t) + E_j(t) - E_j^max, 0),  E_j = kappa_j f_j^3 tau
 
-``online_J`` marks servers that can take work; an offline server has capacity 0 and no controller
+``online_E`` marks servers that can take work; an offline server has capacity 0 and no controller
 routes to it.
 
 :class:`SlotEngine` is the one place these equations run: the simulator drives it with fluid
@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgemoe.config import ConfigError, require
+from edgemoe.config import require
 from edgemoe.edge.spec import NetworkSpec
+from edgemoe.errors import InputError
 
 
 @dataclass
@@ -27,9 +28,9 @@ class NetworkState:
     """Queues at the start of a slot. Backlogs are counted in tokens (real-valued: a server can be part
     way through a token), energy queues in joules."""
 
-    backlog_J: np.ndarray
-    energy_queue_J: np.ndarray
-    online_J: np.ndarray
+    backlog_E: np.ndarray
+    energy_queue_E: np.ndarray
+    online_E: np.ndarray
     slot: int = 0
 
     @classmethod
@@ -40,33 +41,33 @@ class NetworkState:
 
     @property
     def num_servers(self) -> int:
-        return len(self.backlog_J)
+        return len(self.backlog_E)
 
     def set_online(self, server: int, online: bool) -> None:
         """Mark a server on- or offline (e.g. on a fault); controllers never route to offline servers."""
         require(0 <= server < self.num_servers, "server", f"must be in [0, {self.num_servers}), got {server}")
-        self.online_J[server] = bool(online)
+        self.online_E[server] = bool(online)
 
     def copy(self) -> NetworkState:
         return NetworkState(
-            self.backlog_J.copy(),
-            self.energy_queue_J.copy(),
-            self.online_J.copy(),
+            self.backlog_E.copy(),
+            self.energy_queue_E.copy(),
+            self.online_E.copy(),
             self.slot,
         )
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "backlog_J": self.backlog_J.copy(),
-            "energy_queue_J": self.energy_queue_J.copy(),
-            "online_J": self.online_J.copy(),
+            "backlog_E": self.backlog_E.copy(),
+            "energy_queue_E": self.energy_queue_E.copy(),
+            "online_E": self.online_E.copy(),
             "slot": self.slot,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.backlog_J = np.array(state["backlog_J"], dtype=np.float64)
-        self.energy_queue_J = np.array(state["energy_queue_J"], dtype=np.float64)
-        self.online_J = np.array(state["online_J"], dtype=bool)
+        self.backlog_E = np.array(state["backlog_E"], dtype=np.float64)
+        self.energy_queue_E = np.array(state["energy_queue_E"], dtype=np.float64)
+        self.online_E = np.array(state["online_E"], dtype=bool)
         self.slot = int(state["slot"])
 
 
@@ -74,39 +75,39 @@ class NetworkState:
 class SlotOutcome:
     """What happened in one slot on each server."""
 
-    served_J: np.ndarray
-    arrived_J: np.ndarray
-    energy_J: np.ndarray
+    served_E: np.ndarray
+    arrived_E: np.ndarray
+    energy_E: np.ndarray
 
 
 def advance(
     state: NetworkState,
     spec: NetworkSpec,
-    freq_J: np.ndarray,
-    arrived_J: np.ndarray,
-    served_J: np.ndarray | None = None,
+    freq_E: np.ndarray,
+    arrived_E: np.ndarray,
+    served_E: np.ndarray | None = None,
 ) -> SlotOutcome:
     """Apply one slot's queue and energy updates to ``state`` in place.
 
-    ``served_J`` defaults to min(Q_j, D_j(f_j)) (service happens before this slot's arrivals join);
+    ``served_E`` defaults to min(Q_j, D_j(f_j)) (service happens before this slot's arrivals join);
     the training loop passes the counts its workers really computed instead. Offline servers serve
     nothing and spend no energy.
     """
-    freq_J = np.where(state.online_J, freq_J, 0.0)
-    arrived_J = np.asarray(arrived_J, dtype=np.float64)
-    if served_J is None:
-        served_J = np.minimum(state.backlog_J, spec.capacity_J(freq_J))
+    freq_E = np.where(state.online_E, freq_E, 0.0)
+    arrived_E = np.asarray(arrived_E, dtype=np.float64)
+    if served_E is None:
+        served_E = np.minimum(state.backlog_E, spec.capacity_E(freq_E))
     else:
-        served_J = np.asarray(served_J, dtype=np.float64)
-        if served_J.min() < 0:
-            raise ConfigError("served_J", "counts must be >= 0")
-    if arrived_J.min() < 0:
-        raise ConfigError("arrived_J", "counts must be >= 0")
-    energy_J = spec.energy_J(freq_J)
-    state.backlog_J = np.maximum(state.backlog_J - served_J, 0.0) + arrived_J
-    state.energy_queue_J = np.maximum(state.energy_queue_J + energy_J - spec.budget_J, 0.0)
+        served_E = np.asarray(served_E, dtype=np.float64)
+        if served_E.min() < 0:
+            raise InputError("served_E", "counts must be >= 0")
+    if arrived_E.min() < 0:
+        raise InputError("arrived_E", "counts must be >= 0")
+    energy_E = spec.energy_E(freq_E)
+    state.backlog_E = np.maximum(state.backlog_E - served_E, 0.0) + arrived_E
+    state.energy_queue_E = np.maximum(state.energy_queue_E + energy_E - spec.budget_E, 0.0)
     state.slot += 1
-    return SlotOutcome(served_J=served_J, arrived_J=arrived_J, energy_J=energy_J)
+    return SlotOutcome(served_E=served_E, arrived_E=arrived_E, energy_E=energy_E)
 
 
 Service = Literal["fluid", "whole"]
@@ -129,70 +130,70 @@ class SlotEngine:
         require(service in ("fluid", "whole"), "service", f"must be 'fluid' or 'whole', got {service!r}")
         self.spec, self.service = spec, service
         self.state = NetworkState.initial(spec)
-        self.progress_J = np.zeros(spec.num_servers)
-        self.pending_J = np.zeros(spec.num_servers)
+        self.progress_E = np.zeros(spec.num_servers)
+        self.pending_E = np.zeros(spec.num_servers)
         self.in_slot = False
 
     @property
-    def online_J(self) -> np.ndarray:
-        return self.state.online_J
+    def online_E(self) -> np.ndarray:
+        return self.state.online_E
 
     def mark_offline(self, server: int) -> None:
         """Take ``server`` offline: it gets no work and no capacity until :meth:`mark_online`."""
         self.state.set_online(server, False)
-        self.progress_J[server] = 0.0
+        self.progress_E[server] = 0.0
 
     def mark_online(self, server: int) -> None:
         self.state.set_online(server, True)
 
-    def move(self, server: int, moved_J: np.ndarray, removed: float) -> None:
-        """``removed`` queued assignments leave ``server``; ``moved_J`` of them join other queues (the
+    def move(self, server: int, moved_E: np.ndarray, removed: float) -> None:
+        """``removed`` queued assignments leave ``server``; ``moved_E`` of them join other queues (the
         rest are dropped)."""
-        delta_J = np.asarray(moved_J, dtype=np.float64).copy()
-        delta_J[server] -= removed
+        delta_E = np.asarray(moved_E, dtype=np.float64).copy()
+        delta_E[server] -= removed
         if self.in_slot:
-            self.pending_J += delta_J
+            self.pending_E += delta_E
         else:
-            self.state.backlog_J = np.maximum(self.state.backlog_J + delta_J, 0.0)
+            self.state.backlog_E = np.maximum(self.state.backlog_E + delta_E, 0.0)
 
-    def plan(self, freq_J: np.ndarray) -> np.ndarray:
-        """Tokens each server serves this slot at ``freq_J`` (before this slot's arrivals join)."""
+    def plan(self, freq_E: np.ndarray) -> np.ndarray:
+        """Tokens each server serves this slot at ``freq_E`` (before this slot's arrivals join)."""
         self.in_slot = True
-        online = self.state.online_J
-        capacity_J = np.where(online, self.spec.capacity_J(freq_J), 0.0)
-        backlog_J = self.state.backlog_J
+        online = self.state.online_E
+        capacity_E = np.where(online, self.spec.capacity_E(freq_E), 0.0)
+        backlog_E = self.state.backlog_E
         if self.service == "fluid":
-            return np.minimum(backlog_J, capacity_J)
-        self.progress_J += capacity_J
-        serve_J = np.minimum(backlog_J, np.floor(self.progress_J + 1e-9))
-        self.progress_J -= serve_J
-        self.progress_J[(backlog_J <= serve_J) | ~online] = 0.0
-        return serve_J
+            return np.minimum(backlog_E, capacity_E)
+        self.progress_E += capacity_E
+        serve_E = np.minimum(backlog_E, np.floor(self.progress_E + 1e-9))
+        self.progress_E -= serve_E
+        self.progress_E[(backlog_E <= serve_E) | ~online] = 0.0
+        return serve_E
 
     def step(
         self,
-        freq_J: np.ndarray,
-        arrived_J: np.ndarray,
-        served_J: np.ndarray | None = None,
-        dropped_J: np.ndarray | None = None,
+        freq_E: np.ndarray,
+        arrived_E: np.ndarray,
+        served_E: np.ndarray | None = None,
+        dropped_E: np.ndarray | None = None,
     ) -> SlotOutcome:
-        """The slot's updates: ``served_J`` defaults to :meth:`plan`'s counts (planned now if the
-        slot was not planned); ``dropped_J`` are assignments refused at the server (finite buffer)."""
-        if served_J is None:
-            served_J = self.plan(freq_J)
-        outcome = advance(self.state, self.spec, freq_J, arrived_J, served_J)
-        if dropped_J is not None:
-            self.state.backlog_J = self.state.backlog_J - np.asarray(dropped_J, dtype=np.float64)
-        self.state.backlog_J = np.maximum(self.state.backlog_J + self.pending_J, 0.0)
-        self.pending_J[:] = 0.0
+        """The slot's updates: ``served_E`` defaults to :meth:`plan`'s counts (planned now if the
+        slot was not planned); ``dropped_E`` are assignments refused at the server (finite buffer)."""
+        if served_E is None:
+            served_E = self.plan(freq_E)
+        outcome = advance(self.state, self.spec, freq_E, arrived_E, served_E)
+        if dropped_E is not None:
+            self.state.backlog_E = self.state.backlog_E - np.asarray(dropped_E, dtype=np.float64)
+        self.state.backlog_E = np.maximum(self.state.backlog_E + self.pending_E, 0.0)
+        self.pending_E[:] = 0.0
         self.in_slot = False
         return outcome
 
     def state_dict(self) -> dict[str, Any]:
-        return {"network": self.state.state_dict(), "progress_J": self.progress_J.copy()}
+        return {"network": self.state.state_dict(), "progress_E": self.progress_E.copy()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state.load_state_dict(state["network"])
-        self.progress_J = np.array(state["progress_J"], dtype=np.float64)
-        self.pending_J[:] = 0.0
+        self.progress_E = np.array(state["progress_E"], dtype=np.float64)
+        self.pending_E[:] = 0.0
         self.in_slot = False

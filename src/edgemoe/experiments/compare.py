@@ -4,7 +4,7 @@ For one seed all policies see the same arrival counts and the same sample stream
 numbers), so differences come from routing and frequency control only. Used by ``edgemoe demo``
 and by the experiments of docs/results.md::
 
-    python -m edgemoe.experiments.compare --dataset fashion-mnist --seeds 0,1,2 --slots 100 --out runs/exp-fm
+    edgemoe compare --dataset fashion-mnist --seeds 0,1,2 --slots 100 --out runs/exp-fm
 
 Writes ``summary.json`` (policy -> mean metrics, plus per-seed values, standard deviations and,
 for every baseline, ``paired``: Stable-MoE minus the baseline per seed, with a 95 % confidence
@@ -26,9 +26,9 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from edgemoe.config import apply_overrides
+from edgemoe.config import ConfigError, apply_overrides, require
 from edgemoe.edge.controllers import expand_policies
-from edgemoe.files import write_json
+from edgemoe.files import write_csv, write_json
 from edgemoe.report.train import (
     diagnostics_table,
     format_table,
@@ -36,8 +36,8 @@ from edgemoe.report.train import (
     paired_table,
     plot_comparison,
     plot_servers,
-    write_rows,
 )
+from edgemoe.runs import check_out_dir
 from edgemoe.train.config import TrainConfig, train_config_from_dict
 from edgemoe.train.data import load_dataset
 from edgemoe.train.trainer import Trainer
@@ -103,8 +103,8 @@ def run_comparison(
             row.update(trainer.diagnostics())
             row["wall_s"] = time.perf_counter() - start
             per_run[policy].append(row)
-            write_rows(out / "traces" / f"slots_{policy}_seed{seed}.csv", trainer.history)
-            write_rows(out / "traces" / f"evals_{policy}_seed{seed}.csv", trainer.evals)
+            write_csv(out / "traces" / f"slots_{policy}_seed{seed}.csv", trainer.history)
+            write_csv(out / "traces" / f"evals_{policy}_seed{seed}.csv", trainer.evals)
             if seed == seeds[0]:
                 curves[policy] = (trainer.history, trainer.evals)
                 plot_servers(
@@ -119,7 +119,7 @@ def run_comparison(
     summaries = aggregate(per_run)
     add_paired(summaries)
     write_json(out / "summary.json", summaries)
-    write_rows(
+    write_csv(
         out / "comparison.csv",
         [{"policy": p, "seed": s, **r} for p, runs in per_run.items() for s, r in zip(seeds, runs)],
     )
@@ -203,26 +203,42 @@ def claim_lines(summaries: dict[str, dict[str, Any]], ours: str = "stable-moe") 
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_seeds(text: str, field: str = "--seeds") -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; a clear error naming ``field`` for anything else."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(field, f"must be comma-separated integers like 0,1,2, got {text!r}") from None
+    require(len(seeds) > 0, field, "give at least one seed")
+    require(len(set(seeds)) == len(seeds), field, f"seeds must differ, got {text!r}")
+    return seeds
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``edgemoe compare`` flags."""
     parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=None, help="data root (default: $EDGEMOE_DATA)")
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--test-subset", type=int, default=None)
     parser.add_argument(
         "--policies",
         default="stable-moe,topk,topk-sustainable,topk-capacity,random-k,jsq-k,bias-uniform,bias-capacity,topk-switch",
+        help="comma-separated controllers, or 'all'",
     )
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (paired across policies)")
     parser.add_argument("--slots", type=int, default=100)
     parser.add_argument("--scale", type=float, default=0.25)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", type=Path, required=True, help="results folder (must not hold a run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison the flags describe and print its tables."""
+    seeds = parse_seeds(args.seeds)
+    policies = expand_policies(args.policies)
+    check_out_dir(args.out)
     torch.set_num_threads(args.threads)
     base = {
         "slots": args.slots,
@@ -237,8 +253,6 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     base = apply_overrides(base, args.overrides)
-    policies = expand_policies(args.policies)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     summaries = run_comparison(base, policies, seeds, args.out)
     print(format_table(summaries, spread(summaries)))
     print()
@@ -250,7 +264,3 @@ def main(argv: list[str] | None = None) -> int:
     for line in claim_lines(summaries):
         print(line)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

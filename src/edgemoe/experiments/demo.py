@@ -17,8 +17,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from edgemoe.config import require
-
 # Heavy modules (torch, the trainer, matplotlib) are imported in main() so that building the
 # ``edgemoe`` parser stays fast.
 DEMO_POLICIES = "stable-moe,topk,jsq-k,bias-uniform,bias-capacity,topk-switch"
@@ -51,13 +49,12 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from edgemoe.edge.controllers import expand_policies
-    from edgemoe.experiments.compare import claim_lines, run_comparison, spread
+    from edgemoe.experiments.compare import claim_lines, parse_seeds, run_comparison, spread
     from edgemoe.report.train import diagnostics_table, format_table, paired_table
 
     torch.set_num_threads(args.threads)
     policies = expand_policies(args.policies)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    require(len(seeds) > 0, "--seeds", "give at least one seed")
+    seeds = parse_seeds(args.seeds)
     summaries = run_comparison(demo_base(args.slots, args.scale), policies, seeds, args.out)
     print()
     print(format_table(summaries, spread(summaries) if len(seeds) > 1 else None))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,6 @@ TABLE_COLUMNS = (
     ("energy_over_budget_max", "energy/budget", "{:.2f}"),
     ("gc_norm_mean", "gating cons.", "{:.3f}"),
 )
-
-
-def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write dict rows as CSV (columns from the first row)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        if rows:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    return path
 
 
 def format_table(

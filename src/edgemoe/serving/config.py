@@ -32,6 +32,11 @@ class ServeSettings:
     ``header_timeout_s`` / ``body_timeout_s`` to receive a request's headers / body (408).
     Breaker: ``breaker_failures`` consecutive failures or timeouts open an expert's breaker; it is
     probed every ``probe_interval_s`` (one answer within ``probe_timeout_s`` closes it).
+
+    ``energy_budget_j``: a long-run mean energy per request (J) that the gateway holds on its own
+    request stream with MoE²'s online energy queue (the policy prices energy into each request's
+    top-k by the queue's backlog; ``energy_queue_v`` weighs the gate's preference against it, in
+    units of the budget). Unset: no queue (per-request budgets still apply).
     """
 
     host: str = "127.0.0.1"
@@ -55,6 +60,8 @@ class ServeSettings:
     probe_interval_s: float = 2.0
     probe_timeout_s: float = 1.0
     log_requests: bool = True
+    energy_budget_j: float | None = None
+    energy_queue_v: float = 4.0
 
     def __post_init__(self) -> None:
         require(
@@ -73,6 +80,7 @@ class ServeSettings:
             "breaker_failures",
             "probe_interval_s",
             "probe_timeout_s",
+            "energy_queue_v",
         ):
             check_positive(getattr(self, name), f"serve.{name}")
         require(2 <= self.max_choices <= 10, "serve.max_choices", f"must be in 2..10, got {self.max_choices}")
@@ -83,6 +91,8 @@ class ServeSettings:
         )
         if self.top_k is not None:
             check_positive(self.top_k, "serve.top_k")
+        if self.energy_budget_j is not None:
+            check_positive(self.energy_budget_j, "serve.energy_budget_j")
 
 
 @dataclass

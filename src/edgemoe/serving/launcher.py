@@ -17,12 +17,13 @@ from typing import Any
 
 from edgemoe.serving.app import create_app
 from edgemoe.serving.config import GatewayConfig, is_loopback, resolve_api_key
-from edgemoe.serving.metrics import LOG, configure_logging
+from edgemoe.serving.metrics import LOG, Metrics, configure_logging
 from edgemoe.serving.service import MoE2Service
 
 
-def header_timeout_protocol(seconds: float) -> type:
-    """uvicorn's httptools protocol, closing a connection whose request headers take over ``seconds``."""
+def header_timeout_protocol(seconds: float, metrics: Metrics | None = None) -> type:
+    """uvicorn's httptools protocol, closing a connection whose request headers take over ``seconds``
+    (answered with a bare 408, logged, and counted as route ``other`` when ``metrics`` is given)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -40,6 +41,8 @@ def header_timeout_protocol(seconds: float) -> type:
         def _headers_too_slow(self) -> None:
             self._header_timer = None
             LOG.warning("header timeout", extra={"fields": {"client": str(self.client), "after_s": seconds}})
+            if metrics is not None:
+                metrics.request("other", 408, seconds)
             if not self.transport.is_closing():
                 self.transport.write(
                     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
@@ -65,12 +68,12 @@ def header_timeout_protocol(seconds: float) -> type:
     return HeaderTimeoutProtocol
 
 
-def uvicorn_config(app: Any, config: GatewayConfig, **kwargs: Any) -> Any:
+def uvicorn_config(app: Any, config: GatewayConfig, metrics: Metrics, **kwargs: Any) -> Any:
     import uvicorn
 
     return uvicorn.Config(
         app,
-        http=header_timeout_protocol(config.serve.header_timeout_s),
+        http=header_timeout_protocol(config.serve.header_timeout_s, metrics),
         log_level="warning",
         access_log=False,
         lifespan="on",
@@ -104,7 +107,7 @@ def start_in_thread(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn_config(app, config))
+    server = uvicorn.Server(uvicorn_config(app, config, service.metrics))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -128,4 +131,4 @@ def serve_forever(config: GatewayConfig, host: str | None = None, port: int | No
     app = create_app(service, api_key)
     LOG.info("listening", extra={"fields": {"host": host, "port": port, "experts": service.names,
                                             "api_key": api_key is not None, "loopback": is_loopback(host)}})  # fmt: skip
-    uvicorn.Server(uvicorn_config(app, config, host=host, port=port)).run()
+    uvicorn.Server(uvicorn_config(app, config, service.metrics, host=host, port=port)).run()

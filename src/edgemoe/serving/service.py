@@ -34,7 +34,7 @@ from edgemoe.collab.backends import BackendError, ChoiceScores, Generation, LLMB
 from edgemoe.collab.backends.base import stream_chunks
 from edgemoe.collab.costs import estimate_prompt_tokens
 from edgemoe.collab.data import SUBJECT_CATEGORY
-from edgemoe.collab.policy import MoE2Policy, Route, aggregate
+from edgemoe.collab.policy import EnergyQueue, MoE2Policy, Route, aggregate
 from edgemoe.collab.prompts import LETTERS, gate_prompt, mc_prompt
 from edgemoe.errors import ConfigError
 from edgemoe.serving.breaker import BreakerBoard
@@ -117,7 +117,12 @@ class MoE2Service:
         gate = embedder = None
         if serve.run:
             gate, embedder = load_fitted_gate(Path(serve.run), self.names)
-        self.policy = MoE2Policy(collab, gate, embedder, serve.enabled or self.names)
+        queue = (
+            EnergyQueue(serve.energy_budget_j, serve.energy_queue_v)
+            if serve.energy_budget_j is not None
+            else None
+        )
+        self.policy = MoE2Policy(collab, gate, embedder, serve.enabled or self.names, energy_queue=queue)
         self.top_k = serve.top_k if serve.top_k is not None else collab.top_k
         cats = collab.categories
         self.default_category = serve.default_category or ("other" if "other" in cats else cats[0])
@@ -334,13 +339,15 @@ class MoE2Service:
         failed = [o.name for o in outcomes if o.status in ("failed", "timeout")]
         if failed:
             self.metrics.degraded += 1
+        energy_j = sum(o.energy_j for o in outcomes)
+        self.policy.observe(energy_j)
         return {
             "category": plan.category,
             "experts": [o.public() for o in outcomes],
             "degraded": bool(failed),
             "failed": failed,
             "latency_s": round(time.perf_counter() - plan.t0, 6),
-            "energy_j": round(sum(o.energy_j for o in outcomes), 6),
+            "energy_j": round(energy_j, 6),
             "predicted": {
                 "latency_s": round(plan.route.delay_s, 6),
                 "energy_j": round(plan.route.energy_j, 6),
@@ -524,7 +531,11 @@ class MoE2Service:
                     )
                     if data:
                         yield data
-                    batch = await anext(stream, None)
+                    # The whole stream gets the expert's timeout: a stalled stream ends as a failure.
+                    left = max(t_start + self.timeouts[primary.name] - time.perf_counter(), 0.0)
+                    batch = await _as_backend_error(
+                        asyncio.wait_for(anext(stream, None), left), primary.name, left
+                    )
                 self._finish_primary(primary, usage, t_start)
                 await _cancel(hedges)
             block = self.moe2_block(plan)

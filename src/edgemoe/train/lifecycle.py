@@ -1,9 +1,9 @@
 """What a training run needs around the trainer: a validated run folder that is never left empty,
 ``--resume auto``, and clean stops on SIGINT/SIGTERM.
 
-- :func:`check_out_dir` refuses a ``--out`` that is a file, sits under a file or cannot be written,
-  before anything runs; :class:`RunFolder` creates the folder only when the run starts and removes it
-  again if the run fails before writing anything.
+- :func:`default_out` names the run folder; :func:`~edgemoe.runs.check_out_dir` and
+  :class:`~edgemoe.runs.RunFolder` (the one run-folder helper, re-exported here) refuse a bad or
+  already used ``--out`` before anything runs, and create the folder only when the run starts.
 - :func:`resolve_resume`: ``auto`` resumes from ``<out>/checkpoint.pt`` when it exists (a restarted
   job continues in the same folder) and starts fresh otherwise; it is the default in a job torchrun
   has restarted.
@@ -16,12 +16,21 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any
 
 from edgemoe.errors import ConfigError
+from edgemoe.runs import RunFolder, check_out_dir, default_run_path
+
+__all__ = [
+    "RunFolder",
+    "StopSignals",
+    "check_out_dir",
+    "default_out",
+    "resolve_resume",
+    "restarted",
+]
 
 
 def restarted() -> bool:
@@ -38,46 +47,7 @@ def default_out(root: str, name: str) -> Path:
         raise ConfigError(
             "--out", "a restarted torchrun job needs --out (or --rdzv-id) to find its checkpoint"
         )
-    return Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def check_out_dir(path: Path, field: str = "--out") -> Path:
-    """Refuse a run folder that cannot be created or written, with a one-line fix."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(field, f"{str(path)!r} is a file, not a folder; pass a folder path")
-    ancestor = path
-    while not ancestor.exists():
-        if ancestor.parent == ancestor:
-            break
-        ancestor = ancestor.parent
-    if ancestor.exists() and not ancestor.is_dir():
-        raise ConfigError(field, f"{str(ancestor)!r} is a file, so {str(path)!r} cannot be created")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(field, f"{str(ancestor)!r} is not writable; choose another run folder")
-    return path
-
-
-class RunFolder:
-    """Creates ``path`` on :meth:`create`; on a failed run removes it again if it holds nothing."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.created = False
-
-    def create(self) -> Path:
-        if not self.path.exists():
-            self.path.mkdir(parents=True)
-            self.created = True
-        return self.path
-
-    def __enter__(self) -> RunFolder:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if kind is not None and self.created and self.path.is_dir() and not any(self.path.iterdir()):
-            self.path.rmdir()
+    return default_run_path(root, name)
 
 
 def resolve_resume(resume: str | None, out: Path) -> Path | None:

@@ -113,7 +113,7 @@ class TokenTable:
         self.experts_PK[rows, cols] = np.where(servers >= 0, servers, self.experts_PK[rows, cols])
         self.status_PK[rows[servers < 0], cols[servers < 0]] = DROPPED
 
-    def backlog_J(self, num_servers: int) -> np.ndarray:
+    def backlog_E(self, num_servers: int) -> np.ndarray:
         """Queued assignments per server (the mirror of the servers' real queues)."""
         return np.bincount(self.experts_PK[self.status_PK == QUEUED], minlength=num_servers)
 

@@ -98,8 +98,8 @@ class SlotDecision:
 
     slot: int
     expert_ids_NK: np.ndarray
-    freq_J: np.ndarray
-    served_J: np.ndarray
+    freq_E: np.ndarray
+    served_E: np.ndarray
     trained_ids: np.ndarray
 
 
@@ -130,15 +130,15 @@ def token_spec(spec: NetworkSpec, tokens_per_sample: int) -> NetworkSpec:
     return spec_from_dict(data)
 
 
-def mutual_information_bits(counts_JC: np.ndarray) -> float:
+def mutual_information_bits(counts_EC: np.ndarray) -> float:
     """MI(expert; class) in bits of a joint count table."""
-    total = counts_JC.sum()
+    total = counts_EC.sum()
     if total == 0:
         return 0.0
-    p_JC = counts_JC / total
-    outer_JC = p_JC.sum(axis=1, keepdims=True) * p_JC.sum(axis=0, keepdims=True)
-    nz = p_JC > 0
-    return float((p_JC[nz] * np.log2(p_JC[nz] / outer_JC[nz])).sum())
+    p_EC = counts_EC / total
+    outer_EC = p_EC.sum(axis=1, keepdims=True) * p_EC.sum(axis=0, keepdims=True)
+    nz = p_EC > 0
+    return float((p_EC[nz] * np.log2(p_EC[nz] / outer_EC[nz])).sum())
 
 
 def make_transport(
@@ -168,10 +168,10 @@ class Trainer:
         self.spec = token_spec(cfg.network_spec(), self.tokens)
         self.num_servers, self.k = self.spec.num_servers, self.spec.k
         self.data = dataset or cfg.data.build(cfg.seed)
-        self.view_prior_J: np.ndarray | None = None
+        self.view_prior_E: np.ndarray | None = None
         if cfg.gate_prior == "scenario" and self.spec.scores.kind == "skewed":
-            prior_J = np.exp(SkewedScoreGenerator(self.spec.scores, self.spec.f_max_J).log_popularity_J)
-            self.view_prior_J = (prior_J / prior_J.sum()).astype(np.float32)
+            prior_E = np.exp(SkewedScoreGenerator(self.spec.scores, self.spec.f_max_E).log_popularity_E)
+            self.view_prior_E = (prior_E / prior_E.sum()).astype(np.float32)
         self.controller = make_controller(cfg.policy, self.spec, **cfg.controller_params())
         aux_coef = cfg.model.aux_coef or (SWITCH_COEF if self.controller.balance_loss else 0.0)
         with torch.random.fork_rng(devices=[]):
@@ -192,10 +192,10 @@ class Trainer:
         self.engine = SlotEngine(self.spec, "whole")
         self.state = self.engine.state
         self.table = TokenTable(self.k, cfg.model.dim, group=self.tokens)
-        self.assign_JC = np.zeros((self.num_servers, self.data.num_classes))
+        self.assign_EC = np.zeros((self.num_servers, self.data.num_classes))
         self.offline_until: dict[int, int | None] = {}
         self.requeue: dict[int, np.ndarray] = {}
-        self.stall_J = np.zeros(self.num_servers)
+        self.stall_E = np.zeros(self.num_servers)
         self.slot = 0
         self.next_id = 0
         self.history: list[dict[str, float]] = []
@@ -220,7 +220,7 @@ class Trainer:
         self._last_completed = 0
         self.decisions: list[SlotDecision] = []
         self.lost: dict[int, int] = {}
-        self.misses_J = np.zeros(self.num_servers, dtype=np.int64)
+        self.misses_E = np.zeros(self.num_servers, dtype=np.int64)
         self.events: list[dict[str, Any]] = []
         self.on_event: Callable[[str], None] = lambda text: None
         self.transport = transport or make_transport(cfg, self.num_servers, self._transport_event)
@@ -228,7 +228,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------- faults
 
     def _live(self) -> np.ndarray:
-        return np.flatnonzero(self.state.online_J)
+        return np.flatnonzero(self.state.online_E)
 
     def _event(self, server: int, what: str) -> None:
         """Record a fault event (console and ``summary.json``)."""
@@ -253,12 +253,12 @@ class Trainer:
         if len(rows) == 0:
             return 0
         experts_RK = self.table.experts_PK[rows]
-        allowed_RJ = np.tile(self.state.online_J, (len(rows), 1))
-        allowed_RJ[np.arange(len(rows))[:, None], experts_RK] = False
-        utility_RJ = np.where(allowed_RJ, 0.0, -np.inf)
-        backlog_J = self.table.backlog_J(self.num_servers).astype(np.float64)
-        new = route_sequential(utility_RJ, backlog_J, 1, auto_block(len(rows), 0))[:, 0]
-        new = np.where(allowed_RJ[np.arange(len(rows)), new], new, -1)
+        allowed_RE = np.tile(self.state.online_E, (len(rows), 1))
+        allowed_RE[np.arange(len(rows))[:, None], experts_RK] = False
+        utility_RE = np.where(allowed_RE, 0.0, -np.inf)
+        backlog_E = self.table.backlog_E(self.num_servers).astype(np.float64)
+        new = route_sequential(utility_RE, backlog_E, 1, auto_block(len(rows), 0))[:, 0]
+        new = np.where(allowed_RE[np.arange(len(rows)), new], new, -1)
         self.table.reassign(rows, cols, new)
         self.engine.move(server, np.bincount(new[new >= 0], minlength=self.num_servers), len(rows))
         ids = self.table.ids_P[rows]
@@ -270,7 +270,7 @@ class Trainer:
 
     def lose(self, server: int, why: str) -> None:
         """The transport lost ``server`` (dead or too late): offline until it answers again."""
-        if not self.state.online_J[server]:
+        if not self.state.online_E[server]:
             return
         self.go_offline(server, None)
         del self.offline_until[server]
@@ -280,7 +280,7 @@ class Trainer:
     def _rejoin(self, server: int) -> None:
         self.transport.attach(server)
         self.engine.mark_online(server)
-        self.misses_J[server] = 0
+        self.misses_E[server] = 0
 
     def _sync_transport(self) -> None:
         """Bring back lost servers that answer again (after ``rejoin_after`` slots)."""
@@ -305,19 +305,19 @@ class Trainer:
                 continue
             until = t + fault.duration if fault.duration else None
             if fault.kind == "slow":
-                self.stall_J[fault.server] = fault.stall_s
+                self.stall_E[fault.server] = fault.stall_s
             elif fault.kind == "kill":
                 self.transport.kill(fault.server)
                 self.go_offline(fault.server, until)
-            elif self.state.online_J[fault.server]:
+            elif self.state.online_E[fault.server]:
                 self.go_offline(fault.server, until)
 
     # -------------------------------------------------------------------------------------- slots
 
     def _orders(
         self,
-        serve_J: np.ndarray,
-        freq_J: np.ndarray,
+        serve_E: np.ndarray,
+        freq_E: np.ndarray,
         ids_N: np.ndarray,
         h_ND: Tensor,
         experts_NK: np.ndarray,
@@ -331,62 +331,62 @@ class Trainer:
             rows_new = np.flatnonzero(new.any(axis=1))
             requeue_ids = self.requeue.pop(int(j), np.empty(0, np.int64))
             rows_re = np.searchsorted(self.table.ids_P, requeue_ids)
-            busy = scale * serve_J[j] * self.spec.cycles_J[j] / freq_J[j] if scale and serve_J[j] else 0.0
+            busy = scale * serve_E[j] * self.spec.cycles_E[j] / freq_E[j] if scale and serve_E[j] else 0.0
             orders[int(j)] = ServerOrder(
-                serve=int(serve_J[j]),
+                serve=int(serve_E[j]),
                 requeue_ids=torch.from_numpy(requeue_ids),
                 requeue_h=self.table.h_PD[torch.from_numpy(rows_re)] if len(requeue_ids) else None,
                 enqueue_ids=ids_t[rows_new],
                 enqueue_h=h_ND[torch.from_numpy(rows_new)] if len(rows_new) else None,
                 busy_s=float(busy),
-                stall_s=float(self.stall_J[j]),
+                stall_s=float(self.stall_E[j]),
             )
-        self.stall_J[:] = 0.0
+        self.stall_E[:] = 0.0
         return orders
 
-    def _deliver(self, j: int, reply: ServerReply, served_J: np.ndarray, overflow_J: np.ndarray) -> None:
+    def _deliver(self, j: int, reply: ServerReply, served_E: np.ndarray, overflow_E: np.ndarray) -> None:
         self.table.deliver(j, reply.served_ids.numpy(), reply.served_y)
         self.table.drop(j, reply.overflow_ids.numpy())
         self.counters["dropped_assignments"] += int(reply.overflow_ids.numel())
-        overflow_J[j] += reply.overflow_ids.numel()
-        served_J[j] += reply.served_ids.numel()
+        overflow_E[j] += reply.overflow_ids.numel()
+        served_E[j] += reply.served_ids.numel()
 
     def _collect(self, replies: dict[int, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Deliver outputs (late ones from earlier slots too), count misses, lose dead servers;
         returns the assignments served and refused (finite buffer) per server."""
-        served_J = np.zeros(self.num_servers)
-        overflow_J = np.zeros(self.num_servers)
+        served_E = np.zeros(self.num_servers)
+        overflow_E = np.zeros(self.num_servers)
         for j, late in self.transport.late_replies().items():
             for reply in late:
-                self._deliver(j, reply, served_J, overflow_J)
+                self._deliver(j, reply, served_E, overflow_E)
         for j, reply in replies.items():
             if reply is None:
                 self.lose(j, "unreachable")
             elif reply is LATE:
-                self.misses_J[j] += 1
+                self.misses_E[j] += 1
                 self.counters["late_replies"] += 1
-                if self.misses_J[j] >= self.cfg.transport.max_misses:
-                    self.lose(j, f"late {self.misses_J[j]} slots in a row")
+                if self.misses_E[j] >= self.cfg.transport.max_misses:
+                    self.lose(j, f"late {self.misses_E[j]} slots in a row")
             else:
-                self.misses_J[j] = 0
-                self._deliver(j, reply, served_J, overflow_J)
-        pending_J = np.zeros(self.num_servers, dtype=np.int64)
+                self.misses_E[j] = 0
+                self._deliver(j, reply, served_E, overflow_E)
+        pending_E = np.zeros(self.num_servers, dtype=np.int64)
         for j, ids in self.requeue.items():
-            pending_J[j] = len(ids)
-        mirror_J = self.table.backlog_J(self.num_servers) - pending_J
+            pending_E[j] = len(ids)
+        mirror_E = self.table.backlog_E(self.num_servers) - pending_E
         for j, reply in replies.items():
-            if isinstance(reply, ServerReply) and self.state.online_J[j] and reply.backlog != mirror_J[j]:
+            if isinstance(reply, ServerReply) and self.state.online_E[j] and reply.backlog != mirror_E[j]:
                 raise RuntimeError(
-                    f"server {j} holds {reply.backlog} tokens but the router expects {mirror_J[j]}"
+                    f"server {j} holds {reply.backlog} tokens but the router expects {mirror_E[j]}"
                 )
-        return served_J, overflow_J
+        return served_E, overflow_E
 
-    def controller_view(self, scores_TJ: np.ndarray) -> np.ndarray:
+    def controller_view(self, scores_TE: np.ndarray) -> np.ndarray:
         """The scores the controller sees: the gate's, times the scenario's popularity skew if any."""
-        if self.view_prior_J is None:
-            return scores_TJ
-        view_TJ = scores_TJ * self.view_prior_J
-        return view_TJ / view_TJ.sum(axis=1, keepdims=True)
+        if self.view_prior_E is None:
+            return scores_TE
+        view_TE = scores_TE * self.view_prior_E
+        return view_TE / view_TE.sum(axis=1, keepdims=True)
 
     def run_slot(self) -> dict[str, float]:
         """Advance one slot; returns its metrics row."""
@@ -403,39 +403,39 @@ class Trainer:
         with torch.no_grad():
             self.model.eval()
             h_TD = self.model.features(self.data.x_train_NCHW[torch.from_numpy(samples_N)])
-            gate_TJ = self.model.gate(h_TD)[1]
-        scores_TJ = self.controller_view(gate_TJ.numpy())
-        decision = self.controller.decide(self.state, scores_TJ)
+            gate_TE = self.model.gate(h_TD)[1]
+        scores_TE = self.controller_view(gate_TE.numpy())
+        decision = self.controller.decide(self.state, scores_TE)
         experts_TK, kept_TK = decision.expert_ids_NK.astype(np.int64), decision.kept_mask()
-        arrived_J = np.bincount(experts_TK[kept_TK], minlength=self.num_servers).astype(np.float64)
+        arrived_E = np.bincount(experts_TK[kept_TK], minlength=self.num_servers).astype(np.float64)
         self.model.update_route_bias(
-            gate_TJ, torch.from_numpy(arrived_J), torch.from_numpy(self.state.online_J)
+            gate_TE, torch.from_numpy(arrived_E), torch.from_numpy(self.state.online_E)
         )
         self.counters["dropped_assignments"] += int((~kept_TK).sum())
-        serve_J = self.engine.plan(decision.freq_J).astype(np.int64)
+        serve_E = self.engine.plan(decision.freq_E).astype(np.int64)
         self.table.add(ids_T, samples_T, t, h_TD, experts_TK, kept_TK)
-        orders = self._orders(serve_J, decision.freq_J, ids_T, h_TD, experts_TK, kept_TK)
-        served_J, overflow_J = self._collect(self.transport.step(orders))
-        self.counters["served_assignments"] += int(served_J.sum())
+        orders = self._orders(serve_E, decision.freq_E, ids_T, h_TD, experts_TK, kept_TK)
+        served_E, overflow_E = self._collect(self.transport.step(orders))
+        self.counters["served_assignments"] += int(served_E.sum())
         completed = self.table.pop_completed()
         loss = self._train(completed)
-        outcome = self.engine.step(decision.freq_J, arrived_J, served_J, overflow_J)
-        mirror_J = self.table.backlog_J(self.num_servers)
-        if not np.array_equal(self.state.backlog_J, mirror_J):
+        outcome = self.engine.step(decision.freq_E, arrived_E, served_E, overflow_E)
+        mirror_E = self.table.backlog_E(self.num_servers)
+        if not np.array_equal(self.state.backlog_E, mirror_E):
             raise RuntimeError(
-                f"slot engine backlog {self.state.backlog_J} differs from the queues {mirror_J}"
+                f"slot engine backlog {self.state.backlog_E} differs from the queues {mirror_E}"
             )
         if self.keep_decisions:
             self.decisions.append(
                 SlotDecision(
-                    t, experts_TK.copy(), decision.freq_J.copy(), served_J.copy(), completed.ids_N.copy()
+                    t, experts_TK.copy(), decision.freq_E.copy(), served_E.copy(), completed.ids_N.copy()
                 )
             )
         if self.cfg.record_scores:
-            self.recorded.append(scores_TJ.astype(np.float32))
+            self.recorded.append(scores_TE.astype(np.float32))
             self.recorded_labels.append(self.data.y_train_N[torch.from_numpy(samples_T)].numpy())
         row = self._metrics(
-            t, len(ids_T), scores_TJ, experts_TK, kept_TK, served_J, outcome.energy_J, decision.freq_J, loss
+            t, len(ids_T), scores_TE, experts_TK, kept_TK, served_E, outcome.energy_E, decision.freq_E, loss
         )
         row["wall_s"] = time.perf_counter() - start
         self.history.append(row)
@@ -451,34 +451,34 @@ class Trainer:
         self,
         t: int,
         n: int,
-        scores_NJ: np.ndarray,
+        scores_NE: np.ndarray,
         experts_NK: np.ndarray,
         kept_NK: np.ndarray,
-        served_J: np.ndarray,
-        energy_J: np.ndarray,
-        freq_J: np.ndarray,
+        served_E: np.ndarray,
+        energy_E: np.ndarray,
+        freq_E: np.ndarray,
         loss: float,
     ) -> dict[str, float]:
-        chosen = np.take_along_axis(scores_NJ, experts_NK, axis=1)
-        best = np.take_along_axis(scores_NJ, topk_ids(scores_NJ, self.k), axis=1)
+        chosen = np.take_along_axis(scores_NE, experts_NK, axis=1)
+        best = np.take_along_axis(scores_NE, topk_ids(scores_NE, self.k), axis=1)
         gc = float((chosen * kept_NK).sum() / best.sum()) if n else 1.0
         row: dict[str, float] = {
             "slot": t,
             "arrivals": n,
-            "throughput": float(served_J.sum()),
+            "throughput": float(served_E.sum()),
             "completed": self._last_completed,
-            "backlog": float(self.state.backlog_J.sum()),
-            "energy_over_budget": float((energy_J / self.spec.budget_J).max()),
+            "backlog": float(self.state.backlog_E.sum()),
+            "energy_over_budget": float((energy_E / self.spec.budget_E).max()),
             "gc_norm": gc,
             "loss": loss,
-            "online": int(self.state.online_J.sum()),
+            "online": int(self.state.online_E.sum()),
             "in_flight": len(self.table),
         }
         for j in range(self.num_servers):
-            row[f"served_{j}"] = float(served_J[j])
-            row[f"backlog_{j}"] = float(self.state.backlog_J[j])
-            row[f"energy_{j}"] = float(energy_J[j])
-            row[f"freq_ghz_{j}"] = float(freq_J[j] / 1e9)
+            row[f"served_{j}"] = float(served_E[j])
+            row[f"backlog_{j}"] = float(self.state.backlog_E[j])
+            row[f"energy_{j}"] = float(energy_E[j])
+            row[f"freq_ghz_{j}"] = float(freq_E[j] / 1e9)
         return row
 
     # ----------------------------------------------------------------------------------- training
@@ -495,7 +495,7 @@ class Trainer:
         samples = torch.from_numpy(batch.samples_N[:: self.tokens])
         labels_N = self.data.y_train_N[samples]
         labels_T = np.repeat(labels_N.numpy(), self.tokens)
-        np.add.at(self.assign_JC, (batch.experts_NK, labels_T[:, None]), batch.kept_NK)
+        np.add.at(self.assign_EC, (batch.experts_NK, labels_T[:, None]), batch.kept_NK)
         h_TD = self.model.features(self.data.x_train_NCHW[samples])
         logits_TE, scores_TE = self.model.gate(h_TD)
         ids_TK, kept_TK = torch.from_numpy(batch.experts_NK), torch.from_numpy(batch.kept_NK)
@@ -532,12 +532,12 @@ class Trainer:
     @torch.no_grad()
     def _test_pass(self, routings: tuple[str, ...], chunk: int = 2048) -> dict[str, float]:
         """Test accuracy under each of ``routings`` (inference is not queued); each expert runs once
-        per test token. Also fills ``self.test_assign_JC`` (assignments x class under ``bias``)."""
+        per test token. Also fills ``self.test_assign_EC`` (assignments x class under ``bias``)."""
         self.model.eval()
         live = [int(j) for j in self._live()]
-        live_E = torch.from_numpy(self.state.online_J.copy())
+        live_E = torch.from_numpy(self.state.online_E.copy())
         correct = dict.fromkeys(routings, 0)
-        self.test_assign_JC = np.zeros_like(self.assign_JC)
+        self.test_assign_EC = np.zeros_like(self.assign_EC)
         rng = torch.Generator().manual_seed(self.cfg.seed)
         for start in range(0, len(self.data.y_test_N), chunk):
             x = self.data.x_test_NCHW[start : start + chunk]
@@ -546,10 +546,10 @@ class Trainer:
             _, scores_TE = self.model.gate(h_TD)
             need_experts = any(r != "zero" for r in routings)
             outs = self.transport.infer(h_TD, live) if need_experts else {}
-            y_JTD = torch.zeros(self.num_servers, *h_TD.shape)
+            y_ETD = torch.zeros(self.num_servers, *h_TD.shape)
             for j, y in outs.items():
                 if isinstance(y, Tensor):  # an unreachable or late expert contributes nothing
-                    y_JTD[j] = y
+                    y_ETD[j] = y
             rows_T1 = torch.arange(len(h_TD))[:, None]
             for routing in routings:
                 if routing == "random":
@@ -558,7 +558,7 @@ class Trainer:
                 else:
                     ids_TK = self.model.route(scores_TE, live_E, biased=routing != "gate")
                 y_TKD = (
-                    y_JTD[ids_TK, rows_T1] if routing != "zero" else torch.zeros(*ids_TK.shape, h_TD.shape[1])
+                    y_ETD[ids_TK, rows_T1] if routing != "zero" else torch.zeros(*ids_TK.shape, h_TD.shape[1])
                 )
                 logits = self.model.classify(
                     h_TD, scores_TE, ids_TK, y_TKD, torch.ones_like(ids_TK, dtype=torch.bool)
@@ -566,7 +566,7 @@ class Trainer:
                 correct[routing] += int((logits.argmax(-1) == labels_N).sum())
                 if routing == "bias":
                     labels_T = np.repeat(labels_N.numpy(), self.tokens)
-                    np.add.at(self.test_assign_JC, (ids_TK.numpy(), labels_T[:, None]), 1.0)
+                    np.add.at(self.test_assign_EC, (ids_TK.numpy(), labels_T[:, None]), 1.0)
         total = max(len(self.data.y_test_N), 1)
         return {r: c / total for r, c in correct.items()}
 
@@ -585,10 +585,10 @@ class Trainer:
         assignments."""
         acc = self._test_pass(self.TEST_ROUTINGS)
         out = {f"test_accuracy_{r}": v for r, v in acc.items()}
-        out["mi_train_bits"] = mutual_information_bits(self.assign_JC)
-        out["mi_test_bits"] = mutual_information_bits(self.test_assign_JC)
-        share_J = self.assign_JC.sum(axis=1) / max(self.assign_JC.sum(), 1.0)
-        out.update({f"share_{j}": float(v) for j, v in enumerate(share_J)})
+        out["mi_train_bits"] = mutual_information_bits(self.assign_EC)
+        out["mi_test_bits"] = mutual_information_bits(self.test_assign_EC)
+        share_E = self.assign_EC.sum(axis=1) / max(self.assign_EC.sum(), 1.0)
+        out.update({f"share_{j}": float(v) for j, v in enumerate(share_E)})
         return out
 
     # ------------------------------------------------------------------------------------ running
@@ -634,13 +634,13 @@ class Trainer:
             "test_accuracy_gate": self.evals[-1]["test_accuracy_gate"] if self.evals else float("nan"),
             "backlog_mean": mean("backlog"),
             "backlog_final": rows[-1]["backlog"] if rows else 0.0,
-            "energy_over_budget_max": float((energy.mean(axis=0) / self.spec.budget_J).max())
+            "energy_over_budget_max": float((energy.mean(axis=0) / self.spec.budget_E).max())
             if rows
             else 0.0,
             "gc_norm_mean": mean("gc_norm"),
             "in_flight": len(self.table),
             **self.counters,
-            "offline_at_end": [int(j) for j in np.flatnonzero(~self.state.online_J)],
+            "offline_at_end": [int(j) for j in np.flatnonzero(~self.state.online_E)],
             "fault_events": list(self.events),
         }
 
@@ -666,8 +666,8 @@ class Trainer:
             "servers": self.transport.state_dict(),
             "table": self.table.state_dict(),
             "network_state": self.state.state_dict(),
-            "progress_J": self.engine.progress_J.copy(),
-            "assign_JC": self.assign_JC.copy(),
+            "progress_E": self.engine.progress_E.copy(),
+            "assign_EC": self.assign_EC.copy(),
             "offline_until": dict(self.offline_until),
             "requeue": {j: v.copy() for j, v in self.requeue.items()},
             "controller": self.controller.state_dict(),
@@ -675,7 +675,7 @@ class Trainer:
             "samples": self.samples.state_dict(),
             "counters": dict(self.counters),
             "lost": dict(self.lost),
-            "misses_J": self.misses_J.copy(),
+            "misses_E": self.misses_E.copy(),
             "events": list(self.events),
             "torch_rng": torch.random.get_rng_state(),
         }
@@ -689,8 +689,8 @@ class Trainer:
         self.transport.load_state_dict(state["servers"])
         self.table.load_state_dict(state["table"])
         self.state.load_state_dict(state["network_state"])
-        self.engine.progress_J = np.array(state["progress_J"], dtype=np.float64)
-        self.assign_JC = np.array(state["assign_JC"], dtype=np.float64)
+        self.engine.progress_E = np.array(state["progress_E"], dtype=np.float64)
+        self.assign_EC = np.array(state["assign_EC"], dtype=np.float64)
         self.offline_until = dict(state["offline_until"])
         self.requeue = {int(j): np.array(v) for j, v in state["requeue"].items()}
         self.controller.load_state_dict(state["controller"])
@@ -698,17 +698,17 @@ class Trainer:
         self.samples.load_state_dict(state["samples"])
         self.counters = {**self.counters, **state["counters"]}
         self.events = list(state.get("events", []))
-        self.misses_J = np.array(state.get("misses_J", self.misses_J))
+        self.misses_E = np.array(state.get("misses_E", self.misses_E))
         # servers lost to the transport rejoin as soon as they answer; scheduled faults keep their slots
         self.lost = {int(j): self.slot for j in state.get("lost", {})}
-        for j in np.flatnonzero(~self.state.online_J):
+        for j in np.flatnonzero(~self.state.online_E):
             self.transport.detach(int(j))
         torch.random.set_rng_state(state["torch_rng"])
 
     def save(self, path: str | Path) -> Path:
         """Atomic checkpoint of everything needed to continue exactly (per-slot lists appended to the
         trace file next to it first, so the checkpoint stays the same size as the run grows)."""
-        for j in np.flatnonzero(self.state.online_J & (self.misses_J > 0)):
+        for j in np.flatnonzero(self.state.online_E & (self.misses_E > 0)):
             # a late server's queue is in flux; offline first, so the checkpoint is consistent
             self.lose(int(j), "late at a checkpoint")
         counts = self.trace.save(path, {k: getattr(self, k) for k in TRACED})

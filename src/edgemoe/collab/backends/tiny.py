@@ -42,6 +42,7 @@ class TinyCharLM(nn.Module):
         bias_V = torch.zeros(vocab)
         for ch, value in (letter_bias or {}).items():
             bias_V[_INDEX[ch]] = float(value)
+        self.bias_V: torch.Tensor
         self.register_buffer("bias_V", bias_V)
         self.requires_grad_(False)
 
