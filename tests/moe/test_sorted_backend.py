@@ -184,7 +184,7 @@ def test_inference_forward_matches_and_keeps_buffers_for_reuse():
         again, _ = layer(x, executor=executor_named("sorted"))
     torch.testing.assert_close(got, want, **TIGHT)
     torch.testing.assert_close(again, want, **TIGHT)
-    assert len(layer.experts.buffers._free) > 0
+    assert len(layer.experts.row_buffers._free) > 0
 
 
 def test_inference_mode_and_training_steps_alternate():
@@ -217,3 +217,10 @@ def test_compiled_default_backend_gives_eager_outputs_and_gradients():
     for run in results[1:]:
         for got, want in zip(run, results[0]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_experts_keep_the_module_buffer_api():
+    """The reused row storage is not module state and does not hide ``nn.Module.buffers()``."""
+    layer = make_layer()
+    loss_of(layer, torch.randn(9, 10, dtype=torch.double), torch.randn(9, 10, dtype=torch.double), "sorted")
+    assert list(layer.experts.buffers()) == [] and "experts.w_in_EDF" in layer.state_dict()

@@ -20,7 +20,7 @@ from edgemoe.moe.buffers import GradBuffers, SortedBuffers
 class GroupedExperts(nn.Module):
     """E independent expert MLPs of width ``dim -> hidden_dim -> dim`` (no biases)."""
 
-    buffers: SortedBuffers  # type: ignore[assignment]  # shadows nn.Module.buffers()
+    row_buffers: SortedBuffers
 
     def __init__(
         self, dim: int, hidden_dim: int, num_experts: int, kind: str = "swiglu", init_std: float = 0.02
@@ -37,7 +37,7 @@ class GroupedExperts(nn.Module):
         self.w_out_EHD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters(init_std)
         # Storage the ``sorted`` backend reuses across steps (not state: never saved or loaded).
-        self.buffers = SortedBuffers()
+        self.row_buffers = SortedBuffers()
         self.grad_buffers = GradBuffers()
 
     def reset_parameters(self, init_std: float = 0.02) -> None:

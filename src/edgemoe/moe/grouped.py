@@ -252,8 +252,8 @@ def grouped_experts_combine(
     inputs = (x_TD, experts.w_in_EDF, experts.w_out_EHD, weights_TK)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _GroupedExpertsCombine.apply(
-            *inputs, layout, experts.kind, experts.buffers, experts.grad_buffers
+            *inputs, layout, experts.kind, experts.row_buffers, experts.grad_buffers
         )
-    out_TD, saved = _forward(*inputs, layout, experts.kind, experts.buffers)
-    experts.buffers.give(*saved)
+    out_TD, saved = _forward(*inputs, layout, experts.kind, experts.row_buffers)
+    experts.row_buffers.give(*saved)
     return out_TD
