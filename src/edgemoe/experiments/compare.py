@@ -185,7 +185,8 @@ def spread(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def claim_lines(summaries: dict[str, dict[str, Any]], ours: str = "stable-moe") -> list[str]:
     """How ``ours`` compares with each baseline: throughput ratio and accuracy difference (points),
-    with the 95 % CI of the paired per-seed differences when there are several seeds."""
+    the same paired per-seed means as the paired table (with their 95 % CI when there are several
+    seeds), so the two never disagree."""
     if ours not in summaries:
         return []
     lines = []
@@ -193,10 +194,15 @@ def claim_lines(summaries: dict[str, dict[str, Any]], ours: str = "stable-moe") 
     for name, other in summaries.items():
         if name == ours:
             continue
-        ratio = mine["throughput_mean"] / max(other["throughput_mean"], 1e-9)
-        gain = 100 * (mine["test_accuracy"] - other["test_accuracy"])
+        paired = other.get("paired", {})
+        ratio = paired.get("throughput_mean", {}).get(
+            "mean", mine["throughput_mean"] / max(other["throughput_mean"], 1e-9)
+        )
+        gain = paired.get("test_accuracy", {}).get(
+            "mean", 100 * (mine["test_accuracy"] - other["test_accuracy"])
+        )
         line = f"{ours} vs {name}: throughput x{ratio:.2f}, test accuracy {gain:+.1f} points"
-        lo, hi = other.get("paired", {}).get("test_accuracy", {}).get("ci95", [float("nan")] * 2)
+        lo, hi = paired.get("test_accuracy", {}).get("ci95", [float("nan")] * 2)
         if np.isfinite(lo):
             line += f" (95% CI {lo:+.1f} to {hi:+.1f})"
         lines.append(line)
