@@ -88,7 +88,7 @@ def paused(rate: float, slots: int, data, deadline: float) -> dict:
     victim = None
     try:
         interleave([clean, faulty], 4)
-        busiest = np.argmax([faulty.history[-1][f"served_{j}"] for j in range(faulty.num_servers)])
+        busiest = np.argmax(faulty.history[-1]["served_E"])
         victim = faulty.transport.pid(int(busiest))
         os.kill(victim, signal.SIGSTOP)
         start = faulty.slot

@@ -15,7 +15,7 @@ from edgemoe.testing.train import TINY_SERVERS as SERVERS
 from edgemoe.testing.train import tiny_train_config as tiny
 from edgemoe.train.checkpoint import CheckpointError
 from edgemoe.train.config import train_config_from_dict
-from edgemoe.train.trainer import Trainer
+from edgemoe.train.trainer import Trainer, flat_row
 
 
 def conserved(tr: Trainer) -> None:
@@ -215,3 +215,15 @@ def test_frequency_emulation_takes_wall_time(digits):
     for d, row in zip(tr.decisions, tr.history):
         busy = 0.01 * d.served_E * tr.spec.cycles_E / np.maximum(d.freq_E, 1.0)
         assert row["wall_s"] >= busy.max() * 0.95
+
+
+def test_flat_row_interleaves_per_server_columns_by_server():
+    row = {"slot": 3, "served_E": np.array([1.0, 2.0]), "backlog_E": np.array([5.0, 6.0]), "wall_s": 0.5}
+    assert flat_row(row) == {
+        "slot": 3,
+        "served_0": 1.0,
+        "backlog_0": 5.0,
+        "served_1": 2.0,
+        "backlog_1": 6.0,
+        "wall_s": 0.5,
+    }

@@ -28,6 +28,7 @@ from edgemoe.files import write_csv
 
 if TYPE_CHECKING:  # the CLI builds its parser without importing torch
     from edgemoe.train.config import TrainConfig
+    from edgemoe.train.trainer import SlotRow
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,10 +98,11 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 def write_run(out: Path, trainer: Any, *, plots: bool = True) -> dict[str, Any]:
     """Write the run folder (summary, traces, scores, plots); returns the summary."""
     from edgemoe.report.train import plot_comparison, plot_servers
+    from edgemoe.train.trainer import flat_row
 
     summary = trainer.summary()
     write_json(out / "summary.json", {**summary, "config": to_dict(trainer.cfg)})
-    write_csv(out / "slots.csv", trainer.history)
+    write_csv(out / "slots.csv", [flat_row(r) for r in trainer.history])
     write_csv(out / "evals.csv", trainer.evals)
     if trainer.cfg.record_scores:
         trainer.save_scores(out / "scores.npz")
@@ -182,7 +184,7 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, out: Path, state: dict[st
             clean_stale_temps(out)
             bar = tqdm(total=cfg.slots, initial=trainer.slot, desc=f"train {cfg.policy}", unit="slot")
 
-            def on_slot(row: dict[str, float]) -> None:
+            def on_slot(row: SlotRow) -> None:
                 bar.update(1)
                 acc = trainer.evals[-1]["test_accuracy"] if trainer.evals else float("nan")
                 bar.set_postfix(

@@ -40,7 +40,7 @@ from edgemoe.report.train import (
 from edgemoe.runs import check_out_dir
 from edgemoe.train.config import TrainConfig, train_config_from_dict
 from edgemoe.train.data import load_dataset
-from edgemoe.train.trainer import Trainer
+from edgemoe.train.trainer import Trainer, flat_row
 
 METRICS = (
     "throughput_mean",
@@ -100,10 +100,12 @@ def run_comparison(
                 trainer.run(on_slot=lambda row, bar=bar: bar.update(1))  # type: ignore[misc]  # default arg
             summary = trainer.summary()
             row = {key: float(summary[key]) for key in METRICS}
-            row.update(trainer.diagnostics())
+            row.update(flat_row(trainer.diagnostics()))
             row["wall_s"] = time.perf_counter() - start
             per_run[policy].append(row)
-            write_csv(out / "traces" / f"slots_{policy}_seed{seed}.csv", trainer.history)
+            write_csv(
+                out / "traces" / f"slots_{policy}_seed{seed}.csv", [flat_row(r) for r in trainer.history]
+            )
             write_csv(out / "traces" / f"evals_{policy}_seed{seed}.csv", trainer.evals)
             if seed == seeds[0]:
                 curves[policy] = (trainer.history, trainer.evals)

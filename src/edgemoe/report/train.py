@@ -138,15 +138,15 @@ def plot_comparison(
     return _finish(fig, axes, title, out)
 
 
-def plot_servers(
-    history: Sequence[Mapping[str, float]], num_servers: int, out: Path, title: str = ""
-) -> Path:
-    """Per-server backlog and frequency of one run."""
+def plot_servers(history: Sequence[Mapping[str, Any]], num_servers: int, out: Path, title: str = "") -> Path:
+    """Per-server backlog and frequency of one run (rows hold ``[E]`` arrays ``backlog_E``, ``freq_ghz_E``)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     slots = [r["slot"] for r in history]
+    backlog_TE = np.array([r["backlog_E"] for r in history]).reshape(len(history), num_servers)
+    freq_TE = np.array([r["freq_ghz_E"] for r in history]).reshape(len(history), num_servers)
     for j in range(num_servers):
-        axes[0].plot(slots, [r[f"backlog_{j}"] for r in history], label=f"server {j}")
-        axes[1].plot(slots, [r[f"freq_ghz_{j}"] for r in history], label=f"server {j}")
+        axes[0].plot(slots, backlog_TE[:, j], label=f"server {j}")
+        axes[1].plot(slots, freq_TE[:, j], label=f"server {j}")
     axes[0].set(xlabel="slot", ylabel="queued tokens", title="backlog per server")
     axes[1].set(xlabel="slot", ylabel="GHz", title="frequency per server")
     axes[1].legend(fontsize=7, ncol=2)

@@ -63,6 +63,23 @@ TRACED = ("history", "evals", "recorded", "recorded_labels")
 # Config fields that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("slots", "checkpoint_every", "transport", "record_scores")
 
+SlotRow = dict[str, Any]
+"""One slot's metrics: scalars by name, per-server values as ``[E]`` arrays under ``<name>_E``."""
+
+
+def flat_row(row: SlotRow) -> dict[str, Any]:
+    """``row`` as CSV cells: every ``<name>_E`` array becomes columns ``<name>_0 .. <name>_{E-1}``,
+    interleaved by server (``served_0, backlog_0, .., served_1, ..``) where the first array stood."""
+    arrays = {key[: -len("_E")]: v for key, v in row.items() if isinstance(v, np.ndarray)}
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if not isinstance(value, np.ndarray):
+            out[key] = value
+        elif key[: -len("_E")] == next(iter(arrays)):
+            for j in range(len(value)):
+                out.update({f"{name}_{j}": float(v[j]) for name, v in arrays.items()})
+    return out
+
 
 class SampleStream:
     """Endless seeded stream of training-sample indices, reshuffled every epoch."""
@@ -198,7 +215,7 @@ class Trainer:
         self.stall_E = np.zeros(self.num_servers)
         self.slot = 0
         self.next_id = 0
-        self.history: list[dict[str, float]] = []
+        self.history: list[SlotRow] = []
         self.evals: list[dict[str, float]] = []
         self.recorded: list[np.ndarray] = []
         self.recorded_labels: list[np.ndarray] = []
@@ -388,7 +405,7 @@ class Trainer:
         view_TE = scores_TE * self.view_prior_E
         return view_TE / view_TE.sum(axis=1, keepdims=True)
 
-    def run_slot(self) -> dict[str, float]:
+    def run_slot(self) -> SlotRow:
         """Advance one slot; returns its metrics row."""
         start = time.perf_counter()
         t = self.slot
@@ -458,11 +475,11 @@ class Trainer:
         energy_E: np.ndarray,
         freq_E: np.ndarray,
         loss: float,
-    ) -> dict[str, float]:
+    ) -> SlotRow:
         chosen = np.take_along_axis(scores_NE, experts_NK, axis=1)
         best = np.take_along_axis(scores_NE, topk_ids(scores_NE, self.k), axis=1)
         gc = float((chosen * kept_NK).sum() / best.sum()) if n else 1.0
-        row: dict[str, float] = {
+        row: SlotRow = {
             "slot": t,
             "arrivals": n,
             "throughput": float(served_E.sum()),
@@ -473,12 +490,11 @@ class Trainer:
             "loss": loss,
             "online": int(self.state.online_E.sum()),
             "in_flight": len(self.table),
+            "served_E": served_E.astype(np.float64),
+            "backlog_E": self.state.backlog_E.astype(np.float64),
+            "energy_E": energy_E.astype(np.float64),
+            "freq_ghz_E": freq_E / 1e9,
         }
-        for j in range(self.num_servers):
-            row[f"served_{j}"] = float(served_E[j])
-            row[f"backlog_{j}"] = float(self.state.backlog_E[j])
-            row[f"energy_{j}"] = float(energy_E[j])
-            row[f"freq_ghz_{j}"] = float(freq_E[j] / 1e9)
         return row
 
     # ----------------------------------------------------------------------------------- training
@@ -579,16 +595,16 @@ class Trainer:
         routing = "zero" if not use_experts else ("bias" if biased else "gate")
         return self._test_pass((routing,))[routing]
 
-    def diagnostics(self) -> dict[str, float]:
+    def diagnostics(self) -> SlotRow:
         """How much routing matters to this run: test accuracy under every test routing, MI(expert;
         class) of training and test assignments (bits), and each server's share of the training
-        assignments."""
+        assignments (``share_E``)."""
         acc = self._test_pass(self.TEST_ROUTINGS)
-        out = {f"test_accuracy_{r}": v for r, v in acc.items()}
+        out: SlotRow = {f"test_accuracy_{r}": v for r, v in acc.items()}
         out["mi_train_bits"] = mutual_information_bits(self.assign_EC)
         out["mi_test_bits"] = mutual_information_bits(self.test_assign_EC)
         share_E = self.assign_EC.sum(axis=1) / max(self.assign_EC.sum(), 1.0)
-        out.update({f"share_{j}": float(v) for j, v in enumerate(share_E)})
+        out["share_E"] = share_E
         return out
 
     # ------------------------------------------------------------------------------------ running
@@ -597,7 +613,7 @@ class Trainer:
         self,
         slots: int | None = None,
         *,
-        on_slot: Callable[[dict[str, float]], None] | None = None,
+        on_slot: Callable[[SlotRow], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> bool:
         """Run until ``slots`` (default ``cfg.slots``) slots have elapsed, checkpointing on schedule.
@@ -620,7 +636,7 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         """Headline metrics of the run so far."""
         rows = self.history
-        energy = np.array([[r[f"energy_{j}"] for j in range(self.num_servers)] for r in rows])
+        energy = np.array([r["energy_E"] for r in rows])
 
         def mean(key: str) -> float:
             return float(np.nanmean([r[key] for r in rows])) if rows else float("nan")
