@@ -31,8 +31,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from edgemoe.config import ConfigError, check_choice
-from edgemoe.errors import DataError
+from edgemoe.config import check_choice
+from edgemoe.errors import ConfigError, DataError
 from edgemoe.paths import dataset_dir, require_path
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "svhn")
