@@ -30,17 +30,17 @@ def paper_dict(**overrides):
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_scenarios_load(name):
     spec = load_scenario(name)
-    assert spec.num_servers == len(spec.f_max_J) >= spec.k
-    assert (spec.f_sustainable_J <= spec.f_max_J).all()
+    assert spec.num_servers == len(spec.f_max_E) >= spec.k
+    assert (spec.f_sustainable_E <= spec.f_max_E).all()
 
 
 def test_paper_budget_binds_on_fast_servers():
     spec = load_scenario("paper")
     # (E^max / kappa tau)^(1/3) = (0.5 / 1e-28)^(1/3) = 1.70998 GHz; slow servers keep f_max.
-    expected = np.minimum(spec.f_max_J, (0.5 / 1e-28) ** (1 / 3))
-    np.testing.assert_allclose(spec.f_sustainable_J, expected, rtol=1e-12)
-    np.testing.assert_allclose(spec.energy_J(spec.f_sustainable_J)[4:], 0.5, rtol=1e-12)
-    assert 1150 < spec.capacity_J(spec.f_sustainable_J).sum() < 1200  # against K * lambda = 800
+    expected = np.minimum(spec.f_max_E, (0.5 / 1e-28) ** (1 / 3))
+    np.testing.assert_allclose(spec.f_sustainable_E, expected, rtol=1e-12)
+    np.testing.assert_allclose(spec.energy_E(spec.f_sustainable_E)[4:], 0.5, rtol=1e-12)
+    assert 1150 < spec.capacity_E(spec.f_sustainable_E).sum() < 1200  # against K * lambda = 800
     assert load_scenario("large").num_servers == 64
     assert load_scenario("bursty").arrivals.mean_rate() == pytest.approx(400.0)
 
@@ -172,7 +172,7 @@ def test_replay_workload_cycles_recording(tmp_path):
 
 def test_skewed_gate_prefers_slow_servers():
     spec = load_scenario("paper")
-    gen = SkewedScoreGenerator(spec.scores, spec.f_max_J)
+    gen = SkewedScoreGenerator(spec.scores, spec.f_max_E)
     scores, labels = gen.sample(20000, np.random.default_rng(0))
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
     top = np.argsort(scores, axis=1)[:, -spec.k :]
@@ -182,3 +182,12 @@ def test_skewed_gate_prefers_slow_servers():
     first = top[:, -1]
     per_class = [np.bincount(first[labels == c], minlength=8) for c in range(3)]
     assert not all(np.argmax(p) == np.argmax(per_class[0]) for p in per_class)
+
+
+def test_former_server_axis_names_still_answer():
+    spec = load_scenario("paper")
+    for name in ("f_max", "f_min", "cycles", "kappa", "budget", "f_sustainable"):
+        np.testing.assert_array_equal(getattr(spec, f"{name}_J"), getattr(spec, f"{name}_E"))
+    freq_E = spec.f_sustainable_E
+    np.testing.assert_array_equal(spec.capacity_J(freq_E), spec.capacity_E(freq_E))
+    np.testing.assert_array_equal(spec.energy_J(freq_E), spec.energy_E(freq_E))
