@@ -168,7 +168,8 @@ def test_patchify_shapes_and_order():
         D.patchify(x, 3)
 
 
-def test_bad_names_and_missing_files_are_clear(tmp_path):
+def test_bad_names_and_missing_files_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST", tmp_path / "no-debian-package")
     with pytest.raises(ConfigError, match="data.name"):
         D.load_dataset("imagenet")
     with pytest.raises(DataError, match="data directory for 'svhn'"):
@@ -190,11 +191,17 @@ def test_dataset_root_follows_the_data_root_setting(tmp_path, monkeypatch):
     (tmp_path / "root" / "cifar10").mkdir(parents=True)
     assert D.dataset_root("cifar10", tmp_path / "root") == tmp_path / "root" / "cifar10"
     # ... or directly the folder (or zip) that holds the dataset's files.
+    (tmp_path / "c10.zip").write_bytes(b"")
     assert D.dataset_root("cifar10", tmp_path / "c10.zip") == tmp_path / "c10.zip"
     monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST", tmp_path / "debian")
     assert D.dataset_root("fashion-mnist") == tmp_path / "env" / "fashion-mnist"
     (tmp_path / "debian").mkdir()
+    (tmp_path / "debian" / "train-images-idx3-ubyte.gz").write_bytes(b"")
     assert D.dataset_root("fashion-mnist") == tmp_path / "debian"
+    assert D.dataset_root("fashion-mnist", tmp_path / "root") == tmp_path / "debian"  # root lacks it
+    (tmp_path / "env" / "fashion-mnist").mkdir(parents=True)
+    (tmp_path / "env" / "fashion-mnist" / "train-images-idx3-ubyte").write_bytes(b"")
+    assert D.dataset_root("fashion-mnist") == tmp_path / "env" / "fashion-mnist"  # the data root first
 
 
 def test_missing_dataset_says_where_files_go_and_how_to_get_them(tmp_path, monkeypatch):

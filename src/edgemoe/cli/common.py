@@ -38,10 +38,12 @@ def load_config_dict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_data_dir_arg(parser: argparse.ArgumentParser) -> None:
-    """``--data-dir``: the data root holding every dataset's sub-folder (see :mod:`edgemoe.paths`)."""
+    """``--data-dir``: the data root holding every dataset's sub-folder (see :mod:`edgemoe.paths`).
+
+    A string, so it maps straight onto a config's ``data_dir`` field (``None`` when not given).
+    """
     parser.add_argument(
         "--data-dir",
-        type=Path,
         default=None,
         help=f"data root with one sub-folder per dataset (default: ${DATA_ENV}, else ~/.local/share/edgemoe)",
     )

@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--memory-mb",
         type=float,
         default=DEFAULT_MEMORY_MB,
-        help="memory budget of one chunk's gate scores (chunk x tokens/slot x servers x 8 bytes)",
+        help="budget of one chunk's gate scores, chunk x tokens/slot x servers x 8 bytes "
+        "(the process peaks at about 2.5x this with its working copies)",
     )
     p.add_argument(
         "--jobs", type=int, default=1, help="worker processes, one seed each (results do not depend on it)"

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from edgemoe.config import ConfigError
 from edgemoe.edge.spec import ArrivalSpec
 from edgemoe.edge.tracefile import read_trace_csv
+from edgemoe.errors import ConfigError
 
 __all__ = [
     "ArrivalProcess",

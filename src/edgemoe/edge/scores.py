@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from edgemoe.config import ConfigError, require
+from edgemoe.config import require
 from edgemoe.edge.arrivals import make_arrivals, restore_rng, rng_state
 from edgemoe.edge.spec import NetworkSpec, ScoreSpec
-from edgemoe.errors import DataError, InputError
+from edgemoe.errors import ConfigError, DataError, InputError
 from edgemoe.files import atomic_write_bytes
 
 

@@ -17,7 +17,6 @@ from typing import Any, Literal
 import numpy as np
 
 from edgemoe.config import (
-    ConfigError,
     check_choice,
     check_positive,
     check_range,
@@ -27,7 +26,7 @@ from edgemoe.config import (
     to_dict,
 )
 from edgemoe.edge.tracefile import read_trace_csv
-from edgemoe.errors import InputError
+from edgemoe.errors import ConfigError, InputError
 
 GHZ = 1e9
 

@@ -23,11 +23,12 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from edgemoe.config import ConfigError, require
+from edgemoe.config import require
 from edgemoe.edge.controllers import expand_policies
 from edgemoe.edge.scores import Workload
 from edgemoe.edge.simulator import PolicySpec, RunTrace, simulate, summarize
 from edgemoe.edge.spec import ControllerSpec, NetworkSpec
+from edgemoe.errors import ConfigError
 from edgemoe.experiments.runs import RunFolder
 
 # Summary keys comparing Stable-MoE with the best baselines (global; per sweep point in a sweep).

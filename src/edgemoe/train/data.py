@@ -31,8 +31,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from edgemoe.config import ConfigError, check_choice
-from edgemoe.errors import DataError
+from edgemoe.config import check_choice
+from edgemoe.errors import ConfigError, DataError
 from edgemoe.paths import dataset_dir, require_path
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "svhn")
@@ -305,19 +305,40 @@ def _stratified_indices(labels: np.ndarray, limit: int | None, seed: int) -> np.
     return np.sort(np.argsort(key, kind="stable")[:limit])
 
 
+def _holds_files(name: str, path: Path) -> bool:
+    """Whether ``path`` holds dataset ``name``'s files (in any layout its reader accepts)."""
+    markers = {
+        "fashion-mnist": ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"),
+        "cifar10": (CIFAR10_JPEG_ZIP, CIFAR10_PY_DIR, "data_batch_1", "test_batch"),
+        "cifar100": (CIFAR100_PY_DIR, "train"),
+        "svhn": ("train_32x32.mat", "test_32x32.mat"),
+    }[name]
+    return (name == "cifar10" and path.suffix == ".zip" and path.is_file()) or any(
+        (path / m).exists() for m in markers
+    )
+
+
 def dataset_root(name: str, data_dir: str | Path | None = None) -> Path:
     """The folder (or zip) holding dataset ``name``'s files.
 
-    ``data_dir`` is the data root (``<data_dir>/<name>``); a folder that holds the dataset's files
-    directly is accepted too. Without it the data root comes from :func:`edgemoe.paths.data_root`.
-    Fashion-MNIST falls back to the Debian package's folder when the data root lacks it.
+    ``data_dir`` is the data root (files in ``<data_dir>/<name>``) or the dataset's own folder; without
+    it the root comes from :func:`edgemoe.paths.data_root`. Fashion-MNIST is also looked for where
+    the Debian package installs it. The first place holding the files wins; if none does, the first
+    that exists (so the reader names the missing file), else ``<root>/<name>`` (for the error). A
+    ``data_dir`` that does not exist is returned as is: a mistyped folder is an error, not a fallback.
     """
-    if data_dir is not None and not (Path(data_dir) / name).exists():
+    if data_dir is not None and not Path(data_dir).expanduser().exists():
         return Path(data_dir).expanduser()
-    root = dataset_dir(name, data_dir)
-    if name == "fashion-mnist" and not root.exists() and SYSTEM_FASHION_MNIST.is_dir():
-        return SYSTEM_FASHION_MNIST
-    return root
+    if data_dir is not None:
+        candidates = [Path(data_dir).expanduser() / name, Path(data_dir).expanduser()]
+    else:
+        candidates = [dataset_dir(name)]
+    if name == "fashion-mnist":
+        candidates.append(SYSTEM_FASHION_MNIST)
+    for path in candidates:
+        if _holds_files(name, path):
+            return path
+    return next((p for p in candidates if p.exists()), candidates[0])
 
 
 def _read_raw(
