@@ -182,12 +182,3 @@ def test_skewed_gate_prefers_slow_servers():
     first = top[:, -1]
     per_class = [np.bincount(first[labels == c], minlength=8) for c in range(3)]
     assert not all(np.argmax(p) == np.argmax(per_class[0]) for p in per_class)
-
-
-def test_former_server_axis_names_still_answer():
-    spec = load_scenario("paper")
-    for name in ("f_max", "f_min", "cycles", "kappa", "budget", "f_sustainable"):
-        np.testing.assert_array_equal(getattr(spec, f"{name}_J"), getattr(spec, f"{name}_E"))
-    freq_E = spec.f_sustainable_E
-    np.testing.assert_array_equal(spec.capacity_J(freq_E), spec.capacity_E(freq_E))
-    np.testing.assert_array_equal(spec.energy_J(freq_E), spec.energy_E(freq_E))
