@@ -422,7 +422,7 @@ class PatchViT(nn.Module):
 
 
 def cifar_arms(anneal_steps: int) -> dict[str, RouterConfig]:
-    """The issue's five arms, plus a 0.6 floor and the settle-triggered schedule.
+    """The five compared arms, plus a 0.6 floor and the settle-triggered schedule.
 
     'annealed' moves linearly over ``anneal_steps``; 'settle' lowers the factor by 0.04 whenever
     the rearranged fraction's EMA moved less than 0.01 over 20 steps.
@@ -571,7 +571,7 @@ def run_cifar10(
     seeds: tuple[int, ...] = (0,),
     only: tuple[str, ...] = (),
 ) -> dict:
-    """The CIFAR-10 patch-token comparison (the issue's five arms plus two ETR variants), per seed.
+    """The CIFAR-10 patch-token comparison (the five compared arms plus two ETR variants), per seed.
 
     ``only`` runs a subset of the arms and merges them into the existing ``cifar10.json`` (same
     arm and seed replaced). The JSON is rewritten after every arm, so a long run leaves usable

@@ -497,7 +497,7 @@ def memory_table(report: dict, min_experts: int = 64) -> str:
 
 
 def summary(rows: list[dict]) -> dict:
-    """The issue's targets: default shape >= 1.2x / 0.85 of the floor; fine-grained T=8192 shapes
+    """The layer's speed targets: default shape >= 1.2x / 0.85 of the floor; fine-grained T=8192 shapes
     >= 1.5x / 0.6 of the floor; never slower than any anchor of the same semantics anywhere."""
     default = next((r for r in rows if r["shape"]["num_experts"] == 8 and r["shape"]["tokens"] == 4096), None)
     speedups = [r["speedup_vs_best_anchor"] for r in rows if r["speedup_vs_best_anchor"] is not None]
