@@ -7,7 +7,6 @@ import pytest
 from edgemoe.cli import main
 from edgemoe.edge import load_scenario
 from edgemoe.errors import ConfigError
-from edgemoe.experiments.runs import RunFolder, run_path
 from edgemoe.experiments.simulate import (
     DEFAULT_CHUNK,
     TraceTable,
@@ -16,6 +15,7 @@ from edgemoe.experiments.simulate import (
     run_simulation,
     size_chunk,
 )
+from edgemoe.runs import RunFolder, run_path
 
 
 def test_chunk_memory_is_chunk_times_tokens_times_experts_times_8_bytes():

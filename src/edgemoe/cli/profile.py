@@ -43,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
     from edgemoe.config import require
     from edgemoe.files import atomic_write_bytes
+    from edgemoe.runs import RunFolder, check_out_dir
     from edgemoe.train.config import config_with_flags
-    from edgemoe.train.lifecycle import RunFolder, check_out_dir, default_out
+    from edgemoe.train.lifecycle import default_out
     from edgemoe.train.trainer import make_transport
 
     require(args.tokens >= 1, "--tokens", f"must be >= 1, got {args.tokens}")

@@ -117,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from edgemoe.config import require
+    from edgemoe.runs import check_out_dir
     from edgemoe.train.dist import torchrun_address, under_torchrun
-    from edgemoe.train.lifecycle import check_out_dir, default_out, resolve_resume, restarted
+    from edgemoe.train.lifecycle import default_out, resolve_resume, restarted
     from edgemoe.train.worker import run_launcher
 
     torch.set_num_threads(args.threads)
@@ -151,10 +152,11 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, out: Path, state: dict[st
     from tqdm import tqdm
 
     from edgemoe.report.train import format_table
+    from edgemoe.runs import RunFolder
     from edgemoe.train.checkpoint import clean_stale_temps
     from edgemoe.train.config import check_subsets
     from edgemoe.train.dist import StartupInterrupted
-    from edgemoe.train.lifecycle import RunFolder, StopSignals
+    from edgemoe.train.lifecycle import StopSignals
     from edgemoe.train.trainer import Trainer, make_transport
 
     data = cfg.data.build(cfg.seed)  # data problems surface before any server process starts

@@ -7,5 +7,4 @@ only parses arguments and calls into this layer, and no library layer imports it
 - :mod:`edgemoe.experiments.demo`: the ``edgemoe demo`` comparison on the embedded default;
 - :mod:`edgemoe.experiments.simulate`: network simulation runs (``edgemoe simulate``): policies or a
   parameter sweep, seeds in worker processes, the workload chunk sized to a memory budget;
-- :mod:`edgemoe.experiments.runs`: run folders (created with their first file, written atomically).
 """

@@ -29,7 +29,7 @@ from edgemoe.edge.scores import Workload
 from edgemoe.edge.simulator import PolicySpec, RunTrace, simulate, summarize
 from edgemoe.edge.spec import ControllerSpec, NetworkSpec
 from edgemoe.errors import ConfigError
-from edgemoe.experiments.runs import RunFolder
+from edgemoe.runs import RunFolder
 
 # Summary keys comparing Stable-MoE with the best baselines (global; per sweep point in a sweep).
 HEADLINE_KEYS = (

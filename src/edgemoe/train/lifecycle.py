@@ -2,7 +2,7 @@
 ``--resume auto``, and clean stops on SIGINT/SIGTERM.
 
 - :func:`default_out` names the run folder; :func:`~edgemoe.runs.check_out_dir` and
-  :class:`~edgemoe.runs.RunFolder` (the one run-folder helper, re-exported here) refuse a bad or
+  :class:`~edgemoe.runs.RunFolder` (the one run-folder helper) refuse a bad or
   already used ``--out`` before anything runs, and create the folder only when the run starts.
 - :func:`resolve_resume`: ``auto`` resumes from ``<out>/checkpoint.pt`` when it exists (a restarted
   job continues in the same folder) and starts fresh otherwise; it is the default in a job torchrun
@@ -21,12 +21,10 @@ from types import FrameType
 from typing import Any
 
 from edgemoe.errors import ConfigError
-from edgemoe.runs import RunFolder, check_out_dir, default_run_path
+from edgemoe.runs import default_run_path
 
 __all__ = [
-    "RunFolder",
     "StopSignals",
-    "check_out_dir",
     "default_out",
     "resolve_resume",
     "restarted",
