@@ -22,7 +22,7 @@ from edgemoe.registry import Registry
 if TYPE_CHECKING:
     from edgemoe.moe.router import Router
 
-ROUTERS: Registry[type[RouterConfig]] = Registry("router", plugin_package="edgemoe.moe", plugins=("etr",))
+ROUTERS: Registry[type[RouterConfig]] = Registry("router", plugin_package="edgemoe.moe")
 """Router name -> its config class. A name not registered yet is looked up in ``edgemoe.moe.<name>``."""
 
 
